@@ -1,0 +1,14 @@
+"""s3d: sparse MAE pre-training (S3D) and fine-tuning of ResEnc U-Nets for 3D medical images.
+
+The public API is what this module exports; everything else is private.
+"""
+
+from s3d._version import __version__
+from s3d.nn import ResEncUNet, ResEncUNetConfig, build_resenc_unet
+
+__all__ = [
+    "ResEncUNet",
+    "ResEncUNetConfig",
+    "__version__",
+    "build_resenc_unet",
+]
