@@ -1,0 +1,1 @@
+"""Data: NIfTI I/O with geometry, preprocessing (crop, z-score, resampling), datasets."""

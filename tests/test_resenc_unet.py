@@ -1,0 +1,219 @@
+"""The ResEnc U-Net against the reference implementation (dynamic-network-architectures' ResidualEncoderUNet)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import s3d
+from s3d.nn import ResEncUNetConfig, get_config
+
+dna_unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+
+
+def build_dna(cfg: ResEncUNetConfig) -> nn.Module:
+    """DNA's ResidualEncoderUNet with the same configuration (the nnU-Net ResEnc plans layout)."""
+    norm = nn.InstanceNorm3d if cfg.norm == "instance" else nn.BatchNorm3d
+    return dna_unet.ResidualEncoderUNet(
+        input_channels=cfg.in_channels,
+        n_stages=cfg.n_stages,
+        features_per_stage=list(cfg.features_per_stage),
+        conv_op=nn.Conv3d,
+        kernel_sizes=[list(k) for k in cfg.kernel_sizes],
+        strides=[list(s) for s in cfg.strides],
+        n_blocks_per_stage=list(cfg.n_blocks_per_stage),
+        num_classes=cfg.num_classes,
+        n_conv_per_stage_decoder=list(cfg.n_conv_per_stage_decoder),
+        conv_bias=cfg.conv_bias,
+        norm_op=norm,
+        norm_op_kwargs={"eps": cfg.norm_eps, "affine": cfg.norm_affine},
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"negative_slope": cfg.negative_slope, "inplace": True},
+        deep_supervision=cfg.deep_supervision,
+    )
+
+
+def canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DNA's state dict without its alias keys (``all_modules`` copies, ``decoder.encoder``)."""
+    return {k: v for k, v in state.items() if ".all_modules." not in k and not k.startswith("decoder.encoder.")}
+
+
+def load_into_dna(dna: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = dna.load_state_dict(state, strict=False)
+    assert not unexpected
+    # every missing key is an alias of a loaded tensor (same storage in DNA)
+    assert all(".all_modules." in k or k.startswith("decoder.encoder.") for k in missing)
+
+
+def test_resenc_l_state_dict_matches_dna_canonical_keys() -> None:
+    ours = s3d.build_resenc_unet("resenc_l", num_classes=2)
+    dna = build_dna(ours.config)
+    ref = canonical(dna.state_dict())
+    got = ours.state_dict()
+    assert len(dna.state_dict()) == 956
+    assert len(got) == len(ref) == 264
+    assert set(got) == set(ref)
+    for key, value in got.items():
+        assert value.shape == ref[key].shape, key
+
+
+def test_resenc_l_parameter_counts() -> None:
+    net = s3d.build_resenc_unet("resenc_l", num_classes=2)
+    n_all = sum(p.numel() for p in net.parameters())
+    dna = build_dna(net.config)
+    assert n_all == sum(p.numel() for p in dna.parameters()) == 102_349_770
+    n_enc = sum(p.numel() for p in net.encoder.parameters())
+    n_dec = sum(p.numel() for p in net.decoder.parameters())
+    assert n_enc + n_dec == n_all
+    assert round(n_enc / 1e6, 2) == 90.30 and round(n_dec / 1e6, 2) == 12.05
+    # the four low-resolution deep-supervision heads are present but unused without deep supervision
+    unused = sum(p.numel() for p in net.decoder.seg_layers[:-1].parameters())
+    assert n_all - unused == 102_349_770 - (2 * (320 + 256 + 128 + 64) + 4 * 2)
+
+
+@pytest.mark.parametrize(
+    "config, size, deep_supervision",
+    [("tiny", (32, 32, 48), False), ("tiny", (32, 32, 32), True), ("resenc_l", (64, 64, 64), False)],
+)
+@pytest.mark.parametrize("train", [True, False])
+def test_outputs_equal_dna_both_directions(config: str, size, deep_supervision: bool, train: bool) -> None:
+    ours = s3d.build_resenc_unet(config, in_channels=2, num_classes=3, deep_supervision=deep_supervision)
+    dna = build_dna(ours.config)
+    x = torch.randn(1, 2, *size)
+    # ours -> DNA
+    load_into_dna(dna, ours.state_dict())
+    ours.train(train)
+    dna.train(train)
+    with torch.no_grad():
+        a, b = ours(x), dna(x)
+    if not deep_supervision:
+        a, b = [a], [b]
+    assert len(a) == len(b)
+    for ya, yb in zip(a, b):
+        assert ya.shape == yb.shape
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    # DNA -> ours (fresh random weights on the DNA side)
+    dna2 = build_dna(ours.config).train(train)
+    ours2 = s3d.build_resenc_unet(ours.config).train(train)
+    ours2.load_state_dict(canonical(dna2.state_dict()), strict=True)
+    with torch.no_grad():
+        ya, yb = ours2(x), dna2(x)
+    ya, yb = (ya[0], yb[0]) if deep_supervision else (ya, yb)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+
+
+def test_anisotropic_config_matches_dna() -> None:
+    cfg = get_config("tiny").replace(
+        strides=[1, [1, 2, 2], 2, 2, 2], kernel_sizes=[[1, 3, 3], 3, 3, 3, 3], in_channels=1, num_classes=2
+    )
+    ours = s3d.build_resenc_unet(cfg)
+    dna = build_dna(ours.config)
+    load_into_dna(dna, ours.state_dict())
+    x = torch.randn(2, 1, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), dna(x), rtol=1e-5, atol=1e-5)
+
+
+def test_config_json_round_trip_rebuilds_identical_network() -> None:
+    net = s3d.build_resenc_unet("tiny", in_channels=3, num_classes=4, strides=[1, 2, [1, 2, 2], 2, 2])
+    text = net.config.to_json()
+    cfg = ResEncUNetConfig.from_json(text)
+    assert cfg == net.config
+    assert json.loads(text)["strides"][2] == [1, 2, 2]
+    twin = s3d.build_resenc_unet(cfg)
+    twin.load_state_dict(net.state_dict(), strict=True)
+    x = torch.randn(1, 3, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), twin(x))
+
+
+def test_overrides_and_config_errors() -> None:
+    net = s3d.build_resenc_unet("tiny", features_per_stage=(4, 8, 8, 8, 8), nonlin="relu", norm_eps=1e-3)
+    assert net.encoder.stem.convs[0].conv.out_channels == 4
+    assert isinstance(net.encoder.stem.convs[0].nonlin, nn.ReLU)
+    assert net.encoder.stem.convs[0].norm.eps == 1e-3
+    with pytest.raises(ValueError, match="strides: expected 5 entries"):
+        s3d.build_resenc_unet("tiny", strides=(1, 2, 2))
+    with pytest.raises(ValueError, match="unknown config override"):
+        s3d.build_resenc_unet("tiny", n_stage=3)
+    with pytest.raises(ValueError, match="unknown config 'resenc_q'"):
+        s3d.build_resenc_unet("resenc_q")
+    with pytest.raises(ValueError, match="norm"):
+        s3d.build_resenc_unet("tiny", norm="layer")
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((1, 1, 40, 32, 32), r"axis 0: 40 -> 32 or 48"),
+        ((1, 1, 16, 16, 16), r"1x1x1 bottleneck.*\(32, 16, 16\)"),
+        ((1, 2, 32, 32, 32), r"expected 1 input channel"),
+        ((1, 32, 32, 32), r"5D tensor"),
+    ],
+)
+def test_invalid_input_raises_with_a_size_that_works(shape, match: str) -> None:
+    net = s3d.build_resenc_unet("tiny", in_channels=1)
+    with pytest.raises(ValueError, match=match):
+        net(torch.zeros(shape))
+
+
+def test_bf16_autocast_and_channels_last_match_fp32() -> None:
+    net = s3d.build_resenc_unet("tiny", num_classes=2).eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(x)
+        net_cl = net.to(memory_format=torch.channels_last_3d)
+        cl = net_cl(x.to(memory_format=torch.channels_last_3d))
+    assert low.dtype == torch.bfloat16
+    # bf16 has an 8-bit mantissa: logits agree to a few percent of their spread
+    err = (low.float() - ref).abs().max() / ref.std()
+    assert err < 0.1, err
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_identical_gradients() -> None:
+    torch.manual_seed(1)
+    a = s3d.build_resenc_unet("tiny", num_classes=2)
+    b = s3d.build_resenc_unet(a.config, checkpointing=True)
+    b.load_state_dict(a.state_dict())
+    assert b.checkpointing and not a.checkpointing
+    x = torch.randn(2, 1, 32, 32, 32)
+    for net in (a, b):
+        net(x).square().mean().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=0, atol=0, msg=name)
+
+
+def test_deep_supervision_outputs_highest_resolution_first() -> None:
+    net = s3d.build_resenc_unet("tiny", num_classes=2, deep_supervision=True)
+    outs = net(torch.randn(1, 1, 32, 32, 32))
+    assert [tuple(o.shape[2:]) for o in outs] == [(32,) * 3, (16,) * 3, (8,) * 3, (4,) * 3]
+    net.deep_supervision = False
+    single = net(torch.randn(1, 1, 32, 32, 32))
+    assert single.shape == (1, 2, 32, 32, 32)
+
+
+def test_he_initialisation() -> None:
+    net = s3d.build_resenc_unet("resenc_l", num_classes=2)
+    w = net.encoder.stages[3].blocks[2].conv1.conv.weight
+    fan_in = w.shape[1] * 27
+    expected_std = (2.0 / (1 + 0.01**2) / fan_in) ** 0.5
+    assert abs(w.std().item() / expected_std - 1) < 0.02
+    assert net.encoder.stages[3].blocks[2].conv1.conv.bias.abs().max() == 0
+
+
+def test_resenc_l_forward_flops_at_160_match_the_design_figure() -> None:
+    """2.80 TFLOP (conv multiply-adds x 2) for one 1x1x160^3 forward, counted by torch itself."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = s3d.build_resenc_unet("resenc_l", num_classes=2)
+        x = torch.empty(1, 1, 160, 160, 160)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x)
+    assert abs(counter.get_total_flops() / 2.80e12 - 1) < 0.005
