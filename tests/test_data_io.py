@@ -1,0 +1,129 @@
+"""NIfTI I/O with geometry, atomic writes, and the preprocessing primitives against references."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from s3d._fs import atomic_path
+from s3d.data.io import case_id, read_header, read_nifti, write_nifti
+from s3d.data.preprocess import (
+    anisotropic_axis,
+    crop_to_nonzero,
+    resample_image,
+    resample_seg,
+    shape_for_spacing,
+    zscore,
+)
+
+
+def test_write_read_round_trip_keeps_geometry(tmp_path) -> None:
+    affine = np.diag([0.8, 0.9, 3.0, 1.0])
+    affine[:3, 3] = [-10, 20, 5]
+    data = np.random.default_rng(0).normal(size=(6, 7, 5)).astype(np.float32)
+    path = tmp_path / "case_0000.nii.gz"
+    write_nifti(path, data, affine)
+    back, header = read_nifti(path)
+    np.testing.assert_array_equal(back, data)
+    np.testing.assert_allclose(header.affine, affine)
+    assert header.spacing_mm == pytest.approx((0.8, 0.9, 3.0))
+    assert header.fov_mm == pytest.approx((4.8, 6.3, 15.0))
+    h = read_header(path)
+    assert h.shape == (6, 7, 5)
+    # nibabel itself reads the same affine
+    np.testing.assert_allclose(nib.load(str(path)).affine, affine)
+    assert case_id(path) == "case_0000"
+
+
+def test_write_like_copies_header_fields(tmp_path) -> None:
+    src = tmp_path / "in.nii.gz"
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["descrip"] = b"scanner X"
+    nib.save(img, str(src))
+    out = tmp_path / "pred.nii.gz"
+    write_nifti(out, np.ones((4, 4, 4), np.uint8), np.diag([2.0, 2.0, 2.0, 1.0]), like=src)
+    back = nib.load(str(out))
+    assert back.header["descrip"].tobytes().startswith(b"scanner X")
+    assert back.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(back.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+
+
+def test_corrupt_and_wrong_files_name_the_path(tmp_path) -> None:
+    good = tmp_path / "good.nii.gz"
+    write_nifti(good, np.ones((20, 20, 20), np.float32), np.eye(4))
+    truncated = tmp_path / "trunc.nii.gz"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="trunc.nii.gz"):
+        read_nifti(truncated)
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(ValueError, match="notes.txt: not a NIfTI"):
+        read_nifti(other)
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
+        read_nifti(tmp_path / "missing.nii.gz")
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(gzip.compress(b"not a nifti header" * 10))
+    with pytest.raises(ValueError, match="garbage.nii.gz"):
+        read_header(garbage)
+
+
+def test_atomic_path_keeps_the_old_file_on_failure(tmp_path) -> None:
+    target = tmp_path / "ckpt.safetensors"
+    target.write_text("good")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+
+
+def test_crop_to_nonzero_and_zscore() -> None:
+    img = np.zeros((2, 10, 10, 10), np.float32)
+    img[0, 2:5, 3:7, 4:9] = 1.0
+    img[1, 6, 6, 6] = 2.0
+    seg = np.zeros((10, 10, 10), np.uint8)
+    seg[3, 4, 5] = 1
+    cropped, cseg, bbox = crop_to_nonzero(img, seg)
+    assert bbox == (slice(2, 7), slice(3, 7), slice(4, 9))
+    assert cropped.shape == (2, 5, 4, 5) and cseg.sum() == 1
+    rng = np.random.default_rng(1)
+    x = rng.normal(5, 3, size=(2, 8, 8, 8)).astype(np.float32)
+    z = zscore(x)
+    np.testing.assert_allclose(z.mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=(1, 2, 3)), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="channel 1 is constant"):
+        zscore(np.stack([x[0], np.ones_like(x[0])]))
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="channel 0 contains NaN"):
+        zscore(bad)
+
+
+def test_resampling_against_formulas() -> None:
+    pytest.importorskip("scipy")
+    assert shape_for_spacing((100, 100, 30), (1.0, 1.0, 5.0), (1.0, 1.0, 1.0)) == (100, 100, 150)
+    assert anisotropic_axis((0.5, 0.5, 4.0)) == 2 and anisotropic_axis((1, 1, 2.5)) is None
+    # linear resampling of a linear ramp stays a linear ramp in the interior (grid_mode: voxel centres)
+    ramp = np.broadcast_to(np.arange(16, dtype=np.float32)[:, None, None], (16, 4, 4))[None].copy()
+    up = resample_image(ramp, (32, 4, 4), order=1)[0, :, 0, 0]
+    centres = (np.arange(32) + 0.5) / 2 - 0.5  # output voxel centres in input voxel coordinates
+    np.testing.assert_allclose(up[2:-2], centres[2:-2], atol=1e-4)
+    # labels resample like nnU-Net's resize_segmentation: per-label linear interpolation, >= 0.5 wins.
+    # Slabs whose borders fall on voxel edges scale exactly (a border voxel's weight is 0.25 or 0.75).
+    seg = np.zeros((8, 8, 8), np.uint8)
+    seg[2:6] = 1
+    seg[:, 1:3] = 2
+    up_seg = resample_seg(seg, (16, 16, 16))
+    expected = np.zeros((16, 16, 16), np.uint8)
+    expected[4:12] = 1
+    expected[:, 2:6] = 2
+    np.testing.assert_array_equal(up_seg, expected)
+    # anisotropic: nearest along the thick axis keeps slices intact
+    vol = np.random.default_rng(0).normal(size=(1, 8, 8, 4)).astype(np.float32)
+    out = resample_image(vol, (8, 8, 8), order=3, separate_axis=2)
+    np.testing.assert_allclose(out[0, :, :, 0], out[0, :, :, 1])
