@@ -4,11 +4,17 @@ The public API is what this module exports; everything else is private.
 """
 
 from s3d._version import __version__
+from s3d.hub import LoadReport, list_models, load_pretrained, push_to_hub, save_pretrained
 from s3d.nn import ResEncUNet, ResEncUNetConfig, build_resenc_unet
 
 __all__ = [
+    "LoadReport",
     "ResEncUNet",
     "ResEncUNetConfig",
     "__version__",
     "build_resenc_unet",
+    "list_models",
+    "load_pretrained",
+    "push_to_hub",
+    "save_pretrained",
 ]

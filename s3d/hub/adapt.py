@@ -1,0 +1,216 @@
+"""Fit a pretrained state dict to a freshly built network: stem, seg heads, decoder, strictness.
+
+Pure functions on state dicts; :func:`s3d.hub.load_pretrained` calls :func:`adapt_state_dict` and
+loads the result strictly, so every tensor the network gets is either from the checkpoint or listed
+in the :class:`LoadReport` as adapted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+#: The first conv (its weight has ``in_channels`` as dim 1).
+STEM_KEY = "encoder.stem.convs.0.conv.weight"
+#: Prefix of the encoder, the decoder and the segmentation heads.
+ENCODER_PREFIX = "encoder."
+DECODER_PREFIX = "decoder."
+HEAD_PREFIX = "decoder.seg_layers."
+
+StemMode = Literal["replicate", "random"]
+
+
+class StrictLoadError(KeyError):
+    """A strict load found missing, unexpected or reshaped tensors (the message names them)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`s3d.hub.load_pretrained` loaded and what it adapted.
+
+    Attributes:
+        source: the resolved local file the weights came from.
+        format: ``"s3d"`` (safetensors + config.json) or ``"nnssl"`` (.pth).
+        repo_id, revision, commit: Hub origin (``None`` for local files); ``commit`` is the
+            resolved 40-hex commit when known.
+        sha256: the verified sha256 of the weights file, ``None`` if not pinned.
+        stem: ``"loaded"`` (channels matched), ``"replicated"`` or ``"random"``.
+        stem_channels: (checkpoint in_channels, model in_channels).
+        new_head: the segmentation heads (``decoder.seg_layers.*``) are freshly initialised.
+        head_classes: (checkpoint num_classes, model num_classes).
+        random_decoder: the whole decoder is freshly initialised (``decoder=False``).
+        adapted_keys: every model key not taken from the checkpoint.
+        missing_keys, unexpected_keys, mismatched_keys: partial-load findings (only non-empty when
+            ``strict=False``; with ``strict=True`` they are errors).
+        alias_preferred: ``"all_modules"`` when DNA's ``all_modules`` copies were used (sparse
+            trainer checkpoints), else ``"canonical"``.
+        stale_alias_keys: keys whose DNA alias copies disagreed.
+        notes: human-readable remarks.
+    """
+
+    source: str = ""
+    format: str = "s3d"
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    sha256: str | None = None
+    stem: str = "loaded"
+    stem_channels: tuple[int, int] = (1, 1)
+    new_head: bool = False
+    head_classes: tuple[int, int] = (0, 0)
+    random_decoder: bool = False
+    adapted_keys: list[str] = field(default_factory=list)
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[str] = field(default_factory=list)
+    alias_preferred: str = "canonical"
+    stale_alias_keys: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line per finding, for logs."""
+        lines = [f"loaded {self.format} weights from {self.source}"]
+        if self.stem != "loaded":
+            lines.append(
+                f"stem {self.stem}: {self.stem_channels[0]} -> {self.stem_channels[1]} input channels"
+            )
+        if self.new_head:
+            lines.append(f"new segmentation heads: {self.head_classes[0]} -> {self.head_classes[1]} classes")
+        if self.random_decoder:
+            lines.append("decoder freshly initialised (encoder only)")
+        for name in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            keys = getattr(self, name)
+            if keys:
+                lines.append(f"{name}: {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+        if self.alias_preferred != "canonical":
+            lines.append(f"used DNA all_modules copies ({len(self.stale_alias_keys)} stale alias tensor(s))")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def replicate_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Spread a stem conv weight (O, C, kd, kh, kw) over ``in_channels`` input channels.
+
+    The weights are summed over the checkpoint's channels and divided by ``in_channels`` for each
+    new channel, so an input that repeats one image in every channel gives the same stem output as
+    that image through the original (1-channel) stem.
+
+    Example:
+        >>> w = torch.randn(32, 1, 3, 3, 3)
+        >>> replicate_stem(w, 3).shape
+        torch.Size([32, 3, 3, 3, 3])
+    """
+    summed = weight.sum(dim=1, keepdim=True)
+    return (summed / in_channels).repeat(1, in_channels, 1, 1, 1).contiguous()
+
+
+def adapt_state_dict(
+    pretrained: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    *,
+    stem: StemMode = "replicate",
+    decoder: bool = True,
+    strict: bool = True,
+    report: LoadReport | None = None,
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Build a full state dict for the target network from pretrained tensors.
+
+    Args:
+        pretrained: canonical checkpoint state dict.
+        target: the freshly initialised network's state dict (its values fill adapted keys).
+        stem: when input channels differ: ``"replicate"`` (see :func:`replicate_stem`) or
+            ``"random"`` (keep the fresh He-initialised stem conv weight and bias).
+        decoder: ``False`` keeps the whole fresh decoder (transpconvs, stages, seg heads).
+        strict: raise on missing, unexpected or reshaped tensors (naming them); ``False`` keeps
+            the fresh tensor for those and lists them in the report.
+        report: a report to fill (a new one if ``None``).
+
+    Returns:
+        ``(state_dict, report)``; ``state_dict`` has exactly ``target``'s keys.
+
+    Example:
+        >>> state, report = adapt_state_dict(ckpt_sd, net.state_dict(), stem="replicate")
+        >>> net.load_state_dict(state)
+    """
+    report = report or LoadReport()
+    if stem not in ("replicate", "random"):
+        raise ValueError(f"stem: expected 'replicate' or 'random', got {stem!r}")
+    out: dict[str, torch.Tensor] = {}
+    adapted: list[str] = []
+    stem_w, target_stem = pretrained.get(STEM_KEY), target.get(STEM_KEY)
+    if stem_w is not None and target_stem is not None:
+        report.stem_channels = (int(stem_w.shape[1]), int(target_stem.shape[1]))
+    head_w = pretrained.get(next((k for k in target if k.startswith(HEAD_PREFIX)), ""), None)
+    target_head = next((v for k, v in target.items() if k.startswith(HEAD_PREFIX)), None)
+    if head_w is not None and target_head is not None:
+        report.head_classes = (int(head_w.shape[0]), int(target_head.shape[0]))
+    new_head = head_w is not None and target_head is not None and head_w.shape[0] != target_head.shape[0]
+    stem_differs = report.stem_channels[0] != report.stem_channels[1]
+    if not decoder:
+        report.random_decoder = True
+    for key, fresh in target.items():
+        if not decoder and key.startswith(DECODER_PREFIX):
+            out[key] = fresh
+            adapted.append(key)
+            continue
+        if new_head and key.startswith(HEAD_PREFIX):
+            out[key] = fresh
+            adapted.append(key)
+            report.new_head = True
+            continue
+        if stem_differs and key.startswith("encoder.stem.convs.0.conv."):
+            if stem == "random":
+                out[key] = fresh
+                report.stem = "random"
+            elif key == STEM_KEY:
+                out[key] = replicate_stem(pretrained[key], int(fresh.shape[1])).to(fresh.dtype)
+                report.stem = "replicated"
+            else:  # the stem bias does not depend on the input channels
+                out[key] = pretrained[key]
+                continue
+            adapted.append(key)
+            continue
+        if key not in pretrained:
+            report.missing_keys.append(key)
+            out[key] = fresh
+            continue
+        value = pretrained[key]
+        if value.shape != fresh.shape:
+            report.mismatched_keys.append(
+                f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(fresh.shape)}"
+            )
+            out[key] = fresh
+            continue
+        out[key] = value.to(fresh.dtype)
+    skipped = (
+        (lambda k: k.startswith(DECODER_PREFIX))
+        if not decoder
+        else ((lambda k: k.startswith(HEAD_PREFIX)) if new_head else (lambda k: False))
+    )
+    report.unexpected_keys = sorted(k for k in pretrained if k not in target and not skipped(k))
+    report.adapted_keys = adapted
+    if strict and (report.missing_keys or report.unexpected_keys or report.mismatched_keys):
+        problems = []
+        if report.missing_keys:
+            problems.append(f"missing from the checkpoint: {_some(report.missing_keys)}")
+        if report.unexpected_keys:
+            problems.append(f"not in the model: {_some(report.unexpected_keys)}")
+        if report.mismatched_keys:
+            problems.append(f"shape mismatch: {_some(report.mismatched_keys)}")
+        raise StrictLoadError(
+            f"{report.source or 'checkpoint'}: strict load failed - "
+            + "; ".join(problems)
+            + ". Pass strict=False for a partial load (the report lists what was skipped)."
+        )
+    return out, report
+
+
+def _some(keys: list[str], n: int = 5) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more

@@ -1,0 +1,80 @@
+"""Convert between s3d (safetensors + config.json), nnssl (``checkpoint_final.pth``) and nnU-Net formats."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from s3d._fs import atomic_path, write_json_atomic
+from s3d.hub.adapt import LoadReport
+from s3d.hub.nnssl import adaptation_plan, nnssl_checkpoint, nnunet_checkpoint
+from s3d.hub.pretrained import NNSSL_NAME, load_pretrained, save_pretrained
+
+Target = Literal["s3d", "nnssl", "nnunet"]
+TARGETS: tuple[str, ...] = ("s3d", "nnssl", "nnunet")
+NNUNET_NAME = "pretrained_weights.pth"
+
+
+def _torch_save_atomic(obj: object, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def convert(
+    source: str | os.PathLike[str],
+    to: Target,
+    out: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    strict: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[list[Path], LoadReport]:
+    """Read any checkpoint :func:`s3d.load_pretrained` accepts and write it in another format.
+
+    The network is rebuilt and loaded strictly (input channels and classes as in the source), so a
+    conversion never silently drops or invents a tensor.
+
+    Args:
+        source: registry name, Hub repo, directory, ``.safetensors`` or ``.pth``.
+        to: ``"s3d"`` (directory: model.safetensors, config.json, README.md); ``"nnssl"`` (directory
+            with ``checkpoint_final.pth`` holding ``network_weights`` with every DNA alias key and
+            ``nnssl_adaptation_plan``, plus ``adaptation_plan.json``; or a ``.pth`` path); ``"nnunet"``
+            (a ``.pth`` with ``network_weights``, what nnU-Net's ``-pretrained_weights`` loads; a
+            directory gets ``pretrained_weights.pth``).
+        out: output directory or file.
+
+    Returns:
+        ``(written_paths, load_report)``.
+
+    Example:
+        >>> convert("checkpoint_final.pth", "s3d", "converted/")
+    """
+    if to not in TARGETS:
+        raise ValueError(f"to: expected one of {TARGETS}, got {to!r}")
+    model, report = load_pretrained(
+        source,
+        in_channels=None,
+        num_classes=None,
+        revision=revision,
+        strict=strict,
+        cache_dir=cache_dir,
+        output_loading_info=True,
+    )
+    out = Path(out)
+    if to == "s3d":
+        directory = save_pretrained(model, out, provenance=f"Converted with s3d from {source}.")
+        return [directory / n for n in ("model.safetensors", "config.json", "README.md")], report
+    state = model.state_dict()
+    if to == "nnssl":
+        path = out if out.suffix in (".pth", ".pt") else out / NNSSL_NAME
+        ckpt = nnssl_checkpoint(state, model.config)
+        _torch_save_atomic(ckpt, path)
+        plan_path = path.parent / "adaptation_plan.json"
+        write_json_atomic(plan_path, adaptation_plan(model.config))
+        return [path, plan_path], report
+    path = out if out.suffix in (".pth", ".pt") else out / NNUNET_NAME
+    _torch_save_atomic(nnunet_checkpoint(state), path)
+    return [path], report
