@@ -3,6 +3,7 @@
 The public API is what this module exports; everything else is private.
 """
 
+from s3d import metrics
 from s3d._version import __version__
 from s3d.hub import LoadReport, list_models, load_pretrained, push_to_hub, save_pretrained
 from s3d.nn import ResEncUNet, ResEncUNetConfig, build_resenc_unet
@@ -14,6 +15,7 @@ __all__ = [
     "__version__",
     "build_resenc_unet",
     "list_models",
+    "metrics",
     "load_pretrained",
     "push_to_hub",
     "save_pretrained",

@@ -1,0 +1,36 @@
+"""Segmentation metrics: Dice, NSD (surface Dice), folder evaluation and bootstrapped ranking.
+
+scipy (``pip install "s3d[scipy]"``) is needed by :func:`nsd`, matplotlib (``pip install
+"s3d[plot]"``) by :func:`plot_rank_stability`; both are imported only when used.
+"""
+
+from s3d.metrics.evaluate import FolderEvaluation, LabelSet, evaluate_case, evaluate_folder, load_labels
+from s3d.metrics.overlap import EmptyPolicy, dice
+from s3d.metrics.ranking import (
+    BootstrapRanks,
+    RankTable,
+    bootstrap_ranks,
+    plot_rank_stability,
+    rank_methods,
+    rank_scores,
+)
+from s3d.metrics.surface import nsd, surfel_area_table, surfels
+
+__all__ = [
+    "BootstrapRanks",
+    "EmptyPolicy",
+    "FolderEvaluation",
+    "LabelSet",
+    "RankTable",
+    "bootstrap_ranks",
+    "dice",
+    "evaluate_case",
+    "evaluate_folder",
+    "load_labels",
+    "nsd",
+    "plot_rank_stability",
+    "rank_methods",
+    "rank_scores",
+    "surfel_area_table",
+    "surfels",
+]
