@@ -3,8 +3,9 @@
 The public API is what this module exports; everything else is private.
 """
 
-from s3d import metrics
+from s3d import finetune, metrics
 from s3d._version import __version__
+from s3d.infer import predict, sliding_window_predict
 from s3d.hub import LoadReport, list_models, load_pretrained, push_to_hub, save_pretrained
 from s3d.nn import ResEncUNet, ResEncUNetConfig, build_resenc_unet
 
@@ -15,8 +16,11 @@ __all__ = [
     "__version__",
     "build_resenc_unet",
     "list_models",
+    "finetune",
     "metrics",
+    "predict",
     "load_pretrained",
     "push_to_hub",
     "save_pretrained",
+    "sliding_window_predict",
 ]

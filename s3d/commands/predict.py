@@ -1,0 +1,55 @@
+"""``s3d predict``: sliding-window prediction of a folder of NIfTI cases with a model directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict", help="segment a folder of NIfTI cases ({case}_XXXX.nii.gz) with a model directory",
+        description="Predict every case of IN ({case}_{XXXX}.nii.gz, one file per channel) with the model "
+                    "in MODEL_DIR (model.safetensors + config.json + preprocessing.json) and write "
+                    "OUT/{case}.nii.gz label maps with the input's shape, affine and header.")
+    p.add_argument("-i", "--input", required=True, metavar="IN", help="folder of input NIfTI files")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the predictions")
+    p.add_argument("-m", "--model", required=True, metavar="MODEL_DIR",
+                   help="model directory (save_pretrained output + preprocessing.json)")
+    p.add_argument("--tile-batch", type=int, default=4, metavar="N",
+                   help="tiles per forward pass (default: 4)")
+    p.add_argument("--step", type=float, default=0.5,
+                   help="distance between tiles as a fraction of the patch (default: 0.5)")
+    p.add_argument("--mirror", action="store_true", help="mirror test-time augmentation over all 3 axes (8x)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="autocast dtype for the network (default: none = fp32)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                   help="tile size in voxels (default: preprocessing.json's patch_size)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write OUT/{case}.npz with the class probabilities (K, D, H, W)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from s3d.infer import predict_folder
+
+    if args.tile_batch < 1:
+        print(f"--tile-batch must be >= 1, got {args.tile_batch}", file=sys.stderr)
+        return 2
+    if not 0 < args.step <= 1:
+        print(f"--step must be in (0, 1], got {args.step}", file=sys.stderr)
+        return 2
+    try:
+        written = predict_folder(
+            args.input, args.output, args.model, step=args.step, mirror=args.mirror,
+            tile_batch=args.tile_batch, device=args.device,
+            amp_dtype=None if args.amp == "none" else args.amp, patch_size=args.patch_size,
+            save_probabilities=args.save_probabilities, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"s3d predict: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(written)} prediction(s) to {args.output}")
+    return 0

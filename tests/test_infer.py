@@ -1,0 +1,243 @@
+"""Sliding-window prediction on tensors, checked against formulas and a slow explicit reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import s3d
+from s3d.infer import gaussian_importance_map, mirror_axes_combinations, sliding_window_predict, tile_starts
+
+
+@pytest.fixture(scope="module")
+def net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return s3d.build_resenc_unet("tiny", in_channels=2, num_classes=3).eval()
+
+
+def _forward(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).numpy().astype(np.float64)
+
+
+def _gaussian_np(patch: tuple[int, ...], sigma_scale: float = 1 / 8) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in patch], indexing="ij")
+    r2 = sum((g - (n - 1) / 2) ** 2 / (2 * (sigma_scale * n) ** 2) for g, n in zip(grids, patch, strict=True))
+    return np.exp(-r2)
+
+
+def _reference(net, image: np.ndarray, patch: tuple[int, int, int], starts_per_axis,
+               flips=((),)) -> np.ndarray:
+    """Slow sliding window: one tile at a time, numpy float64 accumulation."""
+    k = net.config.num_classes
+    w = _gaussian_np(patch)
+    acc = np.zeros((k, *image.shape[1:]))
+    wsum = np.zeros(image.shape[1:])
+    for z in starts_per_axis[0]:
+        for y in starts_per_axis[1]:
+            for x in starts_per_axis[2]:
+                sl = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+                tile = image[(slice(None), *sl)][None]
+                logits = np.zeros((k, *patch))
+                for axes in flips:
+                    dims = tuple(a + 2 for a in axes)
+                    t = np.ascontiguousarray(np.flip(tile, dims)) if dims else tile
+                    out = _forward(net, t)
+                    logits += (np.flip(out, dims) if dims else out)[0]
+                logits /= len(flips)
+                acc[(slice(None), *sl)] += logits * w
+                wsum[sl] += w
+    return acc / wsum
+
+
+def test_gaussian_matches_formula_symmetric_positive_peak_at_centre() -> None:
+    for patch in [(32, 24, 16), (17, 9, 33)]:
+        w = gaussian_importance_map(patch).numpy()
+        ref = _gaussian_np(patch)  # sigma = patch / 8 per axis, centre (n - 1) / 2
+        np.testing.assert_allclose(w, ref / ref.max(), rtol=1e-6, atol=0)
+        assert (w > 0).all()
+        for axis in range(3):
+            np.testing.assert_array_equal(w, np.flip(w, axis))
+        assert w.max() == pytest.approx(1.0)
+        peak = np.argwhere(w == w.max())
+        for a, n in enumerate(patch):  # even n: the two middle voxels; odd n: the middle one
+            assert set(peak[:, a]) == ({n // 2 - 1, n // 2} if n % 2 == 0 else {n // 2})
+    # one sigma from the centre along an axis (odd n, integer sigma): exp(-1/2)
+    w = gaussian_importance_map((17, 17, 17), sigma_scale=4 / 17).numpy()
+    assert w[8 + 4, 8, 8] == pytest.approx(np.exp(-0.5), rel=1e-6)
+
+
+def test_gaussian_tiny_sigma_stays_positive() -> None:
+    w = gaussian_importance_map((64, 64, 64), sigma_scale=1 / 64)
+    assert (w > 0).all()
+
+
+@pytest.mark.parametrize(
+    "size, patch, step, expected",
+    [(32, 32, 0.5, [0]), (48, 32, 0.5, [0, 16]), (33, 32, 0.5, [0, 1]), (64, 32, 0.5, [0, 16, 32]),
+     (70, 32, 0.5, [0, 13, 25, 38]), (64, 32, 1.0, [0, 32]), (40, 16, 0.25, [0, 4, 8, 12, 16, 20, 24])],
+)
+def test_tile_starts(size: int, patch: int, step: float, expected: list[int]) -> None:
+    starts = tile_starts(size, patch, step)
+    assert starts == expected
+    assert starts[0] == 0 and starts[-1] == size - patch
+    assert all(b - a <= step * patch for a, b in zip(starts, starts[1:], strict=False))
+    assert [a + b for a, b in zip(starts, starts[::-1], strict=True)] == [size - patch] * len(starts)
+
+
+def test_tile_starts_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="smaller than the patch"):
+        tile_starts(16, 32, 0.5)
+    with pytest.raises(ValueError, match="step"):
+        tile_starts(64, 32, 0.0)
+
+
+def test_one_patch_equals_direct_forward(net) -> None:
+    x = torch.randn(2, 2, 32, 32, 48)
+    with torch.no_grad():
+        direct = net(x)
+    out = sliding_window_predict(net, x, (32, 32, 48))
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32, 48)
+    torch.testing.assert_close(out, direct, rtol=1e-4, atol=1e-4)
+    single = sliding_window_predict(net, x[0], (32, 32, 48))
+    torch.testing.assert_close(single, direct[0], rtol=1e-4, atol=1e-4)
+
+
+def test_2x2x2_tiling_matches_slow_reference(net) -> None:
+    image = torch.randn(2, 48, 48, 48)
+    out = sliding_window_predict(net, image, (32, 32, 32), step=0.5, tile_batch=3)
+    ref = _reference(net, image.numpy(), (32, 32, 32), [[0, 16]] * 3)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+    # the tiles overlap, so the result is not any single tile's forward
+    assert not np.allclose(ref[:, :32, :32, :32], _forward(net, image.numpy()[None, :, :32, :32, :32])[0],
+                           atol=1e-3)
+
+
+def test_uneven_tiling_and_uniform_weights(net) -> None:
+    image = torch.randn(2, 32, 40, 32)
+    out = sliding_window_predict(net, image, (32, 32, 32), step=0.5, gaussian=False, tile_batch=1)
+    a = _forward(net, image.numpy()[None, :, :, :32])[0]
+    b = _forward(net, image.numpy()[None, :, :, 8:])[0]
+    ref = np.zeros_like(out.numpy(), dtype=np.float64)
+    count = np.zeros((1, 32, 40, 32))
+    ref[:, :, :32] += a
+    ref[:, :, 8:] += b
+    count[:, :, :32] += 1
+    count[:, :, 8:] += 1
+    np.testing.assert_allclose(out.numpy(), ref / count, rtol=1e-4, atol=1e-4)
+
+
+def test_image_smaller_than_patch_is_padded_and_cropped(net) -> None:
+    image = torch.randn(2, 20, 32, 45)  # smaller along D, equal along H, larger along W
+    out = sliding_window_predict(net, image, (32, 32, 32))
+    assert out.shape == (3, 20, 32, 45)
+    padded = np.pad(image.numpy(), ((0, 0), (6, 6), (0, 0), (0, 0)))  # 12 voxels, centred
+    ref = _reference(net, padded, (32, 32, 32), [[0], [0], [0, 13]])[:, 6:26]
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 32, 32), (1, 32, 1, 32), (1, 32, 32, 1)])
+def test_one_voxel_thick_input_raises(net, shape) -> None:
+    with pytest.raises(ValueError, match="1 voxel thick along axis"):
+        sliding_window_predict(net, torch.randn(shape), (32, 32, 32))
+
+
+def test_bad_arguments_raise(net) -> None:
+    with pytest.raises(ValueError, match="expected \\(C, D, H, W\\)"):
+        sliding_window_predict(net, torch.randn(32, 32, 32), (32, 32, 32))
+    with pytest.raises(ValueError, match="patch_size"):
+        sliding_window_predict(net, torch.randn(2, 32, 32, 32), (32, 32))
+    with pytest.raises(ValueError, match="tile_batch"):
+        sliding_window_predict(net, torch.randn(2, 32, 32, 32), 32, tile_batch=0)
+    with pytest.raises(ValueError, match="amp_dtype"):
+        sliding_window_predict(net, torch.randn(2, 32, 32, 32), 32, amp_dtype="int8")
+
+
+def test_mirror_equals_explicit_average_over_flips(net) -> None:
+    x = torch.randn(1, 2, 32, 32, 32)
+    out = sliding_window_predict(net, x, 32, mirror=True)
+    flips = [a for k in range(4) for a in itertools.combinations((2, 3, 4), k)]
+    assert len(flips) == 8
+    with torch.no_grad():
+        ref = sum(torch.flip(net(torch.flip(x, f)), f) if f else net(x) for f in flips) / 8
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # a subset of axes: only the flips over (W,) and none
+    out_w = sliding_window_predict(net, x, 32, mirror=(2,))
+    with torch.no_grad():
+        ref_w = (net(x) + torch.flip(net(torch.flip(x, (4,))), (4,))) / 2
+    torch.testing.assert_close(out_w, ref_w, rtol=1e-5, atol=1e-5)
+    assert mirror_axes_combinations((0, 1)) == [(), (0,), (1,), (0, 1)]
+
+
+def test_mirror_on_tiled_image_matches_reference_and_is_flip_equivariant(net) -> None:
+    image = torch.randn(2, 48, 32, 48)
+    out = sliding_window_predict(net, image, 32, mirror=True, tile_batch=2)
+    flips = mirror_axes_combinations((0, 1, 2))
+    ref = _reference(net, image.numpy(), (32, 32, 32), [[0, 16], [0], [0, 16]], flips=flips)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+    # averaging over all flips with symmetric tiles and weights: predict(flip(x)) == flip(predict(x))
+    for dims in [(1, 2, 3)]:
+        flipped = sliding_window_predict(net, torch.flip(image, dims), 32, mirror=True, tile_batch=2)
+        torch.testing.assert_close(flipped, torch.flip(out, dims), rtol=1e-4, atol=1e-4)
+    # without mirroring the network alone is not flip-equivariant (the test above can fail)
+    plain = sliding_window_predict(net, image, 32)
+    plain_f = sliding_window_predict(net, torch.flip(image, (3,)), 32)
+    assert not torch.allclose(plain_f, torch.flip(plain, (3,)), atol=1e-3)
+
+
+def test_probabilities_and_accumulate_device_and_deep_supervision(net) -> None:
+    image = torch.randn(2, 40, 32, 32)
+    logits = sliding_window_predict(net, image, 32, accumulate_device="cpu")
+    probs = sliding_window_predict(net, image, 32, output="probabilities")
+    torch.testing.assert_close(probs, torch.softmax(logits, 0))
+    torch.testing.assert_close(probs.sum(0), torch.ones(40, 32, 32))
+
+    ds = s3d.build_resenc_unet("tiny", in_channels=2, num_classes=3, deep_supervision=True).eval()
+    ds.load_state_dict(net.state_dict())
+    torch.testing.assert_close(sliding_window_predict(ds, image, 32), logits)
+
+
+def test_plain_function_model_and_bf16_autocast(net) -> None:
+    image = torch.randn(2, 32, 32, 40)
+    ref = sliding_window_predict(net, image, 32)
+    out = sliding_window_predict(lambda t: net(t), image, 32)
+    torch.testing.assert_close(out, ref)
+    low = sliding_window_predict(net, image, 32, amp_dtype="bf16")
+    assert low.dtype == torch.float32
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_oom_falls_back_to_cpu_accumulation(net) -> None:
+    image = torch.randn(2, 48, 48, 48)
+    ref = sliding_window_predict(net, image, 32)
+    gpu = net.to("cuda")
+    try:
+        out = sliding_window_predict(gpu, image, 32)
+        assert out.device.type == "cuda"
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
+        big = torch.randn(2, 160, 160, 160)
+        free, _ = torch.cuda.mem_get_info()
+        # reserve all but ~100 MiB so a 3 x 160^3 fp32 accumulator (49 MiB) plus tiles cannot fit
+        hog = torch.empty(max(0, free - 100 * 2**20), dtype=torch.uint8, device="cuda")
+        with pytest.warns(RuntimeWarning, match="accumulating on the CPU"):
+            out = sliding_window_predict(gpu, big, 32, tile_batch=8)
+        del hog
+        assert out.device.type == "cpu" and out.shape == (3, 160, 160, 160)
+    finally:
+        net.to("cpu")
+
+
+def test_matches_monai_with_the_same_weights_where_tiles_coincide(net) -> None:
+    monai_inferers = pytest.importorskip("monai.inferers")  # optional: MONAI is not a dependency
+    image = torch.randn(1, 2, 64, 48, 32)  # tile starts 0/16/32, 0/16, 0 in both implementations
+    ours = sliding_window_predict(net, image, 32, tile_batch=4)
+    with torch.inference_mode():
+        theirs = monai_inferers.sliding_window_inference(
+            image, (32, 32, 32), 4, net, overlap=0.5, mode="gaussian",
+            roi_weight_map=gaussian_importance_map((32, 32, 32)))
+    theirs = theirs.as_tensor() if hasattr(theirs, "as_tensor") else theirs
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,180 @@
+"""NIfTI in, NIfTI out: predict_case / predict_folder / ``s3d predict`` with geometry checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import s3d
+from s3d.cli import main as cli_main
+from s3d.data.nnunet import PreprocessingSpec, preprocess_case, restore_geometry
+from s3d.hub import save_pretrained
+from s3d.infer import find_cases, predict_case, predict_folder, sliding_window_predict
+
+pytest.importorskip("scipy")  # resampling in preprocess_case
+
+
+def _affine(spacing: tuple[float, float, float]) -> np.ndarray:
+    """A rotated, flipped, shifted affine with the given voxel spacing (mm)."""
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, -1.0]])
+    a = np.eye(4)
+    a[:3, :3] = rot * np.asarray(spacing)
+    a[:3, 3] = (-12.5, 30.0, 7.25)
+    return a
+
+
+def _write(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    img = nib.Nifti1Image(data.astype(np.float32), affine)
+    img.header["descrip"] = b"s3d test input"
+    nib.save(img, str(path))
+
+
+class Threshold(torch.nn.Module):
+    """Class 1 where channel 0 is above its (z-scored) mean: logits (-4x, 4x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([-4 * x[:, :1], 4 * x[:, :1]], dim=1)
+
+
+def _box_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[slice, ...]]:
+    image = np.zeros((12, 40, 36), np.float32)
+    inside = (slice(1, 11), slice(4, 36), slice(4, 32))  # nonzero bounding box
+    image[inside] = 1.0 + 0.1 * rng.random((10, 32, 28))
+    box = np.zeros(image.shape, bool)
+    box[3:7, 10:22, 8:20] = True
+    image[box] = 5.0
+    return image, box, inside
+
+
+def test_anisotropic_case_comes_back_on_the_input_grid(tmp_path: Path) -> None:
+    image, box, inside = _box_case(np.random.default_rng(0))
+    affine = _affine((4.0, 1.0, 1.0))  # thick axis 0: anisotropic (ratio 4 > 3)
+    path = tmp_path / "aniso_0000.nii.gz"
+    _write(path, image, affine)
+    spec = PreprocessingSpec(channel_names=("ct",), patch_size=(32, 32, 32))
+    x, props = preprocess_case([path], spec)
+    assert x.shape == (1, 40, 32, 28) and props["separate_axis"] == 0  # cropped, resampled to 1 mm
+
+    out, probs_path = tmp_path / "out" / "aniso.nii.gz", tmp_path / "out" / "aniso.npz"
+    pred = predict_case([path], Threshold(), spec, output_path=out, probabilities_path=probs_path)
+    assert pred.labels.shape == image.shape and pred.probabilities.shape == (2, *image.shape)
+    np.testing.assert_allclose(pred.probabilities.sum(0), 1.0, atol=1e-5)
+    # the box comes back where it was: geometry not flipped, shifted or transposed
+    dice = 2 * (pred.labels.astype(bool) & box).sum() / (pred.labels.astype(bool).sum() + box.sum())
+    assert dice > 0.95
+    outside = np.ones(image.shape, bool)
+    outside[inside] = False
+    assert (pred.labels[outside] == 0).all()
+
+    written = nib.load(str(out))
+    assert written.shape == image.shape
+    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(written.header.get_zooms(), (4.0, 1.0, 1.0), atol=1e-5)
+    assert written.header["descrip"].tobytes().rstrip(b"\0") == b"s3d test input"
+    assert np.issubdtype(written.get_data_dtype(), np.integer)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), pred.labels)
+    with np.load(probs_path) as z:
+        np.testing.assert_allclose(z["probabilities"], pred.probabilities)
+        np.testing.assert_array_equal(z["labels"], [0, 1])
+
+
+def test_one_voxel_thick_input_file_raises_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "slice_0000.nii.gz"
+    _write(path, np.random.default_rng(0).random((32, 32, 1)), _affine((1.0, 1.0, 1.0)))
+    spec = PreprocessingSpec(channel_names=("ct",), patch_size=(32, 32, 32))
+    with pytest.raises(ValueError, match=r"slice_0000\.nii\.gz.*1 voxel thick along axis 2"):
+        predict_case([path], Threshold(), spec)
+
+
+def test_find_cases_reports_every_problem(tmp_path: Path) -> None:
+    img = np.ones((4, 4, 4))
+    for name in ["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "noindex.nii.gz", "c_0002.nii.gz"]:
+        _write(tmp_path / name, img, np.eye(4))
+    with pytest.raises(ValueError, match="3 problem") as err:
+        find_cases(tmp_path, num_channels=2)
+    msg = str(err.value)
+    assert "b_0001.nii.gz: missing channel file" in msg
+    assert "noindex.nii.gz: name must be" in msg
+    assert "c_0002.nii.gz: channel 2" in msg
+    (tmp_path / "noindex.nii.gz").unlink()
+    (tmp_path / "c_0002.nii.gz").unlink()
+    (tmp_path / "b_0000.nii.gz").unlink()
+    assert find_cases(tmp_path, 2) == {"a": [tmp_path / "a_0000.nii.gz", tmp_path / "a_0001.nii.gz"]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    net = s3d.build_resenc_unet("tiny", in_channels=2, num_classes=3)
+    save_pretrained(net, d)
+    PreprocessingSpec(target_spacing_mm=(1.5, 1.5, 1.5), channel_names=("t1", "t2"),
+                      labels={"background": 0, "a": 1, "b": 2}, patch_size=(32, 32, 32)).save(
+        d / "preprocessing.json")
+    return d
+
+
+def _dataset(root: Path) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
+    rng = np.random.default_rng(1)
+    cases = {"iso": ((40, 36, 30), _affine((1.0, 1.0, 1.0))),      # smaller than the patch at 1.5 mm
+             "aniso": ((10, 50, 44), _affine((5.0, 1.2, 1.2)))}    # anisotropic, larger than the patch
+    root.mkdir(parents=True, exist_ok=True)
+    for case, (shape, affine) in cases.items():
+        for c in range(2):
+            _write(root / f"{case}_{c:04d}.nii.gz", rng.normal(size=shape) + 3 * c, affine)
+    return cases
+
+
+def test_predict_folder_and_cli(tmp_path: Path, model_dir: Path) -> None:
+    cases = _dataset(tmp_path / "in")
+    written = predict_folder(tmp_path / "in", tmp_path / "out", model_dir, device="cpu",
+                             save_probabilities=True, progress=False)
+    assert sorted(p.name for p in written) == ["aniso.nii.gz", "iso.nii.gz"]
+    model = s3d.hub.load_pretrained(model_dir, in_channels=None, num_classes=None)
+    spec = PreprocessingSpec.load(model_dir / "preprocessing.json")
+    for case, (shape, affine) in cases.items():
+        out = nib.load(str(tmp_path / "out" / f"{case}.nii.gz"))
+        assert out.shape == shape
+        np.testing.assert_allclose(out.affine, affine, atol=1e-5)
+        labels = np.asarray(out.dataobj)
+        assert set(np.unique(labels)) <= {0, 1, 2}
+        with np.load(tmp_path / "out" / f"{case}.npz") as z:
+            probs = z["probabilities"]
+        assert probs.shape == (3, *shape)
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(probs.argmax(0), labels)
+        # the same steps by hand
+        paths = [tmp_path / "in" / f"{case}_{c:04d}.nii.gz" for c in range(2)]
+        x, props = preprocess_case(paths, spec)
+        p = sliding_window_predict(model, torch.from_numpy(x), (32, 32, 32), output="probabilities")
+        np.testing.assert_allclose(restore_geometry(p.numpy(), props), probs, atol=1e-5)
+
+    rc = cli_main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "cli"), "-m", str(model_dir),
+                   "--device", "cpu", "--tile-batch", "2", "--no-progress"])
+    assert rc == 0
+    for case in cases:
+        a = np.asarray(nib.load(str(tmp_path / "cli" / f"{case}.nii.gz")).dataobj)
+        b = np.asarray(nib.load(str(tmp_path / "out" / f"{case}.nii.gz")).dataobj)
+        assert (a == b).mean() > 0.999  # tile batching changes only float rounding
+        assert not (tmp_path / "cli" / f"{case}.npz").exists()
+
+
+def test_cli_reports_bad_input_and_mismatched_model(tmp_path: Path, model_dir: Path, capsys) -> None:
+    (tmp_path / "in").mkdir()
+    _write(tmp_path / "in" / "x_0000.nii.gz", np.ones((8, 8, 8)), np.eye(4))
+    rc = cli_main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "-m", str(model_dir),
+                   "--device", "cpu", "--no-progress"])
+    assert rc == 1
+    assert "x_0001.nii.gz: missing channel file" in capsys.readouterr().err
+
+    bad = tmp_path / "bad_model"
+    save_pretrained(s3d.build_resenc_unet("tiny", in_channels=1, num_classes=3), bad)
+    (bad / "preprocessing.json").write_bytes((model_dir / "preprocessing.json").read_bytes())
+    with pytest.raises(ValueError, match="takes 1 channel"):
+        predict_folder(tmp_path / "in", tmp_path / "o", bad, device="cpu", progress=False)
+    assert cli_main(["predict", "-i", "x", "-o", "y", "-m", str(model_dir), "--step", "0"]) == 2
