@@ -137,7 +137,7 @@ class BasicBlockD(nn.Module):
                 else:
                     residual = op(residual)
                     if keep is not None:
-                        residual = residual * keep
+                        residual = residual * keep.to(residual.dtype)
         out = self.conv2(self.conv1(x, keep), keep)
         return self.nonlin2(out + residual)
 

@@ -1,0 +1,135 @@
+"""``s3d pretrain``: scan + preprocess a folder of MRIs, then pre-train a backbone (1 or N processes).
+
+Examples::
+
+    s3d pretrain --data raw_mri/ --out runs/prep --prepare-only --prep-workers 16
+    s3d pretrain --data runs/prep --recipe s3d-b --out runs/s3d-b
+    torchrun --nproc_per_node 4 -m s3d pretrain --data runs/prep --recipe s3d-l --out runs/s3d-l
+    s3d pretrain --data runs/prep --recipe s3d-b --out runs/s3d-b --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _patch(values: list[int] | None) -> tuple[int, int, int] | None:
+    if values is None:
+        return None
+    if len(values) == 1:
+        return (values[0],) * 3  # type: ignore[return-value]
+    if len(values) == 3:
+        return tuple(values)  # type: ignore[return-value]
+    raise SystemExit(f"--patch-size: give 1 or 3 integers, got {values}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="preprocess a folder of MRIs and pre-train a ResEnc U-Net backbone",
+        description="Scan and preprocess --data (a folder, .txt list or .csv of NIfTI files) into a prepared "
+                    "directory (or use one prepared before), then pre-train with a recipe. Launch with "
+                    "`torchrun --nproc_per_node N -m s3d pretrain ...` for DDP on N processes.")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True,
+                   help="raw folder / .txt / .csv, or a prepared dir with manifest.json")
+    g.add_argument("--out", required=True, help="run directory (with --prepare-only: the prepared directory)")
+    g.add_argument("--prepared", default=None, help="where to write preprocessed data (default: OUT/data)")
+    g.add_argument("--prepare-only", action="store_true", help="scan and preprocess, then stop")
+    g.add_argument("--prep-workers", type=int, default=os.cpu_count() or 1, help="preprocessing processes")
+    g.add_argument("--min-fov-mm", type=float, default=50.0, help="reject a field of view below this (mm)")
+    g.add_argument("--max-spacing-mm", type=float, default=6.5, help="reject spacing above this (mm)")
+    g.add_argument("--min-file-kb", type=float, default=200.0,
+                   help="reject files below this size (kB = 1000 B)")
+    g.add_argument("--modalities", nargs="+", default=None,
+                   help="modality allow-list (default: T1/T2/FLAIR variants; 'any' accepts all)")
+    g.add_argument("--reject-unknown-modality", action="store_true",
+                   help="reject files whose modality is not in the CSV or the file name")
+    g.add_argument("--split-4d", action="store_true", help="split 4D images into volumes (default: reject)")
+    g.add_argument("--spacing-mm", type=float, default=1.0, help="isotropic target spacing (mm)")
+    g.add_argument("--store-dtype", choices=("float32", "float16"), default="float32",
+                   help="stored dtype of preprocessed volumes")
+    t = p.add_argument_group("training")
+    t.add_argument("--recipe", default="s3d-b", help="recipe name (s3d-b, s3d-l, t1a-*, t1b-*, ...)")
+    t.add_argument("--config", dest="architecture", default=None,
+                   help="backbone preset overriding the recipe's (resenc_l, small, tiny)")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None, help="global batch (all processes)")
+    t.add_argument("--patch-size", type=int, nargs="+", default=None, metavar="N", help="1 or 3 ints")
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--method-kwargs", default=None,
+                   help='JSON merged into the recipe, e.g. \'{"block_size": 16}\'')
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto")
+    t.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
+    t.add_argument("--compile", action="store_true", help="torch.compile the training module")
+    t.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+    t.add_argument("--no-augment", action="store_true", help="disable rotation/scaling/mirroring")
+    t.add_argument("--val-fraction", type=float, default=0.02, help="fraction of subjects held out")
+    t.add_argument("--val-every", type=int, default=1000)
+    t.add_argument("--snapshot-every", type=int, default=5000, help="PNG snapshot interval (0 = off)")
+    t.add_argument("--checkpoint-every", type=int, default=1000)
+    t.add_argument("--log-every", type=int, default=1)
+    t.add_argument("--tensorboard", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_latest.pt")
+    t.add_argument("--stop-after", type=int, default=None, help="stop after this step (no export)")
+    t.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from s3d.data.scan import MANIFEST_NAME, ScanFilters, prepare
+
+    data = Path(args.data)
+    prepared = data if (data / MANIFEST_NAME).is_file() else None
+    if prepared is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            print(f"error: {data} is not a prepared directory; under torchrun, prepare it first with "
+                  f"`s3d pretrain --data {data} --out PREP --prepare-only`", file=sys.stderr)
+            return 2
+        modalities = args.modalities
+        if modalities is not None and [m.lower() for m in modalities] == ["any"]:
+            filters_mod = None
+        elif modalities is not None:
+            filters_mod = tuple(m.lower() for m in modalities)
+        else:
+            filters_mod = ScanFilters().modalities
+        filters = ScanFilters(min_fov_mm=args.min_fov_mm, max_spacing_mm=args.max_spacing_mm,
+                              min_file_bytes=int(args.min_file_kb * 1000), modalities=filters_mod,
+                              allow_unknown_modality=not args.reject_unknown_modality, split_4d=args.split_4d)
+        target = Path(args.out) if args.prepare_only else Path(args.prepared or Path(args.out) / "data")
+        manifest = prepare(data, target, filters, workers=args.prep_workers,
+                           target_spacing_mm=args.spacing_mm, dtype=args.store_dtype,
+                           progress=not args.no_progress)
+        c = manifest["counts"]
+        print(f"prepared {target}: {c['ok']} ok ({c['processed']} processed, {c['skipped']} already done), "
+              f"{c['rejected']} rejected, {c['failed']} failed; reasons in {target / MANIFEST_NAME}")
+        if args.prepare_only:
+            return 0
+        prepared = target
+    elif args.prepare_only:
+        print(f"{data} is already prepared ({MANIFEST_NAME} exists)")
+        return 0
+
+    from s3d.train.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(
+        data=str(prepared), out=args.out, recipe=args.recipe, architecture=args.architecture,
+        steps=args.steps,
+        batch_size=args.batch_size, patch_size=_patch(args.patch_size), lr=args.lr,
+        method_kwargs=json.loads(args.method_kwargs) if args.method_kwargs else {}, seed=args.seed,
+        device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+        workers=args.workers, augment=not args.no_augment, val_fraction=args.val_fraction,
+        val_every=args.val_every, snapshot_every=args.snapshot_every,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, tensorboard=args.tensorboard,
+        resume=args.resume, stop_after=args.stop_after,
+        progress=not args.no_progress)
+    result = pretrain(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    return 0

@@ -1,0 +1,79 @@
+"""torch.distributed set-up for ``torchrun`` launches (NCCL on GPUs, gloo on CPU).
+
+A process started by ``torchrun`` finds ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous
+address in its environment; a plain ``python``/``s3d`` process has none of them and runs alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size`` processes, ``local_rank`` on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the process that logs and writes checkpoints)."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """True when a process group spans more than one process."""
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the ``torchrun`` process group if the environment describes one (idempotent).
+
+    Args:
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``: the backend is NCCL for CUDA, gloo otherwise.
+
+    Example:
+        >>> info = init_distributed()      # under torchrun --nproc_per_node 2: rank 0 or 1 of 2
+        >>> info.world_size
+        1
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1:
+        return DistInfo()
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world, local, backend)
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every process (no-op when alone)."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def mean_across(value: torch.Tensor, info: DistInfo) -> float:
+    """Mean of a scalar tensor over all processes (the value itself when alone)."""
+    v = value.detach().float().reshape(1).clone()
+    if info.enabled:
+        dist.all_reduce(v, op=dist.ReduceOp.SUM)
+        v /= info.world_size
+    return float(v.item())
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group."""
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,143 @@
+"""Pre-training loop: bitwise kill-and-resume, 2-process torchrun (gloo), exports, data stream."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from s3d.data.pretrain_dataset import (
+    RandomCropDataset,
+    build_pretrain_loader,
+    shard_cases,
+    split_subjects,
+)
+from s3d.data.scan import ScanFilters, prepare
+from s3d.train.pretrain import PretrainConfig, build_method, load_checkpoint, pretrain, read_metrics
+
+TINY = {"recipe": "s3d-b", "architecture": "tiny", "batch_size": 2, "patch_size": (32, 32, 32),
+        "method_kwargs": {"block_size": 16}, "workers": 0, "progress": False, "val_fraction": 0.2}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    raw = tmp_path_factory.mktemp("raw")
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate([(44, 40, 42), (36, 38, 40), (30, 48, 40), (40, 40, 40), (34, 36, 38)]):
+        d = np.zeros(shape, np.float32)
+        d[2:-2, 2:-2, 2:-2] = rng.gamma(2.0, 50.0, [n - 4 for n in shape])
+        p = raw / f"sub-{i:02d}" / "anat" / f"sub-{i:02d}_T1w.nii.gz"
+        p.parent.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(d, np.eye(4)), str(p))
+    out = tmp_path_factory.mktemp("prep")
+    prepare(raw, out, ScanFilters(min_file_bytes=0, min_fov_mm=20.0), workers=0, progress=False)
+    return out
+
+
+def _cfg(prepared: Path, out: Path, **kw) -> PretrainConfig:
+    return PretrainConfig(data=str(prepared), out=str(out), **{**TINY, **kw})
+
+
+def test_kill_and_resume_is_bitwise(prepared: Path, tmp_path: Path) -> None:
+    common = {"steps": 20, "checkpoint_every": 10, "val_every": 10, "snapshot_every": 10}
+    full = pretrain(_cfg(prepared, tmp_path / "full", **common))
+    assert full["finished"] and full["step"] == 20
+    killed = pretrain(_cfg(prepared, tmp_path / "cut", stop_after=10, **common))
+    assert not killed["finished"] and killed["step"] == 10 and "backbone" not in killed
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint_latest.pt")["step"] == 10
+    # a killed process may have logged steps after its last checkpoint: they must be dropped
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "loss": 123.0}\n')
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(_cfg(prepared, tmp_path / "cut", **common))
+    resumed = pretrain(_cfg(prepared, tmp_path / "cut", resume=True, workers=2, **common))
+    assert resumed["finished"] and resumed["step"] == 20
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 21))
+    assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]  # bitwise equal floats
+    assert read_metrics(tmp_path / "full", "val_loss") == read_metrics(tmp_path / "cut", "val_loss")
+    sa = load_checkpoint(tmp_path / "full" / "checkpoint_latest.pt")["model"]
+    sb = load_checkpoint(tmp_path / "cut" / "checkpoint_latest.pt")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert len(list((tmp_path / "full" / "snapshots").glob("*.png"))) == 2
+
+
+def test_exports_load_back(prepared: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from s3d.hub import load_pretrained, load_state
+
+    res = pretrain(_cfg(prepared, tmp_path / "run", steps=3, checkpoint_every=3, val_every=0,
+                        snapshot_every=3))
+    trained = load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")["model"]
+    backbone = {k[len("backbone."):]: v for k, v in trained.items() if k.startswith("backbone.")}
+    net = load_pretrained(res["backbone"], num_classes=1)
+    assert net.config.name == "tiny"
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, backbone[k]), k
+    state, cfg, _ = load_state(res["nnssl"])
+    assert cfg.features_per_stage == net.config.features_per_stage
+    assert set(state) == set(backbone) and all(torch.equal(state[k], backbone[k]) for k in state)
+    img = np.asarray(Image.open(tmp_path / "run" / "snapshots" / "step_00000003.png"))
+    assert img.shape == (3 * 32, 4 * 32) and img.dtype == np.uint8
+
+
+def test_torchrun_two_processes_then_single_process_resume(prepared: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "s3d", "pretrain", "--data", str(prepared), "--out", str(run), "--config", "tiny",
+           "--steps", "4", "--stop-after", "3", "--batch-size", "2", "--patch-size", "32",
+           "--method-kwargs", '{"block_size": 16}', "--workers", "0", "--device", "cpu",
+           "--checkpoint-every", "3", "--val-every", "0", "--snapshot-every", "0", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load_checkpoint(run / "checkpoint_latest.pt")
+    assert ckpt["step"] == 3 and ckpt["data"]["world_size"] == 2 and ckpt["data"]["local_batch"] == 1
+    assert sorted(read_metrics(run)) == [1, 2, 3]
+    with pytest.warns(UserWarning, match="2 process"):
+        res = pretrain(_cfg(prepared, run, steps=4, resume=True, val_every=0, snapshot_every=0,
+                            checkpoint_every=10))
+    assert res["finished"] and res["step"] == 4 and Path(res["backbone"]).is_dir()
+
+
+def test_crop_stream_is_a_function_of_the_index(prepared: Path) -> None:
+    files = sorted(str(p) for p in (prepared / "cases").glob("*.npy"))
+    ds = RandomCropDataset(files, (32, 32, 32), seed=7)
+    a = torch.stack([ds[i] for i in range(6, 12)])
+    loader = build_pretrain_loader(files, (32, 32, 32), batch_size=3, start_step=2, stop_step=4, seed=7,
+                                   workers=2, pin_memory=False, prefetch_factor=2)
+    batches = list(loader)
+    assert len(batches) == 2 and torch.equal(torch.cat(batches), a)
+    other_rank = RandomCropDataset(files, (32, 32, 32), seed=7, rank=1)
+    assert not torch.equal(other_rank[6], a[0])
+    # uniform over images: each of the 5 files is drawn ~20 % of the time
+    counts = np.bincount([ds.locate(i)[0] for i in range(2000)], minlength=len(files)) / 2000
+    assert np.all(np.abs(counts - 0.2) < 0.04)
+
+
+def test_split_and_shard() -> None:
+    cases = [{"subject": s, "i": i} for i, s in enumerate("aabbccddee")]
+    train, val = split_subjects(cases, 0.2, seed=0)
+    assert len(val) == 2 and {c["subject"] for c in train}.isdisjoint({c["subject"] for c in val})
+    assert len(split_subjects(cases, 0.3, seed=0)[1]) == 4  # ceil(0.3 * 5 subjects) = 2 subjects
+    assert split_subjects(cases[:2], 0.5)[1] == []  # one subject: nothing to hold out
+    assert split_subjects(cases, 0.2, seed=0) == (train, val)
+    assert [c["i"] for c in shard_cases(train, 1, 2)] == [c["i"] for c in train[1::2]]
+    with pytest.raises(ValueError, match="cannot be sharded over 3"):
+        shard_cases(train[:2], 0, 3)
+
+
+def test_build_method_unknown_name_is_a_clear_error() -> None:
+    from s3d.nn import build_resenc_unet
+    from s3d.train.recipes import get_recipe
+
+    recipe = get_recipe("s3d-b").replace(method="no-such-method")
+    with pytest.raises((ValueError, KeyError), match="no-such-method"):
+        build_method(recipe, build_resenc_unet("tiny", in_channels=1, num_classes=1))
