@@ -26,6 +26,20 @@ def _patch(values: list[int] | None) -> tuple[int, int, int] | None:
     raise SystemExit(f"--patch-size: give 1 or 3 integers, got {values}")
 
 
+#: The recipe each ``--method`` starts from.
+METHOD_DEFAULT_RECIPE = {"mae": "s3d-b", "mg": "mg", "vf": "vf", "voco": "voco"}
+
+
+def resolve_recipe(recipe: str | None, method: str | None) -> str:
+    """The recipe name from ``--recipe`` / ``--method``; a recipe of another method is an error."""
+    from s3d.train.recipes import get_recipe
+
+    name = recipe or METHOD_DEFAULT_RECIPE[method or "mae"]
+    if method is not None and get_recipe(name).method != method:
+        raise ValueError(f"--recipe {name} is a {get_recipe(name).method!r} recipe, not --method {method}")
+    return name
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "pretrain", help="preprocess a folder of MRIs and pre-train a ResEnc U-Net backbone",
@@ -33,9 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "directory (or use one prepared before), then pre-train with a recipe. Launch with "
                     "`torchrun --nproc_per_node N -m s3d pretrain ...` for DDP on N processes.")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True,
+    g.add_argument("--data", default=None,
                    help="raw folder / .txt / .csv, or a prepared dir with manifest.json")
-    g.add_argument("--out", required=True, help="run directory (with --prepare-only: the prepared directory)")
+    g.add_argument("--out", default=None, help="run directory, required (with --prepare-only: the prepared directory)")
     g.add_argument("--prepared", default=None, help="where to write preprocessed data (default: OUT/data)")
     g.add_argument("--prepare-only", action="store_true", help="scan and preprocess, then stop")
     g.add_argument("--prep-workers", type=int, default=os.cpu_count() or 1, help="preprocessing processes")
@@ -52,7 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--store-dtype", choices=("float32", "float16"), default="float32",
                    help="stored dtype of preprocessed volumes")
     t = p.add_argument_group("training")
-    t.add_argument("--recipe", default="s3d-b", help="recipe name (s3d-b, s3d-l, t1a-*, t1b-*, ...)")
+    t.add_argument("--recipe", default=None,
+                   help="recipe name (s3d-b, s3d-l, t1a-*, t1b-*, mg, vf, voco; `s3d pretrain --list-recipes`); "
+                        "default: the method's own recipe")
+    t.add_argument("--method", choices=sorted(METHOD_DEFAULT_RECIPE), default=None,
+                   help="pre-training method: mae (sparse MAE, S3D), mg (Models Genesis), vf (VolumeFusion), "
+                        "voco (VoCo); picks that method's default recipe (mae -> s3d-b)")
+    t.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
     t.add_argument("--config", dest="architecture", default=None,
                    help="backbone preset overriding the recipe's (resenc_l, small, tiny)")
     t.add_argument("--steps", type=int, default=None)
@@ -82,6 +102,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    if args.list_recipes:
+        from s3d.train.recipes import get_recipe, list_recipes
+
+        for name in list_recipes():
+            r = get_recipe(name)
+            print(f"{name:18s} {r.method:5s} {r.description}")
+        return 0
+    if not args.data or not args.out:
+        print("error: s3d pretrain needs --data and --out", file=sys.stderr)
+        return 2
+    try:
+        recipe = resolve_recipe(args.recipe, args.method)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from s3d.data.scan import MANIFEST_NAME, ScanFilters, prepare
 
@@ -119,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from s3d.train.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(
-        data=str(prepared), out=args.out, recipe=args.recipe, architecture=args.architecture,
+        data=str(prepared), out=args.out, recipe=recipe, architecture=args.architecture,
         steps=args.steps,
         batch_size=args.batch_size, patch_size=_patch(args.patch_size), lr=args.lr,
         method_kwargs=json.loads(args.method_kwargs) if args.method_kwargs else {}, seed=args.seed,
