@@ -4,7 +4,7 @@ Builds a 2-channel dataset of bright spheres (label 1), stands in a "pretrained"
 (random weights here; use ``pretrained="s3d-b"`` for real weights), and runs the schedule: warm-up 1
 (decoder only, replicated stem frozen), warm-up 2 (all weights), then PolyLR from 1e-3.
 
-    python examples/finetune_tiny.py [OUT_DIR]
+    python examples/finetune_tiny.py [OUT_DIR] [--quick]     # --quick: 12 steps (the CI setting)
 
 The run folder holds split.json, metrics.jsonl, checkpoint_latest.pt and model/ (for ``s3d predict -m``).
 """
@@ -43,15 +43,17 @@ def make_dataset(root: Path, n: int = 6, size: int = 32, seed: int = 0) -> Path:
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="s3d_ft_"))
+    args = [a for a in sys.argv[1:] if a != "--quick"]
+    quick = "--quick" in sys.argv[1:]
+    out = Path(args[0]) if args else Path(tempfile.mkdtemp(prefix="s3d_ft_"))
     data = make_dataset(out / "Dataset900_Spheres")
     save_pretrained(s3d.build_resenc_unet("tiny", in_channels=1, num_classes=1), out / "pretend_pretrained")
-    steps, warmup = 150, 25
+    steps, warmup = (12, 2) if quick else (150, 25)
     for p in get_schedule("best").plan(steps, warmup, peak_lr=1e-2):
         print(f"{p.name:15s} steps {p.start:4d}-{p.stop:4d}  trains {p.trains:7s}  lr {p.lr} to {p.peak_lr}")
     finetune(data, out / "run", pretrained=str(out / "pretend_pretrained"), schedule="best", steps=steps,
-             warmup_steps=warmup, peak_lr=1e-2, config="tiny", patch_size=(32, 32, 32), val_every=50,
-             checkpoint_every=50)
+             warmup_steps=warmup, peak_lr=1e-2, config="tiny", patch_size=(32, 32, 32), val_every=steps // 3,
+             checkpoint_every=steps // 3)
     lines = (out / "run" / "metrics.jsonl").read_text().splitlines()
     vals = [json.loads(x) for x in lines if "val_dice" in x]
     print("validation Dice:", ", ".join(f"step {v['step']}: {v['val_dice']:.3f}" for v in vals))

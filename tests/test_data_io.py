@@ -82,6 +82,25 @@ def test_atomic_path_keeps_the_old_file_on_failure(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
 
 
+def test_atomic_path_gives_new_files_the_usual_permissions(tmp_path) -> None:
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "a.json") as tmp:
+            tmp.write_text("{}")
+        reference = tmp_path / "b.json"
+        reference.write_text("{}")  # what open() gives
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == stat.S_IMODE(reference.stat().st_mode) == 0o644
+        os.chmod(tmp_path / "a.json", 0o600)
+        with atomic_path(tmp_path / "a.json") as tmp:
+            tmp.write_text("[]")
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o600  # an existing file keeps its mode
+    finally:
+        os.umask(umask)
+
+
 def test_crop_to_nonzero_and_zscore() -> None:
     img = np.zeros((2, 10, 10, 10), np.float32)
     img[0, 2:5, 3:7, 4:9] = 1.0
