@@ -6,11 +6,16 @@ and 0 (False) for masked ones.
 """
 
 from s3d.nn.masked import expand_keep, masked_instance_norm, stage_keeps
+from s3d.sparse.block_engine import DEFAULT_MIN_BLOCK_EDGE, BlockLayout, block_encoder_forward, block_plan
 from s3d.sparse.densify import Densifier
 from s3d.sparse.mask import block_grid_size, check_mask_ratio, realised_mask_ratio, sample_block_mask
 from s3d.sparse.wrapper import ENGINES, MAEOutput, SparseMAEWrapper, keep_at_input, masked_mse_loss
 
 __all__ = [
+    "DEFAULT_MIN_BLOCK_EDGE",
+    "BlockLayout",
+    "block_encoder_forward",
+    "block_plan",
     "ENGINES",
     "Densifier",
     "MAEOutput",

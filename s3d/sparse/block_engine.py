@@ -39,10 +39,13 @@ from s3d.nn.masked import stage_keeps
 Triple = tuple[int, int, int]
 
 #: Smallest block edge (voxels, at a stage's output resolution) that still runs in block layout;
-#: coarser stages run masked-dense. Measured on the CPU with ResEnc-L at 128^3 (see
-#: docs/block_engine.md): block edge 4 (halo overhead (6/4)^3 = 3.4x) loses to dense at 60-75 %
-#: masking, edge 8 wins. No GPU measurement exists yet; the same value is used there.
-DEFAULT_MIN_BLOCK_EDGE: dict[str, int] = {"cpu": 8, "cuda": 8}
+#: coarser stages run masked-dense. CPU: measured (docs/block_engine.md) with ResEnc-L at 128^3,
+#: 32^3 cells, 75 % masking, full pre-training step: edge 4 gave 1.68x (process CPU time) vs 1.61x
+#: for 8 and 1.51x for 16; at 64^3/16^3 cells and on tiny, 4 and 8 were within noise of each
+#: other. CUDA: NOT measured yet (no GPU was available); 8 is a FLOP-based choice, because at edge
+#: 4 the halo makes a block cost (6/4)^3 = 3.4x its voxels, which loses to dense whenever more
+#: than ~30 % of the cells are visible. Measure with benchmarks/sparse_engine.py --device cuda.
+DEFAULT_MIN_BLOCK_EDGE: dict[str, int] = {"cpu": 4, "cuda": 8}
 
 
 def default_min_block_edge(device: torch.device | str) -> int:
@@ -98,7 +101,8 @@ class BlockLayout:
             (2, [0, 3])
         """
         if keep_grid.dim() != 5 or keep_grid.shape[1] != 1:
-            raise ValueError(f"keep_grid: expected (B, 1, gd, gh, gw) (1 = visible), got {tuple(keep_grid.shape)}")
+            raise ValueError(
+                f"keep_grid: expected (B, 1, gd, gh, gw) (1 = visible), got {tuple(keep_grid.shape)}")
         b, _, gd, gh, gw = keep_grid.shape
         vis = (keep_grid != 0).reshape(-1)
         cell_index = torch.nonzero(vis).reshape(-1)
@@ -125,8 +129,9 @@ class BlockLayout:
 
     def to_dense(self, blocks: torch.Tensor) -> torch.Tensor:
         """Visible blocks (N, C, ed, eh, ew) -> dense (B, C, gd*ed, gh*eh, gw*ew), zeros where masked."""
-        (gd, gh, gw), (n, c, *e) = self.grid, blocks.shape
-        cells = blocks.new_zeros((self.batch_size * gd * gh * gw, c, *e)).index_copy(0, self.cell_index, blocks)
+        (gd, gh, gw), (_n, c, *e) = self.grid, blocks.shape
+        cells = blocks.new_zeros((self.batch_size * gd * gh * gw, c, *e))
+        cells = cells.index_copy(0, self.cell_index, blocks)
         cells = cells.reshape(self.batch_size, gd, gh, gw, c, *e).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return cells.reshape(self.batch_size, c, gd * e[0], gh * e[1], gw * e[2])
 
@@ -139,11 +144,11 @@ class BlockLayout:
         key = (edge, lo, hi)
         if key in self._halo_cache:
             return self._halo_cache[key]
-        if any(a > e or b > e for a, b, e in zip(lo, hi, edge)):
+        if any(a > e or b > e for a, b, e in zip(lo, hi, edge, strict=True)):
             raise ValueError(f"halo {lo}/{hi} wider than the block edge {edge}")
         dev = self.cell_index.device
         offs, locs = [], []
-        for e, a, b in zip(edge, lo, hi):
+        for e, a, b in zip(edge, lo, hi, strict=True):
             p = torch.arange(-a, e + b, device=dev)
             offs.append(torch.div(p, e, rounding_mode="floor"))
             locs.append(p - offs[-1] * e)
@@ -176,7 +181,7 @@ class BlockLayout:
         edge = (e[0], e[1], e[2])
         rows = blocks.permute(0, 2, 3, 4, 1).reshape(-1, c)
         rows = torch.cat((rows, rows.new_zeros(1, c)), dim=0)
-        p = [a + b + d for a, b, d in zip(edge, lo, hi)]
+        p = [a + b + d for a, b, d in zip(edge, lo, hi, strict=True)]
         out = rows.index_select(0, self.halo_index(edge, lo, hi))
         return out.view(n, p[0], p[1], p[2], c).permute(0, 4, 1, 2, 3).contiguous()
 
@@ -189,12 +194,12 @@ class BlockLayout:
 def block_conv(conv: nn.Conv3d, x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """``conv`` on visible blocks (N, C_in, e, e, e) -> (N, C_out, e/stride, ...), masked-dense exact."""
     k, s, p = conv.kernel_size, conv.stride, conv.padding
-    if isinstance(p, str) or any(pa != (ka - 1) // 2 for pa, ka in zip(p, k)):
+    if isinstance(p, str) or any(pa != (ka - 1) // 2 for pa, ka in zip(p, k, strict=True)):
         raise NotImplementedError(f"block engine: conv padding must be (k-1)/2 on every axis, got {p}")
-    if any(e % sa for e, sa in zip(x.shape[2:], s)):
+    if any(e % sa for e, sa in zip(x.shape[2:], s, strict=True)):
         raise ValueError(f"block edge {tuple(x.shape[2:])} not divisible by the conv stride {s}")
     lo = tuple(p)
-    hi = tuple(max(0, ka - sa - pa) for ka, sa, pa in zip(k, s, p))
+    hi = tuple(max(0, ka - sa - pa) for ka, sa, pa in zip(k, s, p, strict=True))
     xin = x if not any(lo + hi) else layout.gather_halo(x, lo, hi)  # type: ignore[arg-type]
     y = F.conv3d(xin, conv.weight, conv.bias, s, 0, conv.dilation, conv.groups)
     return y
@@ -287,9 +292,7 @@ def block_stage(m: StackedResidualBlocks, x: torch.Tensor, layout: BlockLayout) 
 
 
 # ---- the engine ---------------------------------------------------------------------------------------
-def block_plan(
-    encoder: nn.Module, input_size: Sequence[int], block_size: int | Sequence[int], min_block_edge: int
-) -> list[bool]:
+def block_plan(encoder: nn.Module, block_size: int | Sequence[int], min_block_edge: int) -> list[bool]:
     """Which of stem + stages run in block layout (True) for this input and block size.
 
     A layer runs in blocks when its output block edge is >= ``min_block_edge`` voxels on every
@@ -298,7 +301,7 @@ def block_plan(
     Example:
         >>> from s3d import build_resenc_unet
         >>> enc = build_resenc_unet("tiny").encoder
-        >>> block_plan(enc, (64, 64, 64), 16, 8)  # stem, stages 0..4
+        >>> block_plan(enc, 16, 8)  # stem, stages 0..4 for 16^3 mask cells
         [True, True, True, False, False, False]
     """
     edge = list(_triple(block_size, "block_size"))
@@ -306,8 +309,8 @@ def block_plan(
     plan = [ok]
     for stage in encoder.stages:
         stride = stage.blocks[0].conv1.conv.stride
-        ok = ok and all(e % s == 0 for e, s in zip(edge, stride))
-        edge = [e // s if e % s == 0 else 0 for e, s in zip(edge, stride)]
+        ok = ok and all(e % s == 0 for e, s in zip(edge, stride, strict=True))
+        edge = [e // s if e % s == 0 else 0 for e, s in zip(edge, stride, strict=True)]
         ok = ok and min(edge) >= max(1, min_block_edge)
         plan.append(ok)
     return plan
@@ -353,8 +356,8 @@ def block_encoder_forward(
         raise ValueError(f"x: expected (B, C, D, H, W), got {tuple(x.shape)}")
     bs = _triple(block_size, "block_size")
     size = tuple(x.shape[2:])
-    want = (x.shape[0], 1, *(s // b for s, b in zip(size, bs)))
-    if keep_grid.dim() != 5 or tuple(keep_grid.shape) != want or any(s % b for s, b in zip(size, bs)):
+    want = (x.shape[0], 1, *(s // b for s, b in zip(size, bs, strict=True)))
+    if tuple(keep_grid.shape) != want or any(s % b for s, b in zip(size, bs, strict=True)):
         raise ValueError(
             f"keep_grid: expected the block grid {want} (1 = visible) of input {tuple(x.shape)} with "
             f"block_size {bs}, got {tuple(keep_grid.shape)}"
@@ -363,7 +366,7 @@ def block_encoder_forward(
         min_block_edge = default_min_block_edge(x.device)
     strides = [tuple(int(a) for a in s) for s in _cumulative_strides(encoder)]
     keeps = stage_keeps(keep_grid, size, strides, coarse)
-    plan = block_plan(encoder, size, bs, min_block_edge)
+    plan = block_plan(encoder, bs, min_block_edge)
     if not plan[0]:
         return encoder(x, keeps)
     layout = BlockLayout.from_keep(keep_grid)
@@ -381,7 +384,7 @@ def block_encoder_forward(
             feats.append(layout.to_dense(h))
         else:
             if dense is None:
-                dense = layout.to_dense(h)
+                dense = feats[-1] if feats else layout.to_dense(h)
             if encoder.checkpointing and torch.is_grad_enabled() and dense.requires_grad:
                 dense = checkpoint(stage, dense, keeps[s + 1], use_reentrant=False)
             else:
@@ -394,6 +397,6 @@ def _cumulative_strides(encoder: nn.Module) -> list[Triple]:
     out, acc = [], (1, 1, 1)
     for stage in encoder.stages:
         st = stage.blocks[0].conv1.conv.stride
-        acc = tuple(a * b for a, b in zip(acc, st))
+        acc = tuple(a * b for a, b in zip(acc, st, strict=True))
         out.append(acc)
     return out  # type: ignore[return-value]
