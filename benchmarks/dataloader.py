@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from s3d._fs import write_json_atomic
 from s3d.data.augment import BatchAugment
 from s3d.data.pretrain_dataset import build_pretrain_loader
 from s3d.data.store import open_volume, random_crop_start, read_crop, save_volume
@@ -217,7 +218,7 @@ def main() -> None:
         for r in out["pipelines"]:
             print("pipeline", json.dumps(r))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json_atomic(args.json, out)
 
 
 if __name__ == "__main__":

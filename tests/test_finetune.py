@@ -369,3 +369,30 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path) -> None:
     assert sorted(got) == list(range(1, 41))
     for s in range(11, 41):
         assert got[s]["lr"] == ref[s]["lr"] and got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5), s
+
+
+def test_rotation_of_a_non_cubic_patch_is_rigid_in_voxels() -> None:
+    """Regression: rotations were applied in normalised coordinates, which shears non-cubic patches."""
+    import math
+
+    import torch.nn.functional as F
+
+    from s3d.data.augment import plane_rotation
+    from s3d.train.patches import voxel_space_theta
+
+    size = (16, 32, 48)  # (D, H, W)
+    m = plane_rotation(torch.tensor([math.radians(30.0)], dtype=torch.float64), 0, 1)  # in-plane (x, y)
+    theta = torch.zeros(1, 3, 4, dtype=torch.float64)
+    theta[:, :, :3] = voxel_space_theta(m, size)
+    grid = F.affine_grid(theta, [1, 1, *size], align_corners=False)[0]  # (D, H, W, 3) as (x, y, z)
+    n = torch.tensor([size[2], size[1], size[0]], dtype=torch.float64)
+    vox = ((grid + 1) * n - 1) / 2  # normalised -> voxel coordinates of the sampled input points
+    out_idx = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in size],
+                                         indexing="ij"), -1).flip(-1)  # (x, y, z) voxel indices
+    a, b = (0, 0, 0), (5, 9, 13)
+    # a rigid map keeps distances between any two output voxels' source points
+    d_in = (vox[a] - vox[b]).norm()
+    d_out = (out_idx[a] - out_idx[b]).norm()
+    assert abs(d_in.item() - d_out.item()) < 1e-9
+    # and for a cube it is the plain normalised-coordinate rotation
+    torch.testing.assert_close(voxel_space_theta(m, (32, 32, 32)), m, rtol=0, atol=1e-15)

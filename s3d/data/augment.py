@@ -81,14 +81,57 @@ class AugmentConfig:
         return AffineParams(angles, scale, flip)
 
 
-def _axis_rotation(angle: torch.Tensor, axis: int) -> torch.Tensor:
-    """(B, 3, 3) rotation about ``axis`` by ``angle`` (B,), from the first to the second other axis."""
+def plane_rotation(angle: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """(B, 3, 3) float64 rotations by ``angle`` (B,) radians in the plane of axes ``i`` and ``j``.
+
+    Axis ``i`` turns towards axis ``j``: ``R[i, i] = R[j, j] = cos``, ``R[i, j] = -sin``,
+    ``R[j, i] = sin``; the third axis is fixed. Pre-training's and fine-tuning's augmentations both
+    build their rotations from it.
+
+    Example:
+        >>> plane_rotation(torch.tensor([math.pi / 2]), 0, 1).round()[0]
+        tensor([[0., -1., 0.], [1., 0., 0.], [0., 0., 1.]], dtype=torch.float64)
+    """
     b = angle.shape[0]
     r = torch.eye(3, dtype=torch.float64).repeat(b, 1, 1)
-    i, j = [a for a in range(3) if a != axis]
     c, s = torch.cos(angle), torch.sin(angle)
     r[:, i, i], r[:, i, j], r[:, j, i], r[:, j, j] = c, -s, s, c
     return r
+
+
+def _axis_rotation(angle: torch.Tensor, axis: int) -> torch.Tensor:
+    """(B, 3, 3) rotation about ``axis`` by ``angle`` (B,), from the first to the second other axis."""
+    i, j = [a for a in range(3) if a != axis]
+    return plane_rotation(angle, i, j)
+
+
+def mirror(t: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Flip each sample of ``t`` along the spatial axes its row of ``flip`` marks (exact, no resampling).
+
+    Args:
+        t: (B, ..., D, H, W) on any device: images (B, C, D, H, W) or label maps (B, D, H, W).
+        flip: (B, 3) bool, mirror along D, H, W (any device).
+
+    Returns:
+        A new tensor like ``t``, or ``t`` itself when nothing is flipped.
+
+    Example:
+        >>> y = torch.arange(8).view(1, 2, 2, 2)
+        >>> mirror(y, torch.tensor([[True, False, False]]))[0, 0]
+        tensor([[4, 5], [6, 7]])
+    """
+    flips = flip.cpu()
+    if not flips.any():
+        return t
+    out = t.clone()
+    first = t.dim() - 3
+    for pattern in {tuple(f.tolist()) for f in flips}:
+        dims = [first + a for a in range(3) if pattern[a]]
+        if not dims:
+            continue
+        sel = (flips == torch.tensor(pattern)).all(dim=1).nonzero().flatten().to(t.device)
+        out[sel] = torch.flip(out[sel], dims=dims)
+    return out
 
 
 def sampling_matrices(params: AffineParams) -> torch.Tensor:
@@ -153,15 +196,7 @@ def apply_affine(x: torch.Tensor, params: AffineParams) -> torch.Tensor:
                                   align_corners=True).to(x.dtype)
         out = x.clone()
         out[idx] = resampled
-    flips = params.flip.cpu()
-    if flips.any():
-        out = out.clone() if out is x else out
-        for pattern in {tuple(f.tolist()) for f in flips}:
-            dims = [2 + a for a in range(3) if pattern[a]]
-            if not dims:
-                continue
-            sel = (flips == torch.tensor(pattern)).all(dim=1).nonzero().flatten().to(x.device)
-            out[sel] = torch.flip(out[sel], dims=dims)
+    out = mirror(out, params.flip)
     return out
 
 

@@ -17,7 +17,6 @@ second run reads the cache instead of redoing the work.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from s3d._dataclasses import from_dict_strict, to_jsonable_dict
 from s3d._fs import atomic_path, write_json_atomic
 from s3d.data.io import read_header, read_nifti
 from s3d.data.preprocess import (
@@ -304,16 +304,12 @@ class PreprocessingSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return to_jsonable_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessingSpec:
         """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown PreprocessingSpec keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return from_dict_strict(cls, d)
 
     def to_json(self) -> str:
         """The spec as a JSON string."""

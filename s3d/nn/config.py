@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from s3d._dataclasses import from_dict_strict, to_jsonable_dict
+
 Triple = tuple[int, int, int]
 
 NORMS = ("instance", "batch")
@@ -132,24 +134,19 @@ class ResEncUNetConfig:
         """Cumulative stride of each encoder stage's output relative to the input, per axis."""
         out, acc = [], (1, 1, 1)
         for s in self.strides:
-            acc = tuple(a * b for a, b in zip(acc, s))
+            acc = tuple(a * b for a, b in zip(acc, s, strict=True))
             out.append(acc)
         return out  # type: ignore[return-value]
 
     # ---- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        return json.loads(json.dumps(d))
+        return to_jsonable_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ResEncUNetConfig:
         """Build from :meth:`to_dict` output; unknown keys are an error that names them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ResEncUNetConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return from_dict_strict(cls, d)
 
     def to_json(self, indent: int | None = 2) -> str:
         """The configuration as a JSON string."""

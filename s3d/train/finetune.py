@@ -1,15 +1,16 @@
-"""Fine-tuning a (pretrained) ResEnc U-Net on an nnU-Net dataset: transfer, schedules, the loop.
+"""Fine-tuning a (pretrained) ResEnc U-Net on an nnU-Net dataset: weight transfer, the run's config, the loop.
 
-Order of this file: weight transfer (:func:`prepare_model`), the schedule presets of the paper's
-Table 2 (:data:`SCHEDULES`), loss, patch sampling and augmentation, then the :class:`Trainer` and
-:func:`finetune`.
+Order of this file: weight transfer (:func:`prepare_model`), :class:`FinetuneConfig`, then the
+:class:`Trainer` and :func:`finetune`. The pieces live by concept next to it:
 
-Schedules are data: a :class:`Schedule` row says what is transferred, whether there is a
-decoder-only warm-up (warm-up 1), a warm-up of all weights (warm-up 2), whether the encoder stays
-frozen, and the peak learning rate. :meth:`Schedule.plan` turns it into :class:`Phase` s with step
-ranges; each warm-up lasts 5 % of the total steps (12.5k of the paper's 250k) unless given. Warm-ups
-ramp the lr linearly from 0 to the peak (timm's warm-up), training phases decay it with PolyLR
-(exponent 0.9, timm's ``PolyLRScheduler``), stepped after every optimiser step.
+- :mod:`s3d.train.schedules`: the schedule presets of the paper's Table 2 (:data:`SCHEDULES`) and
+  the learning rate at each step;
+- :mod:`s3d.train.losses`: :class:`DiceCELoss` (with deep supervision);
+- :mod:`s3d.train.patches`: patch sampling (:func:`sample_patches`) and augmentation
+  (:func:`augment_batch`);
+- :mod:`s3d.train.validation`: the cheap tiled validation Dice.
+
+Every public name of those modules is importable from here too.
 
 "Decoder only" means the encoder (stem included) gets no update at all: its parameters are not in
 the optimiser *and* have ``requires_grad=False``, so neither gradients, momentum nor weight decay
@@ -19,6 +20,7 @@ includes the encoder because DNA's decoder holds a reference to it.)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,21 +33,30 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from s3d._fs import atomic_path, write_json_atomic
+from s3d._dataclasses import from_dict_strict, to_jsonable_dict
+from s3d._fs import atomic_path, write_json_atomic, write_text_atomic
 from s3d.nn.resenc_unet import ResEncUNet, build_resenc_unet
+from s3d.train.losses import DiceCELoss
+from s3d.train.patches import AugmentConfig, augment_batch, sample_patches
+from s3d.train.patches import CachedCase as CachedCase
+from s3d.train.schedules import (
+    PAPER_STEPS,
+    PAPER_WARMUP_STEPS,
+    SCHEDULES,
+    TABLE8_STEPS,
+    Phase,
+    Schedule,
+    get_schedule,
+    lr_at,
+    phase_at,
+)
+from s3d.train.schedules import Trains as Trains
+from s3d.train.validation import dice_per_label as dice_per_label
+from s3d.train.validation import predict_tiled as predict_tiled
 
 Strategy = Literal["all", "encoder"]
-Trains = Literal["all", "decoder"]
-
-#: The paper's fine-tuning length: 250 steps per epoch x 1000 epochs.
-PAPER_STEPS = 250_000
-#: The paper's warm-up length (each warm-up phase), steps.
-PAPER_WARMUP_STEPS = 12_500
-#: Table 8 total lengths (warm-ups fixed at 12.5k + 12.5k steps, the rest is the training stage).
-TABLE8_STEPS = (25_000, 37_500, 50_000, 75_000, 150_000, 275_000)
 
 
 # ---- transfer ------------------------------------------------------------------------------------
@@ -121,457 +132,6 @@ def decoder_parameters(model: ResEncUNet) -> list[nn.Parameter]:
     """Parameters of the decoder (transposed convs, decoder stages, segmentation heads), not the encoder."""
     enc = {id(p) for p in model.encoder.parameters()}
     return [p for p in model.decoder.parameters() if id(p) not in enc]
-
-
-# ---- schedules -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Phase:
-    """A stretch of steps with one set of trainable weights and one lr shape.
-
-    Attributes:
-        name: ``warmup_decoder``, ``warmup_all``, ``train`` or ``train_decoder``.
-        trains: ``"all"`` or ``"decoder"`` (encoder and stem frozen).
-        lr: ``"ramp"`` (linear 0 -> peak over the phase) or ``"poly"`` (peak -> 0, exponent 0.9).
-        start, stop: step range [start, stop).
-        peak_lr: the phase's peak learning rate.
-    """
-
-    name: str
-    trains: Trains
-    lr: Literal["ramp", "poly"]
-    start: int
-    stop: int
-    peak_lr: float
-
-    @property
-    def steps(self) -> int:
-        """Length of the phase, steps."""
-        return self.stop - self.start
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """One row of the paper's Table 2 as data.
-
-    Attributes:
-        name: registry key.
-        transfer: ``"all"`` (encoder + decoder, new head), ``"encoder"`` (random decoder) or
-            ``"none"`` (from scratch).
-        decoder_warmup: warm-up 1, only the decoder trains (stem frozen), lr ramps 0 -> peak.
-        full_warmup: warm-up 2, all weights train, lr ramps 0 -> peak.
-        frozen_encoder: the encoder never trains (the training stage is decoder-only too).
-        peak_lr: maximal learning rate.
-        description: what the row is, with the paper's average DSC where quoted.
-    """
-
-    name: str
-    transfer: Literal["all", "encoder", "none"]
-    decoder_warmup: bool
-    full_warmup: bool
-    frozen_encoder: bool
-    peak_lr: float
-    description: str = ""
-
-    def plan(self, total_steps: int = PAPER_STEPS, warmup_steps: int | None = None,
-             peak_lr: float | None = None) -> list[Phase]:
-        """The phases with step ranges for a run of ``total_steps`` (warm-ups included).
-
-        Args:
-            total_steps: all optimiser steps of the run.
-            warmup_steps: steps of each warm-up phase; ``None`` = 5 % of ``total_steps`` (12.5k of 250k).
-            peak_lr: override the row's peak lr.
-
-        Example:
-            >>> [(p.name, p.start, p.stop) for p in get_schedule("best").plan(1000)]
-            [('warmup_decoder', 0, 50), ('warmup_all', 50, 100), ('train', 100, 1000)]
-        """
-        peak = float(self.peak_lr if peak_lr is None else peak_lr)
-        if warmup_steps is None:
-            w = round(total_steps * PAPER_WARMUP_STEPS / PAPER_STEPS)
-        else:
-            w = int(warmup_steps)
-        n_warm = int(self.decoder_warmup) + int(self.full_warmup)
-        if total_steps < 1 or w < (1 if n_warm else 0) or total_steps - n_warm * w < 1:
-            raise ValueError(f"schedule {self.name!r}: total_steps={total_steps} leaves no training stage "
-                             f"after {n_warm} warm-up(s) of {w} steps; use more steps or fewer warm-up steps")
-        phases, t = [], 0
-        if self.decoder_warmup:
-            phases.append(Phase("warmup_decoder", "decoder", "ramp", t, t + w, peak))
-            t += w
-        if self.full_warmup:
-            phases.append(Phase("warmup_all", "all", "ramp", t, t + w, peak))
-            t += w
-        trains: Trains = "decoder" if self.frozen_encoder else "all"
-        name = "train_decoder" if self.frozen_encoder else "train"
-        phases.append(Phase(name, trains, "poly", t, total_steps, peak))
-        return phases
-
-
-def _row(name: str, transfer: str, dec: bool, full: bool, frozen: bool, lr: float, desc: str) -> Schedule:
-    return Schedule(name, transfer, dec, full, frozen, lr, desc)  # type: ignore[arg-type]
-
-
-#: Named presets covering the rows of the paper's Table 2 (average DSC over D1-D5 where quoted).
-SCHEDULES: dict[str, Schedule] = {s.name: s for s in [
-    _row("scratch", "none", False, False, False, 1e-2,
-         "nnU-Net default: from scratch, no warm-up, PolyLR from 1e-2 (Table 2 baseline, 69.93 DSC)"),
-    _row("no_warmup", "all", False, False, False, 1e-2, "transfer all, no warm-up, peak lr 1e-2"),
-    _row("no_warmup_lr1e-3", "all", False, False, False, 1e-3, "transfer all, no warm-up, peak lr 1e-3"),
-    _row("warmup_all", "all", False, True, False, 1e-2, "transfer all, warm-up of all weights, peak lr 1e-2"),
-    _row("warmup_all_lr1e-3", "all", False, True, False, 1e-3,
-         "transfer all, warm-up of all weights, peak lr 1e-3"),
-    _row("warmup_all_lr1e-4", "all", False, True, False, 1e-4,
-         "transfer all, warm-up of all weights, peak lr 1e-4"),
-    _row("decoder_warmup", "encoder", True, False, False, 1e-2,
-         "transfer encoder, decoder-only warm-up, then all weights, peak lr 1e-2"),
-    _row("decoder_warmup_lr1e-3", "encoder", True, False, False, 1e-3,
-         "transfer encoder, decoder-only warm-up, then all weights, peak lr 1e-3"),
-    _row("frozen_encoder", "all", True, False, True, 1e-2,
-         "transfer all, encoder frozen for the whole run (decoder warm-up, decoder training), peak lr 1e-2"),
-    _row("frozen_encoder_lr1e-3", "all", True, False, True, 1e-3,
-         "transfer all, encoder frozen for the whole run, peak lr 1e-3"),
-    _row("sawtooth_lr1e-2", "all", True, True, False, 1e-2,
-         "transfer all, decoder warm-up, warm-up of all weights, then all weights, peak lr 1e-2"),
-    _row("best", "all", True, True, False, 1e-3,
-         "the paper's best (71.76 DSC): transfer all, warm-up 1 decoder only (stem frozen), warm-up 2 "
-         "all weights, then all weights with PolyLR from peak lr 1e-3"),
-    _row("sawtooth_lr1e-4", "all", True, True, False, 1e-4,
-         "transfer all, decoder warm-up, warm-up of all weights, then all weights, peak lr 1e-4"),
-]}
-
-
-def get_schedule(name: str | Schedule) -> Schedule:
-    """A preset from :data:`SCHEDULES` by name (a :class:`Schedule` passes through).
-
-    Example:
-        >>> get_schedule("best").peak_lr
-        0.001
-    """
-    if isinstance(name, Schedule):
-        return name
-    try:
-        return SCHEDULES[name]
-    except KeyError:
-        raise KeyError(f"unknown schedule {name!r}; known: {sorted(SCHEDULES)}") from None
-
-
-def phase_at(phases: Sequence[Phase], step: int) -> int:
-    """Index of the phase holding ``step`` (0-based; steps past the end belong to the last phase)."""
-    for i, p in enumerate(phases):
-        if step < p.stop:
-            return i
-    return len(phases) - 1
-
-
-def _timm_scheduler(phase: Phase, poly_exponent: float):
-    from timm.scheduler import PolyLRScheduler
-
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=phase.peak_lr)
-    if phase.lr == "ramp":
-        return PolyLRScheduler(opt, t_initial=max(2, phase.steps), warmup_t=phase.steps, warmup_lr_init=0.0,
-                               warmup_prefix=True, t_in_epochs=False)
-    return PolyLRScheduler(opt, t_initial=phase.steps, power=poly_exponent, lr_min=0.0, t_in_epochs=False)
-
-
-_SCHED_CACHE: dict[tuple[Phase, float], Any] = {}
-
-
-def lr_at(phases: Sequence[Phase], step: int, poly_exponent: float = 0.9) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): timm's linear warm-up or PolyLR in the phase.
-
-    Ramp phases give ``peak * t / steps``, poly phases ``peak * (1 - t / steps) ** poly_exponent``,
-    with ``t = step - phase.start``.
-
-    Example:
-        >>> lr_at(get_schedule("best").plan(1000), 100)
-        0.001
-    """
-    phase = phases[phase_at(phases, step)]
-    key = (phase, poly_exponent)
-    if key not in _SCHED_CACHE:
-        _SCHED_CACHE[key] = _timm_scheduler(phase, poly_exponent)
-    t = min(step - phase.start, phase.steps)
-    sched = _SCHED_CACHE[key]
-    sched.step_update(num_updates=t)          # timm's public per-step API sets the group's lr
-    return float(sched.optimizer.param_groups[0]["lr"])
-
-
-# ---- loss ----------------------------------------------------------------------------------------
-class DiceCELoss(nn.Module):
-    """Soft Dice (foreground classes) + cross-entropy, as nnU-Net; optional deep supervision.
-
-    ``loss = CE(logits, y) + (1 - mean_k Dice_k)`` with Dice over the batch and all voxels
-    ("batch Dice", nnU-Net's 3d default) and smoothing 1e-5. With a list of logits (deep
-    supervision, highest resolution first), the target is nearest-downsampled to each output and
-    the losses are weighted ``1 / 2**i``, the lowest resolution with 0, normalised to sum 1
-    (nnU-Net's weights).
-
-    Example:
-        >>> loss = DiceCELoss()(torch.randn(2, 3, 8, 8, 8), torch.randint(0, 3, (2, 8, 8, 8)))
-    """
-
-    def __init__(self, smooth: float = 1e-5, batch_dice: bool = True) -> None:
-        super().__init__()
-        self.smooth = smooth
-        self.batch_dice = batch_dice
-
-    def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of logits (B, K, D, H, W) against integer labels (B, D, H, W)."""
-        logits = logits.float()
-        ce = F.cross_entropy(logits, target)
-        k = logits.shape[1]
-        probs = torch.softmax(logits, 1)[:, 1:]
-        onehot = F.one_hot(target, k).permute(0, 4, 1, 2, 3)[:, 1:].to(probs.dtype)
-        axes = (0, 2, 3, 4) if self.batch_dice else (2, 3, 4)
-        inter = (probs * onehot).sum(axes)
-        denom = probs.sum(axes) + onehot.sum(axes)
-        dice = (2 * inter + self.smooth) / (denom + self.smooth).clamp_min(1e-8)
-        return ce + (1 - dice.mean())
-
-    @staticmethod
-    def deep_supervision_weights(n: int) -> list[float]:
-        """nnU-Net's weights for ``n`` outputs: ``1/2**i``, last 0 (if n > 1), normalised to sum 1."""
-        w = [1 / 2**i for i in range(n)]
-        if n > 1:
-            w[-1] = 0.0
-        s = sum(w)
-        return [x / s for x in w]
-
-    def forward(self, logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        if isinstance(logits, torch.Tensor):
-            return self.single(logits, target)
-        total = logits[0].new_zeros((), dtype=torch.float32)
-        for w, out in zip(self.deep_supervision_weights(len(logits)), logits, strict=True):
-            if w == 0:
-                continue
-            t = target
-            if out.shape[2:] != target.shape[1:]:
-                t = F.interpolate(target[:, None].float(), size=out.shape[2:], mode="nearest")[:, 0].long()
-            total = total + w * self.single(out, t)
-        return total
-
-
-# ---- patches and augmentation --------------------------------------------------------------------
-@dataclass
-class CachedCase:
-    """A preprocessed case in memory (or memory-mapped): data (C, D, H, W), seg (D, H, W), locations."""
-
-    name: str
-    data: np.ndarray
-    seg: np.ndarray
-    locs: np.ndarray
-
-
-def _rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.rand(shape, generator=gen, dtype=torch.float64)
-
-
-def _randint(gen: torch.Generator, high: int) -> int:
-    return int(torch.randint(0, max(1, high), (1,), generator=gen))
-
-
-def sample_patches(
-    cases: Sequence[CachedCase], batch_size: int, patch_size: Sequence[int], gen: torch.Generator,
-    foreground_fraction: float = 0.33,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of random patches; the last ``round(B * foreground_fraction)`` are centred on foreground.
-
-    Foreground patches (nnU-Net's oversampling) pick a label present in the case, then one of its
-    voxels, and centre the patch there. Cases smaller than the patch are zero-padded.
-
-    Returns:
-        x (B, C, *patch_size) float32, y (B, *patch_size) int64 (CPU).
-
-    Example:
-        >>> x, y = sample_patches(cases, 2, (32, 32, 32), torch.Generator().manual_seed(0))
-    """
-    ps = tuple(int(p) for p in patch_size)
-    n_fg = round(batch_size * foreground_fraction)
-    xs, ys = [], []
-    for i in range(batch_size):
-        case = cases[_randint(gen, len(cases))]
-        shape = case.seg.shape
-        hi = [max(0, s - p) for s, p in zip(shape, ps, strict=True)]
-        force_fg = i >= batch_size - n_fg and len(case.locs) > 0
-        if force_fg:
-            labels = np.unique(case.locs[:, 0])
-            lab = labels[_randint(gen, len(labels))]
-            rows = np.flatnonzero(case.locs[:, 0] == lab)
-            centre = case.locs[rows[_randint(gen, len(rows))], 1:]
-            lo = [min(max(0, int(c) - p // 2), h) for c, p, h in zip(centre, ps, hi, strict=True)]
-        else:
-            lo = [_randint(gen, h + 1) for h in hi]
-        sl = tuple(slice(a, a + p) for a, p in zip(lo, ps, strict=True))
-        x = np.asarray(case.data[(slice(None), *sl)], dtype=np.float32)
-        y = np.asarray(case.seg[sl], dtype=np.int64)
-        pad = [(0, p - s) for p, s in zip(ps, y.shape, strict=True)]
-        if any(b for _, b in pad):
-            x = np.pad(x, [(0, 0), *pad])
-            y = np.pad(y, pad)
-        xs.append(x)
-        ys.append(y)
-    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
-
-
-def _rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
-    """(B, 3) angles (rad) about the three axes -> (B, 3, 3) rotation matrices."""
-    c, s = angles.cos(), angles.sin()
-    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
-    rx = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], 1).view(-1, 3, 3)
-    ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], 1).view(-1, 3, 3)
-    rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], 1).view(-1, 3, 3)
-    return rz @ ry @ rx
-
-
-@dataclass
-class AugmentConfig:
-    """nnU-Net-like augmentation probabilities and ranges (per sample).
-
-    Attributes:
-        p_rotation, rotation_deg: rotate about each axis by U(-deg, deg).
-        p_scale, scale: isotropic zoom factor U(lo, hi) (>1 zooms in).
-        p_mirror: flip each axis independently.
-        p_brightness, brightness: multiply each channel by U(lo, hi).
-        p_contrast, contrast: scale around the channel mean by U(lo, hi), clipped to the old range.
-        p_gamma, gamma: gamma U(lo, hi) on the [0, 1]-rescaled channel, mean and std kept.
-        p_noise, noise_var: additive Gaussian noise with variance U(0, noise_var).
-    """
-
-    p_rotation: float = 0.2
-    rotation_deg: float = 30.0
-    p_scale: float = 0.2
-    scale: tuple[float, float] = (0.7, 1.4)
-    p_mirror: float = 0.5
-    p_brightness: float = 0.15
-    brightness: tuple[float, float] = (0.75, 1.25)
-    p_contrast: float = 0.15
-    contrast: tuple[float, float] = (0.75, 1.25)
-    p_gamma: float = 0.3
-    gamma: tuple[float, float] = (0.7, 1.5)
-    p_noise: float = 0.1
-    noise_var: float = 0.1
-
-
-def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-                  cfg: AugmentConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment a batch on its device: rotation/scaling (one ``grid_sample``), mirroring, intensity.
-
-    Random draws come from ``gen`` (CPU) so a run is reproducible from the generator's state on any
-    device; noise uses a device generator seeded from ``gen``.
-
-    Args:
-        x: images (B, C, D, H, W) float; y: labels (B, D, H, W) int64; same device.
-
-    Returns:
-        (x, y) augmented, same shapes and dtypes.
-
-    Example:
-        >>> xa, ya = augment_batch(x, y, torch.Generator().manual_seed(0))
-    """
-    cfg = cfg or AugmentConfig()
-    b, c = x.shape[:2]
-    dev = x.device
-    # spatial: rotation + scaling as one affine per sample (identity where not drawn)
-    rot = (_rand(gen, b) < cfg.p_rotation).double()[:, None] * (_rand(gen, b, 3) * 2 - 1) * math.radians(
-        cfg.rotation_deg)
-    do_scale = _rand(gen, b) < cfg.p_scale
-    zoom = torch.where(do_scale, cfg.scale[0] + _rand(gen, b) * (cfg.scale[1] - cfg.scale[0]), torch.ones(b,
-                                                                                                         dtype=torch.float64))
-    spatial = (rot.abs().sum(1) > 0) | do_scale
-    if bool(spatial.any()):
-        theta = torch.zeros(b, 3, 4, dtype=torch.float64)
-        theta[:, :, :3] = _rotation_matrices(rot) / zoom[:, None, None]
-        theta = theta.to(dev, torch.float32)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        xs = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        ys = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                           align_corners=False)
-        keep = spatial.to(dev)
-        x = torch.where(keep.view(b, 1, 1, 1, 1), xs.to(x.dtype), x)
-        y = torch.where(keep.view(b, 1, 1, 1), ys[:, 0].round().long(), y)
-    # mirroring
-    flips = _rand(gen, b, 3) < cfg.p_mirror
-    for axis in range(3):
-        m = flips[:, axis].to(dev)
-        if bool(m.any()):
-            x = torch.where(m.view(b, 1, 1, 1, 1), x.flip(2 + axis), x)
-            y = torch.where(m.view(b, 1, 1, 1), y.flip(1 + axis), y)
-    # intensity, per sample and channel
-    def draw(p: float, lo: float, hi: float) -> torch.Tensor:
-        on = _rand(gen, b, c) < p
-        v = lo + _rand(gen, b, c) * (hi - lo)
-        return torch.where(on, v, torch.ones_like(v)).to(dev, torch.float32).view(b, c, 1, 1, 1)
-
-    x = x * draw(cfg.p_brightness, *cfg.brightness)
-    cf = draw(cfg.p_contrast, *cfg.contrast)
-    if bool((cf != 1).any()):
-        mean = x.mean((2, 3, 4), keepdim=True)
-        lo, hi = x.amin((2, 3, 4), keepdim=True), x.amax((2, 3, 4), keepdim=True)
-        x = torch.where(cf != 1, torch.minimum(torch.maximum((x - mean) * cf + mean, lo), hi), x)
-    g = draw(cfg.p_gamma, *cfg.gamma)
-    if bool((g != 1).any()):
-        mean, std = x.mean((2, 3, 4), keepdim=True), x.std((2, 3, 4), keepdim=True)
-        lo = x.amin((2, 3, 4), keepdim=True)
-        rng = (x.amax((2, 3, 4), keepdim=True) - lo).clamp_min(1e-7)
-        xg = ((x - lo) / rng).clamp(0, 1) ** g * rng + lo
-        xg_std = xg.std((2, 3, 4), keepdim=True).clamp_min(1e-7)
-        xg = (xg - xg.mean((2, 3, 4), keepdim=True)) / xg_std * std + mean
-        x = torch.where(g != 1, xg, x)
-    noise_on = _rand(gen, b) < cfg.p_noise
-    var = _rand(gen, b) * cfg.noise_var
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-    if bool(noise_on.any()):
-        dgen = torch.Generator(device=dev).manual_seed(seed)
-        sd = (var.sqrt() * noise_on).to(dev, torch.float32).view(b, 1, 1, 1, 1)
-        x = x + torch.randn(x.shape, generator=dgen, device=dev, dtype=x.dtype) * sd
-    return x, y
-
-
-# ---- validation ----------------------------------------------------------------------------------
-def dice_per_label(pred: np.ndarray, target: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
-    """Dice of each label in ``labels`` (NaN where the label is in neither map)."""
-    out = {}
-    for v in labels:
-        p, t = pred == v, target == v
-        denom = int(p.sum()) + int(t.sum())
-        out[int(v)] = float("nan") if denom == 0 else 2.0 * int((p & t).sum()) / denom
-    return out
-
-
-@torch.no_grad()
-def predict_tiled(model: nn.Module, data: np.ndarray, patch_size: Sequence[int], device: torch.device,
-                  autocast: Callable[[], Any] | None = None) -> np.ndarray:
-    """Labels (D, H, W) of a preprocessed case (C, D, H, W) by non-overlapping patch tiles (validation).
-
-    The full prediction with Gaussian-weighted overlapping windows is :mod:`s3d.infer`; this cheap
-    tiling only tracks progress during training.
-    """
-    ps = [int(p) for p in patch_size]
-    shape = data.shape[1:]
-    padded = [max(p, math.ceil(s / p) * p) for s, p in zip(shape, ps, strict=True)]
-    x = np.zeros((data.shape[0], *padded), dtype=np.float32)
-    x[(slice(None), *(slice(0, s) for s in shape))] = data
-    out = np.zeros(padded, dtype=np.int64)
-    xt = torch.from_numpy(x)
-    for d in range(0, padded[0], ps[0]):
-        for h in range(0, padded[1], ps[1]):
-            for w in range(0, padded[2], ps[2]):
-                sl = (slice(d, d + ps[0]), slice(h, h + ps[1]), slice(w, w + ps[2]))
-                tile = xt[(slice(None), *sl)][None].to(device)
-                with (autocast() if autocast else _null()):
-                    logits = model(tile)
-                if isinstance(logits, (list, tuple)):
-                    logits = logits[0]
-                out[sl] = logits.float().argmax(1)[0].cpu().numpy()
-    return out[tuple(slice(0, s) for s in shape)]
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 # ---- configuration and the loop ------------------------------------------------------------------
@@ -662,16 +222,12 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return to_jsonable_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        """Inverse of :meth:`to_dict` (unknown keys are an error naming them)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown FinetuneConfig keys {unknown}")
-        return cls(**d)
+        """Inverse of :meth:`to_dict` (unknown keys are an error naming them and the known ones)."""
+        return from_dict_strict(cls, d)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -943,12 +499,11 @@ class Trainer:
                 continue  # a line torn by the kill
             if rec.get("step", 0) <= step:
                 keep.append(line)
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        write_text_atomic(path, "".join(k + "\n" for k in keep))
 
     def _autocast(self):
         if self.amp_dtype is None:
-            return _null()
+            return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def validate(self) -> dict[str, Any]:

@@ -21,10 +21,7 @@ from typing import Any
 
 import torch
 
-
-def _jsonable(value: Any) -> Any:
-    """Canonical JSON form: tuples become lists, recursively (so a recipe equals its round trip)."""
-    return json.loads(json.dumps(value))
+from s3d._dataclasses import from_dict_strict, jsonable, to_jsonable_dict
 
 
 @dataclass
@@ -95,21 +92,17 @@ class PretrainRecipe:
                              f"warmup_steps={self.warmup_steps}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"recipe {self.name!r}: grad_clip must be > 0 or None, got {self.grad_clip}")
-        self.method_kwargs = _jsonable(dict(self.method_kwargs))
+        self.method_kwargs = jsonable(dict(self.method_kwargs))
 
     # ---- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples become lists)."""
-        return _jsonable(dataclasses.asdict(self))
+        return to_jsonable_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainRecipe:
         """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown PretrainRecipe keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return from_dict_strict(cls, d)
 
     def to_json(self, indent: int | None = 2) -> str:
         """The recipe as a JSON string."""
