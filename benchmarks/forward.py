@@ -48,7 +48,7 @@ def main() -> None:
     print(f"# {args.config}, input {args.batch}x1x{args.size}^3, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"| variant | pass | s3d s | DNA s | s3d peak MiB | DNA peak MiB | s3d/DNA time |")
+    print("| variant | pass | s3d s | DNA s | s3d peak MiB | DNA peak MiB | s3d/DNA time |")
     print("|---|---|---|---|---|---|---|")
     for variant in variants:
         fmt = torch.channels_last_3d if variant == "channels_last" else torch.contiguous_format
@@ -57,13 +57,13 @@ def main() -> None:
         for net in (ours, dna):
             net.to(memory_format=fmt)
 
-        def ctx():
+        def ctx(dtype=dtype):
             return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
         for kind in ("fwd", "fwd+bwd"):
             results = []
             for net in (ours, dna):
-                def step(net=net, kind=kind) -> None:
+                def step(net=net, kind=kind, xv=xv) -> None:
                     if kind == "fwd":
                         with torch.no_grad(), ctx():
                             net(xv)

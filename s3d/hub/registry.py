@@ -2,8 +2,9 @@
 
 Every entry points at weights that exist on the Hugging Face Hub. A revision is a 40-hex commit
 when one is known (then the download is immutable); otherwise a branch, flagged ``pinned=False``
-(the files behind it may change). ``sha256`` is set where a digest of the file is on public record; a download that does not
-match it is deleted and refused (pass an explicit ``revision`` to load another version).
+(the files behind it may change). ``sha256`` is set where a digest of the file is on public
+record; a download that does not match it is deleted and refused (pass an explicit ``revision``
+to load another version).
 """
 
 from __future__ import annotations

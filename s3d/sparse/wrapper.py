@@ -237,8 +237,8 @@ class SparseMAEWrapper(nn.Module):
         encoder = self.backbone.encoder
         if not self.sparse:
             return encoder(x * keeps[0].to(x.dtype))
-        return ENGINES[resolve_engine(self.engine, x.device)](encoder, x, keep_grid=mask, keeps=keeps, block_size=self.block_size,
-                                    coarse=self.coarse)
+        engine = ENGINES[resolve_engine(self.engine, x.device)]
+        return engine(encoder, x, keep_grid=mask, keeps=keeps, block_size=self.block_size, coarse=self.coarse)
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(
