@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--variants", default=None, help="comma list of fp32,channels_last,bf16,fp16")
     args = p.parse_args()
 
-    from test_resenc_unet import build_dna, load_into_dna  # the reference, as used by the tests
+    from dna_reference import build_dna, load_into_dna  # the reference, as used by the tests
 
     device = torch.device(args.device)
     ours = s3d.build_resenc_unet(args.config, num_classes=2).to(device)

@@ -23,28 +23,14 @@ from s3d.hub import (
 from s3d.hub.registry import get_entry
 from s3d.nn import ResEncUNetConfig, get_config
 
-dna_unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+pytest.importorskip("dynamic_network_architectures")
+
+import dna_reference  # noqa: E402
 
 
 def build_dna(cfg: ResEncUNetConfig) -> nn.Module:
     """DNA's ResidualEncoderUNet for ``cfg`` (nnU-Net ResEnc plans layout), in eval mode."""
-    return dna_unet.ResidualEncoderUNet(
-        input_channels=cfg.in_channels,
-        n_stages=cfg.n_stages,
-        features_per_stage=list(cfg.features_per_stage),
-        conv_op=nn.Conv3d,
-        kernel_sizes=[list(k) for k in cfg.kernel_sizes],
-        strides=[list(s) for s in cfg.strides],
-        n_blocks_per_stage=list(cfg.n_blocks_per_stage),
-        num_classes=cfg.num_classes,
-        n_conv_per_stage_decoder=list(cfg.n_conv_per_stage_decoder),
-        conv_bias=cfg.conv_bias,
-        norm_op=nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": cfg.norm_eps, "affine": cfg.norm_affine},
-        nonlin=nn.LeakyReLU,
-        nonlin_kwargs={"negative_slope": cfg.negative_slope, "inplace": True},
-        deep_supervision=False,
-    ).eval()
+    return dna_reference.build_dna(cfg.replace(deep_supervision=False)).eval()
 
 
 def randomize_norms(model: nn.Module) -> None:

@@ -11,41 +11,9 @@ from torch import nn
 import s3d
 from s3d.nn import ResEncUNetConfig, get_config
 
-dna_unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+pytest.importorskip("dynamic_network_architectures")
 
-
-def build_dna(cfg: ResEncUNetConfig) -> nn.Module:
-    """DNA's ResidualEncoderUNet with the same configuration (the nnU-Net ResEnc plans layout)."""
-    norm = nn.InstanceNorm3d if cfg.norm == "instance" else nn.BatchNorm3d
-    return dna_unet.ResidualEncoderUNet(
-        input_channels=cfg.in_channels,
-        n_stages=cfg.n_stages,
-        features_per_stage=list(cfg.features_per_stage),
-        conv_op=nn.Conv3d,
-        kernel_sizes=[list(k) for k in cfg.kernel_sizes],
-        strides=[list(s) for s in cfg.strides],
-        n_blocks_per_stage=list(cfg.n_blocks_per_stage),
-        num_classes=cfg.num_classes,
-        n_conv_per_stage_decoder=list(cfg.n_conv_per_stage_decoder),
-        conv_bias=cfg.conv_bias,
-        norm_op=norm,
-        norm_op_kwargs={"eps": cfg.norm_eps, "affine": cfg.norm_affine},
-        nonlin=nn.LeakyReLU,
-        nonlin_kwargs={"negative_slope": cfg.negative_slope, "inplace": True},
-        deep_supervision=cfg.deep_supervision,
-    )
-
-
-def canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DNA's state dict without its alias keys (``all_modules`` copies, ``decoder.encoder``)."""
-    return {k: v for k, v in state.items() if ".all_modules." not in k and not k.startswith("decoder.encoder.")}
-
-
-def load_into_dna(dna: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = dna.load_state_dict(state, strict=False)
-    assert not unexpected
-    # every missing key is an alias of a loaded tensor (same storage in DNA)
-    assert all(".all_modules." in k or k.startswith("decoder.encoder.") for k in missing)
+from dna_reference import build_dna, canonical, load_into_dna  # noqa: E402
 
 
 def test_resenc_l_state_dict_matches_dna_canonical_keys() -> None:
