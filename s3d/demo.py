@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -172,7 +173,7 @@ def _resolve_device(device: str) -> str:
 
 
 def time_train_step(
-    patch_size: tuple[int, int, int], batch_size: int, device: str, mae: bool = False, repeats: int = 2
+    patch_size: tuple[int, int, int], batch_size: int, device: str, mae: bool = False, repeats: int = 5
 ) -> float:
     """Seconds per training step (forward, backward, SGD) of the demo network at ``patch_size``.
 
@@ -182,7 +183,8 @@ def time_train_step(
         device: "cpu" or "cuda".
         mae: time a sparse-MAE pre-training step (:class:`s3d.sparse.SparseMAEWrapper`, 16^3 cells)
             instead of a segmentation step.
-        repeats: timed steps after one warm-up step.
+        repeats: timed steps after one warm-up step; the median is returned, so a short burst of
+            load on the machine does not shrink the whole plan (it did with a mean of 2 steps).
 
     Example:
         >>> time_train_step((32, 32, 32), 2, "cpu") > 0
@@ -201,7 +203,7 @@ def time_train_step(
     module = module.to(device)
     opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
     x = torch.randn(batch_size, 1, *patch_size, device=device)
-    elapsed = 0.0
+    times = []
     for i in range(repeats + 1):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -214,8 +216,8 @@ def time_train_step(
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i:  # the first step warms up allocators and kernels
-            elapsed += time.perf_counter() - t
-    return elapsed / repeats
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def plan_steps(budget_s: float, pretrain_step_s: float, finetune_step_s: float, n_runs: int,
