@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
-from dataclasses import dataclass
 
 import torch
 
 import s3d
-from s3d._profiling import PeakMemory
+from s3d._profiling import Timing
+from s3d._profiling import measure as _measure
 from s3d.sparse.block_engine import block_encoder_forward, block_plan
 from s3d.sparse.mask import sample_block_mask
 from s3d.sparse.wrapper import SparseMAEWrapper, masked_mse_loss
@@ -33,36 +32,12 @@ CPU_CASES = "tiny:64:16:2,resenc_l:64:16:1,resenc_l:128:32:1"
 GPU_CASES = "tiny:64:16:2,resenc_l:128:32:2,resenc_l:160:32:2,resenc_l:160:32:6,resenc_l:160:16:2"
 
 
-@dataclass
-class Result:
-    """Median wall seconds, median process CPU seconds (all threads) per step, peak bytes."""
-
-    seconds: float
-    cpu_seconds: float
-    peak_bytes: int
+Result = Timing  # median wall s, median process CPU s, peak bytes (s3d._profiling)
 
 
-def measure(fn, device: torch.device, repeats: int, warmup: int) -> Result:
+def measure(fn, device: torch.device, repeats: int, warmup: int) -> Timing:
     """Time ``fn``: wall and CPU time (CPU time is robust to other processes' load on a shared box)."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    wall, cpu = [], []
-    with PeakMemory(device) as mem:
-        for _ in range(repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            sync()
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    wall.sort()
-    cpu.sort()
-    return Result(wall[len(wall) // 2], cpu[len(cpu) // 2], mem.peak_bytes)
+    return _measure(fn, device, repeats=repeats, warmup=warmup)
 
 
 def make_step(mae: SparseMAEWrapper, opt: torch.optim.Optimizer, x: torch.Tensor, keep: torch.Tensor,

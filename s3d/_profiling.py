@@ -65,15 +65,19 @@ class PeakMemory:
 
 @dataclass
 class Timing:
-    """Median seconds per call and peak memory (bytes) of a measured function."""
+    """Median wall seconds and median process CPU seconds (all threads) per call, peak memory (bytes).
+
+    CPU time is less distorted than wall time by other processes on a shared machine.
+    """
 
     seconds: float
     peak_bytes: int
+    cpu_seconds: float = 0.0
 
 
 def measure(fn: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 3,
             warmup: int = 1) -> Timing:
-    """Run ``fn`` ``warmup`` times, then ``repeats`` times; median wall time and peak memory."""
+    """Run ``fn`` ``warmup`` times, then ``repeats`` times; median wall and CPU time, peak memory."""
     device = torch.device(device)
 
     def sync() -> None:
@@ -83,12 +87,14 @@ def measure(fn: Callable[[], object], device: torch.device | str = "cpu", repeat
     for _ in range(warmup):
         fn()
     sync()
-    times = []
+    wall, cpu = [], []
     with PeakMemory(device) as mem:
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return Timing(times[len(times) // 2], mem.peak_bytes)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    wall.sort()
+    cpu.sort()
+    return Timing(wall[len(wall) // 2], mem.peak_bytes, cpu[len(cpu) // 2])
