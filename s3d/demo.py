@@ -410,8 +410,10 @@ def conclusion(runs: list[RunResult]) -> str:
                 f"(ΔDice {span}).")
     if not wins:
         return (f"In this run, S3D pre-training did NOT beat training from scratch (ΔDice {span}). "
-                "Short runs are noisy; give the demo more time (--minutes) for longer pre-training and "
-                "fine-tuning.")
+                "The paper's schedules (peak lr 1e-3, 12.5k-step warm-ups) are made for 250k fine-tuning "
+                "steps and under-train in a run this short; `--schedule sawtooth_lr1e-2` uses scratch's "
+                "peak lr, and more time (--minutes) gives both sides more steps. docs/quickstart.md has "
+                "measurements.")
     losses = [n for n in sizes if n not in wins]
     return (f"In this run, S3D pre-training beat training from scratch with {', '.join(map(str, wins))} "
             f"labelled cases but not with {', '.join(map(str, losses))} (ΔDice {span}).")
