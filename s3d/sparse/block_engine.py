@@ -34,9 +34,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from s3d.nn.blocks import BasicBlockD, ConvNormAct, StackedResidualBlocks
+from s3d.nn.config import Triple, _triple
 from s3d.nn.masked import stage_keeps
-
-Triple = tuple[int, int, int]
 
 #: Smallest block edge (voxels, at a stage's output resolution) that still runs in block layout;
 #: coarser stages run masked-dense. CPU: measured (docs/block_engine.md) with ResEnc-L at 128^3,
@@ -51,15 +50,6 @@ DEFAULT_MIN_BLOCK_EDGE: dict[str, int] = {"cpu": 4, "cuda": 8}
 def default_min_block_edge(device: torch.device | str) -> int:
     """The measured crossover block edge (voxels) for ``device``'s type (8 where unmeasured)."""
     return DEFAULT_MIN_BLOCK_EDGE.get(torch.device(device).type, 8)
-
-
-def _triple(v: int | Sequence[int], name: str) -> Triple:
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = (v, v, v)
-    out = tuple(int(a) for a in v)
-    if len(out) != 3 or any(a < 1 for a in out):
-        raise ValueError(f"{name}: expected a positive int or 3 positive ints, got {v!r}")
-    return out  # type: ignore[return-value]
 
 
 @dataclass
