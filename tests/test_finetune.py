@@ -396,3 +396,16 @@ def test_rotation_of_a_non_cubic_patch_is_rigid_in_voxels() -> None:
     assert abs(d_in.item() - d_out.item()) < 1e-9
     # and for a cube it is the plain normalised-coordinate rotation
     torch.testing.assert_close(voxel_space_theta(m, (32, 32, 32)), m, rtol=0, atol=1e-15)
+
+
+def test_timm_import_warning_is_not_shown_to_users():
+    """timm's import-time torch.jit.interface FutureWarning must not reach s3d users (it did in `s3d demo`)."""
+    import subprocess
+    import sys
+
+    code = ("from s3d.train.schedules import get_schedule, lr_at\n"
+            "from s3d.hub.timm_models import register_timm_models\n"
+            "print(lr_at(get_schedule('best').plan(100), 10)); register_timm_models()\n")
+    res = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[0] == "0.001"

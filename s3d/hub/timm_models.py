@@ -81,8 +81,11 @@ def register_timm_models() -> list[str]:
         >>> register_timm_models()[:1]
         ['resenc_unet_l.s3d_b']
     """
-    import timm.models
-    from timm.models import generate_default_cfgs, register_model
+    from s3d._timm import quiet_timm_import
+
+    with quiet_timm_import():
+        import timm.models
+        from timm.models import generate_default_cfgs, register_model
 
     entries = {e.name: e for e in list_models()}
     tags = timm_tags()

@@ -170,7 +170,10 @@ def phase_at(phases: Sequence[Phase], step: int) -> int:
 
 
 def _timm_scheduler(phase: Phase, poly_exponent: float):
-    from timm.scheduler import PolyLRScheduler
+    from s3d._timm import quiet_timm_import
+
+    with quiet_timm_import():
+        from timm.scheduler import PolyLRScheduler
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=phase.peak_lr)
     if phase.lr == "ramp":
