@@ -123,6 +123,7 @@ class RunResult:
     run_dir: str
     val_dice: list[tuple[int, float]] = field(default_factory=list)
     loss: list[tuple[int, float]] = field(default_factory=list)
+    dice_per_class: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -370,14 +371,16 @@ def _finetune_run(dataset: Path, run_dir: Path, pretrained: str | None, n_train:
     return seconds, loss, val
 
 
-def _evaluate(pred_dir: Path, ds: Path, tau_mm: float) -> tuple[float, float, dict[str, float]]:
+def _evaluate(pred_dir: Path, ds: Path, tau_mm: float) -> tuple[float, float, dict[str, float], dict[str, float]]:
+    """(mean Dice, mean NSD, Dice per test case, Dice per class) over the foreground classes."""
     from s3d.metrics import evaluate_folder
 
     res = evaluate_folder(pred_dir, ds / "labelsTs", ds / "dataset.json", tau_mm=tau_mm, progress=False)
     if res.errors:
         raise RuntimeError(f"evaluation of {pred_dir} failed for {res.errors}")
     fg = res.summary["foreground_mean"]
-    return float(fg["dice"]), float(fg["nsd"]), res.case_means("dice")
+    per_class = {name: float(m["dice"]) for name, m in res.summary["mean"].items()}
+    return float(fg["dice"]), float(fg["nsd"]), res.case_means("dice"), per_class
 
 
 def _fmt(x: float) -> str:
@@ -395,6 +398,23 @@ def results_table(runs: list[RunResult]) -> str:
         better = sum(a.dice_per_case[c] > b.dice_per_case[c] for c in a.dice_per_case)
         lines.append(f"| {n} | {_fmt(a.dice)} | {_fmt(b.dice)} | {a.dice - b.dice:+.3f} | {_fmt(a.nsd)} | "
                      f"{_fmt(b.nsd)} | {a.nsd - b.nsd:+.3f} | {better}/{len(a.dice_per_case)} |")
+    return "\n".join(lines)
+
+
+def class_table(runs: list[RunResult]) -> str:
+    """Markdown table: Dice of every foreground class, per training-set size and initialisation.
+
+    Example:
+        >>> r = RunResult(5, "s3d", 0.5, 0.5, {}, 10, 1.0, "x", dice_per_class={"GM": 0.8, "WM": 0.2})
+        >>> class_table([r]).splitlines()[2]
+        '| 5 | s3d | 0.800 | 0.200 |'
+    """
+    names = list(dict.fromkeys(k for r in runs for k in r.dice_per_class))
+    lines = ["| labelled cases | init | " + " | ".join(f"Dice {k}" for k in names) + " |",
+             "|---:|---|" + "---:|" * len(names)]
+    for r in sorted(runs, key=lambda r: (r.n_train, r.init != "s3d")):
+        cells = " | ".join(_fmt(r.dice_per_class.get(k, float("nan"))) for k in names)
+        lines.append(f"| {r.n_train} | {r.init} | {cells} |")
     return "\n".join(lines)
 
 
@@ -514,9 +534,11 @@ def run_demo(settings: DemoSettings) -> DemoResult:
             print(f"[4/5] predicting {s.num_test} test cases and scoring Dice / NSD")
             predict_folder(ds / "imagesTs", run_dir / "pred", run_dir / "model", device=device,
                            progress=False)
-            dice, nsd, per_case = _evaluate(run_dir / "pred", ds, tau_mm=s.spacing_mm)
-            runs.append(RunResult(n, init, dice, nsd, per_case, ft_steps, seconds, str(run_dir), val, loss))
-            print(f"      Dice {_fmt(dice)}  NSD {_fmt(nsd)}  ({seconds:.0f} s)")
+            dice, nsd, per_case, per_class = _evaluate(run_dir / "pred", ds, tau_mm=s.spacing_mm)
+            runs.append(RunResult(n, init, dice, nsd, per_case, ft_steps, seconds, str(run_dir), val, loss,
+                                  per_class))
+            classes = "  ".join(f"{k} {_fmt(v)}" for k, v in per_class.items())
+            print(f"      Dice {_fmt(dice)} ({classes})  NSD {_fmt(nsd)}  ({seconds:.0f} s)")
     timings["finetune_predict_evaluate"] = time.perf_counter() - t
 
     # 5. report
@@ -623,6 +645,10 @@ def _report_md(table: str, concl: str, figures: dict[str, str], timings: dict[st
         table,
         "",
         f"**{concl}**",
+        "",
+        "Dice per class (mean over the test cases; a class that no run predicts scores 0):",
+        "",
+        class_table(runs),
         "",
     ]
     if "NOT" in concl or "but not" in concl:

@@ -44,15 +44,23 @@ def test_quick_demo_end_to_end(tmp_path, capsys) -> None:
     assert float(row[4]) == pytest.approx(runs[(5, "s3d")]["nsd"], abs=5e-4)
     # ... and those equal Dice recomputed here from the written predictions and test labels
     ds = out / "data" / "Dataset900_DemoTissue"
+    names = {v: k for k, v in json.loads((ds / "dataset.json").read_text())["labels"].items()}
     for (_, init), r in runs.items():
-        per_case = []
+        per_case, per_class = [], []
         for ref_path in sorted((ds / "labelsTs").glob("*.nii.gz")):
             ref = np.asarray(nib.load(str(ref_path)).dataobj)
             pred_path = out / "runs" / f"finetune_{init}_n5" / "pred" / ref_path.name
             pred = np.asarray(nib.load(str(pred_path)).dataobj)
             assert pred.shape == ref.shape
-            per_case.append(np.nanmean([_dice(pred, ref, k) for k in (1, 2, 3)]))
+            per_class.append([_dice(pred, ref, k) for k in (1, 2, 3)])
+            per_case.append(np.nanmean(per_class[-1]))
         assert r["dice"] == pytest.approx(float(np.mean(per_case)), abs=1e-6), init
+        # the per-class table: class means over the test cases, each printed in the report
+        class_means = np.nanmean(np.asarray(per_class), axis=0)
+        assert list(r["dice_per_class"]) == [names[k] for k in (1, 2, 3)]
+        assert list(r["dice_per_class"].values()) == pytest.approx(list(class_means), abs=1e-6)
+        cells = " | ".join(f"{v:.3f}" for v in class_means)
+        assert f"| 5 | {init} | {cells} |" in text
         assert 0.0 <= r["nsd"] <= 1.0
     # the conclusion follows the measured sign
     delta = runs[(5, "s3d")]["dice"] - runs[(5, "scratch")]["dice"]
