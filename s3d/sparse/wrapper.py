@@ -77,11 +77,17 @@ class MAEOutput(NamedTuple):
         loss: scalar fp32 tensor, MSE over the masked (and loss-mask-included) voxels of the batch.
         reconstruction: (B, C, D, H, W) prediction at every voxel (visible ones carry no loss).
         mask: the keep grid used, bool (B, 1, d, h, w), True = visible.
+        loss_weight: scalar fp32 tensor (detached), the loss weight sum ``sum(w)`` of
+            :func:`masked_mse_loss` (masked voxels x channels counted); ``loss`` is
+            ``sum(w * err) / max(loss_weight, 1)``. Multi-process training uses it to normalise by the
+            masked-voxel count of the global batch (:func:`s3d.train.distributed.global_weighted_loss`).
+            ``None`` when not computed.
     """
 
     loss: torch.Tensor
     reconstruction: torch.Tensor
     mask: torch.Tensor
+    loss_weight: torch.Tensor | None = None
 
 
 def masked_mse_loss(
@@ -89,7 +95,9 @@ def masked_mse_loss(
     target: torch.Tensor,
     keep: torch.Tensor,
     loss_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    *,
+    return_weight: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean squared error over the masked voxels of a batch (fp32).
 
     ``sum(w * (rec - target)^2) / sum(w)`` with ``w = (1 - keep) * loss_mask`` broadcast over
@@ -102,12 +110,19 @@ def masked_mse_loss(
         keep: (B, 1, D, H, W), 1 = visible (no loss), 0 = masked (loss).
         loss_mask: optional (B, 1 or C, D, H, W), 1 = may count, 0 = excluded (e.g. background
             outside the anatomy or defaced voxels).
+        return_weight: also return ``sum(w)`` (the count of masked voxels x channels, fractional with a
+            fractional ``loss_mask``), a detached fp32 scalar; the loss is ``sum(w * err) / max(sum(w), 1)``.
+
+    Returns:
+        The scalar fp32 loss, or ``(loss, weight_sum)`` with ``return_weight=True``.
 
     Example:
         >>> rec, tgt = torch.zeros(1, 1, 2, 2, 2), torch.ones(1, 1, 2, 2, 2)
         >>> keep = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0.]).view(1, 1, 2, 2, 2)
         >>> float(masked_mse_loss(rec, tgt, keep))
         1.0
+        >>> [float(v) for v in masked_mse_loss(rec, tgt, keep, return_weight=True)]
+        [1.0, 4.0]
     """
     if reconstruction.shape != target.shape:
         raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and target {tuple(target.shape)} "
@@ -117,7 +132,9 @@ def masked_mse_loss(
         weight = weight * loss_mask.to(torch.float32)
     weight = weight.expand_as(reconstruction)
     err = (reconstruction.float() - target.float()).square()
-    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+    weight_sum = weight.sum()
+    loss = (err * weight).sum() / weight_sum.clamp_min(1.0)
+    return (loss, weight_sum.detach()) if return_weight else loss
 
 
 class SparseMAEWrapper(nn.Module):
@@ -259,7 +276,8 @@ class SparseMAEWrapper(nn.Module):
             generator: RNG for the sampled mask.
 
         Returns:
-            :class:`MAEOutput` (loss, reconstruction (B, C, D, H, W), mask (B, 1, d, h, w) bool).
+            :class:`MAEOutput` (loss, reconstruction (B, C, D, H, W), mask (B, 1, d, h, w) bool,
+            loss_weight: the loss's weight sum, for normalising across processes).
         """
         self.backbone.check_input(x)
         size = tuple(x.shape[2:])
@@ -280,8 +298,8 @@ class SparseMAEWrapper(nn.Module):
         keeps = self.stage_keeps(mask, size)
         feats = self.encode(x, mask, keeps)
         reconstruction = self.backbone.decoder(self.densifier(feats, keeps[1:]))
-        loss = masked_mse_loss(reconstruction, x, keeps[0], loss_mask)
-        return MAEOutput(loss, reconstruction, mask)
+        loss, loss_weight = masked_mse_loss(reconstruction, x, keeps[0], loss_mask, return_weight=True)
+        return MAEOutput(loss, reconstruction, mask, loss_weight)
 
     # ---- export -------------------------------------------------------------------------------------
     def export_backbone(self) -> OrderedDict[str, torch.Tensor]:

@@ -73,6 +73,46 @@ def mean_across(value: torch.Tensor, info: DistInfo) -> float:
     return float(v.item())
 
 
+def global_weighted_loss(
+    loss: torch.Tensor, weight: torch.Tensor, info: DistInfo
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn each rank's weighted-mean loss into the global batch's weighted mean under DDP.
+
+    Rank ``r`` computed ``loss_r = S_r / max(W_r, 1)`` (``S_r``: its weighted error sum, ``W_r``: its
+    weight sum, e.g. masked voxels). One process with the whole global batch would optimise
+    ``sum_r S_r / max(W, 1)``, ``W = sum_r W_r``; DDP instead averages the ranks' gradients, i.e.
+    optimises the mean of the per-rank means, which over-weights ranks with few masked voxels. This
+    all-reduces ``(S_r, W_r)`` (detached; one collective) and returns the loss to backpropagate,
+    ``loss_r * world_size * max(W_r, 1) / max(W, 1)`` (the factor carries no gradient), whose
+    DDP-averaged gradient is that of the global mean. Apply an AMP GradScaler to the returned loss.
+    When alone the loss is returned unchanged (no collective).
+
+    Args:
+        loss: scalar loss of this rank (with its graph).
+        weight: scalar weight sum ``W_r`` of this rank (the loss's denominator before ``max(., 1)``).
+        info: the process group (:func:`init_distributed`).
+
+    Returns:
+        ``(loss_for_backward, global_mean)``: the rescaled loss (scalar, with graph) and the global
+        weighted mean ``sum_r S_r / max(W, 1)`` (detached fp32 scalar, same on every rank; convert it
+        with ``float()`` only when logging, to avoid a host sync every step).
+
+    Example:
+        >>> out = mae(x)                  # under torchrun: x is this rank's share of the batch
+        >>> loss, logged = global_weighted_loss(out.loss, out.loss_weight, info)
+        >>> scaler.scale(loss).backward()
+    """
+    if not info.enabled:
+        return loss, loss.detach().float()
+    local_w = weight.detach().float().reshape(()).to(loss.device)
+    local_denom = local_w.clamp_min(1.0)
+    sums = torch.stack([loss.detach().float().reshape(()) * local_denom, local_w])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    global_denom = sums[1].clamp_min(1.0)
+    factor = (info.world_size * local_denom / global_denom).to(loss.dtype)
+    return loss * factor, sums[0] / global_denom
+
+
 def cleanup(info: DistInfo) -> None:
     """Leave the process group."""
     if info.enabled and dist.is_initialized():

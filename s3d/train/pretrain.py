@@ -8,8 +8,8 @@
 - the recipe's SGD and per-step PolyLR, gradient-norm clipping, AMP (bf16 where supported, fp16 with
   a GradScaler otherwise, off on CPU), optional channels_last_3d and ``torch.compile``;
 - batched augmentation on the training device (:mod:`s3d.data.augment`);
-- DDP when launched with ``torchrun`` (global batch split across ranks, data sharded per rank,
-  rank 0 logs and writes checkpoints);
+- DDP when launched with ``torchrun`` (global batch split across ranks, data sharded per rank, a
+  method's ``loss_weight`` normalised over the global batch, rank 0 logs and writes checkpoints);
 - a held-out validation loss (split by subject), PNG reconstruction snapshots, ``metrics.jsonl``,
   optional TensorBoard, a tqdm bar with steps/s and ETA;
 - complete atomic checkpoints (model, optimiser, scheduler, scaler, RNG states, sampler position).
@@ -40,7 +40,14 @@ import torch
 from torch import nn
 
 from s3d._fs import atomic_path, write_json_atomic, write_text_atomic
-from s3d.train.distributed import DistInfo, barrier, cleanup, init_distributed, mean_across
+from s3d.train.distributed import (
+    DistInfo,
+    barrier,
+    cleanup,
+    global_weighted_loss,
+    init_distributed,
+    mean_across,
+)
 from s3d.train.recipes import PretrainRecipe, build_optimizer, build_scheduler, get_recipe
 
 CHECKPOINT_NAME = "checkpoint_latest.pt"
@@ -150,7 +157,8 @@ def build_method(recipe: PretrainRecipe, backbone: nn.Module) -> nn.Module:
     """The pre-training module of ``recipe.method`` around ``backbone``.
 
     The returned module's ``forward(x)`` takes a (B, C, D, H, W) batch and returns an object with a
-    scalar ``.loss`` (and optionally ``.reconstruction``/``.mask``/``.target`` for snapshots); its
+    scalar ``.loss`` (and optionally ``.reconstruction``/``.mask``/``.target`` for snapshots, and
+    ``.loss_weight``, the loss's denominator, which multi-process runs sum over the ranks); its
     ``export_backbone()`` returns the backbone's state dict. ``"mae"`` builds
     :class:`s3d.sparse.SparseMAEWrapper` with ``recipe.method_kwargs``; any other name is looked up
     with ``s3d.pretext.build(name, backbone, **method_kwargs)``.
@@ -544,6 +552,12 @@ class _Run:
             with self._autocast():
                 out = model(x)
             loss = out.loss
+            loss_weight = getattr(out, "loss_weight", None)
+            global_loss = None
+            if info.enabled and loss_weight is not None:
+                # normalise by the global batch's loss weight (e.g. masked voxels of all ranks), not
+                # per rank: DDP's gradient average then equals one process with the whole batch
+                loss, global_loss = global_weighted_loss(loss, loss_weight, info)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             grad_norm = torch.full((), float("nan"))
@@ -556,7 +570,8 @@ class _Run:
             self.scheduler.step()
             step += 1
             if step % cfg.log_every == 0 or step == stop:  # no host sync between log steps
-                last_loss = mean_across(loss, info)  # every rank takes part in the reduction
+                # every rank takes part in the reduction (the global weighted mean was reduced above)
+                last_loss = mean_across(loss, info) if global_loss is None else float(global_loss)
                 if not math.isfinite(last_loss):
                     raise FloatingPointError(f"step {step}: loss is {last_loss}; "
                                              f"lower the lr or check the data")

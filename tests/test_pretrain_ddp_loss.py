@@ -1,0 +1,180 @@
+"""Multi-process MAE pre-training optimises the global batch's masked-voxel mean, as one process would.
+
+One real 2-process gloo run (``torchrun``, this file as the worker script) does two things per rank:
+
+1. a DDP forward/backward of a tiny ``SparseMAEWrapper`` on its own sample with an explicit keep
+   grid (rank 0: 38 of 64 cells masked, rank 1: 58), once with
+   :func:`s3d.train.distributed.global_weighted_loss` (the trainer's path) and once with the plain
+   per-rank loss (the old behaviour); the averaged gradients are saved;
+2. one step of :func:`s3d.train.pretrain.pretrain` (mask ratio drawn per sample from U[0.6, 0.9]).
+
+The parent compares (1) with one process computing the loss on the concatenated batch with the same
+masks, and the logged loss of (2) with the global masked mean recomputed from each rank's crop and mask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+SIZE = (32, 32, 32)
+BLOCK = 8
+MASKED_CELLS = (38, 58)  # of (32 / 8)^3 = 64 cells: ~60 % on rank 0, ~90 % on rank 1
+CFG = {"recipe": "s3d-b", "architecture": "tiny", "steps": 2, "stop_after": 1, "batch_size": 2,
+       "patch_size": SIZE, "method_kwargs": {"block_size": BLOCK}, "workers": 0, "progress": False,
+       "val_fraction": 0.0, "val_every": 0, "snapshot_every": 0, "checkpoint_every": 1, "log_every": 1,
+       "augment": False, "device": "cpu", "seed": 0}
+
+
+def _mae_setup() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny MAE (fixed init), 2 images (2, 1, 32, 32, 32) and keep grids (2, 1, 4, 4, 4), 1 = visible."""
+    from s3d import build_resenc_unet
+    from s3d.sparse import SparseMAEWrapper
+
+    torch.manual_seed(0)
+    net = build_resenc_unet("tiny", in_channels=1, num_classes=1)
+    # float64: the batch-of-2 and two batch-of-1 passes round differently (~3e-5 relative in fp32)
+    mae = SparseMAEWrapper(net, block_size=BLOCK, engine="dense").double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, *SIZE, generator=g, dtype=torch.float64)
+    cells = (SIZE[0] // BLOCK) ** 3
+    keep = torch.ones(2, cells, dtype=torch.bool)
+    for i, n in enumerate(MASKED_CELLS):
+        keep[i, torch.randperm(cells, generator=g)[:n]] = False
+    return mae, x, keep.view(2, 1, *(s // BLOCK for s in SIZE))
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _worker(out: Path, data: Path) -> None:
+    """Runs on every rank under torchrun."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from s3d.train.distributed import global_weighted_loss, init_distributed
+    from s3d.train.pretrain import PretrainConfig, pretrain
+
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    r = info.rank
+    mae, x, keep = _mae_setup()
+    ddp = DistributedDataParallel(mae)
+    result: dict[str, object] = {}
+    for name in ("global", "per_rank"):
+        mae.zero_grad(set_to_none=True)
+        o = ddp(x[r:r + 1], mask=keep[r:r + 1])
+        loss = o.loss
+        if name == "global":
+            loss, result["logged"] = global_weighted_loss(o.loss, o.loss_weight, info)
+        loss.backward()
+        result[name] = _grads(mae)
+    torch.save(result, out / f"grads_rank{r}.pt")
+    # the trainer (joins the process group initialised above, leaves it at the end)
+    pretrain(PretrainConfig(data=str(data), out=str(out / "run"), **CFG))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from s3d.data.scan import ScanFilters, prepare
+
+    raw = tmp_path_factory.mktemp("raw")
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate([(44, 40, 42), (36, 38, 40), (40, 40, 40), (34, 36, 38)]):
+        d = np.zeros(shape, np.float32)
+        d[2:-2, 2:-2, 2:-2] = rng.gamma(2.0, 50.0, [n - 4 for n in shape])
+        p = raw / f"sub-{i:02d}" / "anat" / f"sub-{i:02d}_T1w.nii.gz"
+        p.parent.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(d, np.eye(4)), str(p))
+    out = tmp_path_factory.mktemp("prep")
+    prepare(raw, out, ScanFilters(min_file_bytes=0, min_fov_mm=20.0), workers=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(prepared: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           __file__, str(out), str(prepared)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_ddp_gradient_equals_single_process_global_batch(ddp_run: Path) -> None:
+    r0, r1 = (torch.load(ddp_run / f"grads_rank{r}.pt", weights_only=True) for r in (0, 1))
+    mae, x, keep = _mae_setup()
+    # reference 1: one process, the concatenated batch, the same masks
+    out = mae(x, mask=keep)
+    assert float(out.loss_weight) == float((~keep).sum()) * BLOCK**3  # masked voxels x 1 channel
+    out.loss.backward()
+    ref = _grads(mae)
+    # reference 2: what DDP did before: the mean of the per-sample (per-rank) means' gradients
+    mae.zero_grad(set_to_none=True)
+    ((mae(x[:1], mask=keep[:1]).loss + mae(x[1:], mask=keep[1:]).loss) / 2).backward()
+    mean_of_means = _grads(mae)
+    assert set(r0["global"]) == set(ref) and len(ref) > 20
+    worst = 0.0
+    for k in ref:
+        assert torch.equal(r0["global"][k], r1["global"][k]), k  # DDP averaged: identical on both ranks
+        worst = max(worst, _rel(r0["global"][k], ref[k]))
+        assert _rel(r0["per_rank"][k], mean_of_means[k]) < 1e-6, k
+    assert worst < 1e-6, worst  # measured 4e-8 (float64 network, fp32 loss)
+    # the old normalisation is measurably different in this setting (whole gradient vector)
+    old_gap = _rel(torch.cat([g.flatten() for g in mean_of_means.values()]),
+                   torch.cat([g.flatten() for g in ref.values()]))
+    assert old_gap > 1e-2, old_gap
+    for r in (r0, r1):
+        assert float(r["logged"]) == pytest.approx(float(out.loss.detach()), rel=1e-6)
+
+
+def test_logged_loss_is_global_masked_mean(ddp_run: Path, prepared: Path) -> None:
+    from s3d.data.pretrain_dataset import build_pretrain_loader, shard_cases, split_subjects
+    from s3d.data.scan import read_manifest, training_cases
+    from s3d.nn import build_resenc_unet
+    from s3d.train.pretrain import _METHOD, PretrainConfig, build_method, read_metrics, stream_seed
+
+    logged = read_metrics(ddp_run / "run")
+    assert sorted(logged) == [1]
+    # recompute step 1 of each rank: same init, shard, crop stream and mask stream as the trainer
+    cfg = PretrainConfig(data=str(prepared), out="unused", **CFG)
+    recipe = cfg.resolved_recipe()
+    train, _ = split_subjects(training_cases(read_manifest(prepared), prepared), 0.0, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    backbone = build_resenc_unet("tiny", in_channels=1, num_classes=1, deep_supervision=False)
+    method = build_method(recipe, backbone).train()
+    sums, weights, means = [], [], []
+    for r in (0, 1):
+        files = [c["file"] for c in shard_cases(train, r, 2)]
+        x = next(iter(build_pretrain_loader(files, SIZE, 1, 0, 1, seed=cfg.seed, rank=r, workers=0,
+                                            pin_memory=False)))
+        torch.manual_seed(stream_seed(cfg.seed, r, 0, _METHOD))
+        with torch.no_grad():
+            out = method(x)
+        masked = float((~out.mask).sum()) * BLOCK**3
+        assert float(out.loss_weight) == masked
+        means.append(float(out.loss))
+        weights.append(masked)
+        sums.append(float(out.loss) * masked)
+    assert weights[0] != weights[1]  # the per-sample mask ratios differ, so the two means disagree
+    global_mean = sum(sums) / sum(weights)
+    assert logged[1] == pytest.approx(global_mean, rel=1e-5)
+    assert abs(sum(means) / 2 - global_mean) > 1e-3 * global_mean  # the old logged value differs
+
+
+if __name__ == "__main__":  # torchrun worker: python -m torch.distributed.run ... this_file OUT DATA
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    print(json.dumps({"rank": int(os.environ.get("RANK", "0")), "done": True}))
