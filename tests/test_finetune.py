@@ -40,12 +40,12 @@ def test_best_schedule_lr_at_phase_boundaries() -> None:
         ("train", "all", 25_000, 250_000)]
     peak, w, n = 1e-3, 12_500, 225_000
     expected = {
-        0: 0.0,                                   # ramp starts at 0
-        6_250: peak * 0.5,
-        12_499: peak * 12_499 / w,                # end of warm-up 1
-        12_500: 0.0,                              # warm-up 2 ramps again from 0
-        18_750: peak * 0.5,
-        24_999: peak * 12_499 / w,
+        0: peak / w,                              # ramp: peak * (t + 1) / w, never a step at lr 0
+        6_249: peak * 0.5,
+        12_499: peak,                             # end of warm-up 1 reaches the peak
+        12_500: peak / w,                         # warm-up 2 ramps again from peak / w
+        18_749: peak * 0.5,
+        24_999: peak,
         25_000: peak,                             # training stage starts at the peak
         25_000 + n // 2: peak * 0.5**0.9,
         249_999: peak * (1 / n) ** 0.9,

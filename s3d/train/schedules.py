@@ -188,8 +188,9 @@ _SCHED_CACHE: dict[tuple[Phase, float], Any] = {}
 def lr_at(phases: Sequence[Phase], step: int, poly_exponent: float = 0.9) -> float:
     """Learning rate of optimiser step ``step`` (0-based): timm's linear warm-up or PolyLR in the phase.
 
-    Ramp phases give ``peak * t / steps``, poly phases ``peak * (1 - t / steps) ** poly_exponent``,
-    with ``t = step - phase.start``.
+    Ramp phases give ``peak * (t + 1) / steps`` (the first warm-up step already moves the weights and
+    the last one reaches the peak, as in the authors' nnU-Net warm-up), poly phases
+    ``peak * (1 - t / steps) ** poly_exponent``, with ``t = step - phase.start``.
 
     Example:
         >>> lr_at(get_schedule("best").plan(1000), 100)
@@ -200,6 +201,8 @@ def lr_at(phases: Sequence[Phase], step: int, poly_exponent: float = 0.9) -> flo
     if key not in _SCHED_CACHE:
         _SCHED_CACHE[key] = _timm_scheduler(phase, poly_exponent)
     t = min(step - phase.start, phase.steps)
+    if phase.lr == "ramp":
+        t = min(t + 1, phase.steps)  # timm's warm-up value at t + 1 is peak * (t + 1) / steps; at steps, peak
     sched = _SCHED_CACHE[key]
     sched.step_update(num_updates=t)          # timm's public per-step API sets the group's lr
     return float(sched.optimizer.param_groups[0]["lr"])
