@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from synthetic_scans import write_t1_archive
 
 from s3d.data.pretrain_dataset import (
     RandomCropDataset,
@@ -27,14 +27,8 @@ TINY = {"recipe": "s3d-b", "architecture": "tiny", "batch_size": 2, "patch_size"
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    raw = tmp_path_factory.mktemp("raw")
-    rng = np.random.default_rng(0)
-    for i, shape in enumerate([(44, 40, 42), (36, 38, 40), (30, 48, 40), (40, 40, 40), (34, 36, 38)]):
-        d = np.zeros(shape, np.float32)
-        d[2:-2, 2:-2, 2:-2] = rng.gamma(2.0, 50.0, [n - 4 for n in shape])
-        p = raw / f"sub-{i:02d}" / "anat" / f"sub-{i:02d}_T1w.nii.gz"
-        p.parent.mkdir(parents=True)
-        nib.save(nib.Nifti1Image(d, np.eye(4)), str(p))
+    shapes = [(44, 40, 42), (36, 38, 40), (30, 48, 40), (40, 40, 40), (34, 36, 38)]
+    raw = write_t1_archive(tmp_path_factory.mktemp("raw"), shapes)
     out = tmp_path_factory.mktemp("prep")
     prepare(raw, out, ScanFilters(min_file_bytes=0, min_fov_mm=20.0), workers=0, progress=False)
     return out

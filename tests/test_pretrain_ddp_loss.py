@@ -20,10 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
+from synthetic_scans import write_t1_archive
 
 SIZE = (32, 32, 32)
 BLOCK = 8
@@ -86,14 +85,7 @@ def _worker(out: Path, data: Path) -> None:
 def prepared(tmp_path_factory) -> Path:
     from s3d.data.scan import ScanFilters, prepare
 
-    raw = tmp_path_factory.mktemp("raw")
-    rng = np.random.default_rng(0)
-    for i, shape in enumerate([(44, 40, 42), (36, 38, 40), (40, 40, 40), (34, 36, 38)]):
-        d = np.zeros(shape, np.float32)
-        d[2:-2, 2:-2, 2:-2] = rng.gamma(2.0, 50.0, [n - 4 for n in shape])
-        p = raw / f"sub-{i:02d}" / "anat" / f"sub-{i:02d}_T1w.nii.gz"
-        p.parent.mkdir(parents=True)
-        nib.save(nib.Nifti1Image(d, np.eye(4)), str(p))
+    raw = write_t1_archive(tmp_path_factory.mktemp("raw"), [(44, 40, 42), (36, 38, 40), (40, 40, 40), (34, 36, 38)])
     out = tmp_path_factory.mktemp("prep")
     prepare(raw, out, ScanFilters(min_file_bytes=0, min_fov_mm=20.0), workers=0, progress=False)
     return out
