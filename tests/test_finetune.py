@@ -254,7 +254,7 @@ def test_frozen_encoder_and_stem_in_warmup_options(tmp_path, sphere_ds) -> None:
                if k.startswith("encoder.stages."))
 
 
-def test_cli_finetune_writes_run_and_model(tmp_path, sphere_ds) -> None:
+def test_cli_finetune_writes_run_and_model(tmp_path, sphere_ds, capsys) -> None:
     from s3d.cli import main
     from s3d.data.nnunet import PreprocessingSpec
     from s3d.hub import load_pretrained
@@ -272,6 +272,10 @@ def test_cli_finetune_writes_run_and_model(tmp_path, sphere_ds) -> None:
     assert steps == [1, 2, 3, 4]
     assert [r["step"] for r in recs if "val_dice" in r] == [2, 4]
     assert all(math.isfinite(r["loss"]) for r in recs if "loss" in r)
+    # the CLI's last line reports the final sliding-window validation that metrics.jsonl holds
+    final = recs[-1]
+    assert final["val_mode"] == "sliding_window" and final["step"] == 4
+    assert f"final validation Dice {final['final_dice']:.4f} (sliding window)" in capsys.readouterr().out
     split = json.loads((out / "split.json").read_text())
     assert len(split["val"]) == 1 and len(split["train"]) == 3
     spec = PreprocessingSpec.load(out / "model" / "preprocessing.json")

@@ -92,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"s3d finetune: {e}", file=sys.stderr)
         return 1
-    last = trainer.val_history[-1]["val_dice"] if trainer.val_history else float("nan")
-    print(f"done: {trainer.step} steps, validation Dice {last:.4f}, model in {trainer.out / 'model'}")
+    if trainer.final_val is not None:
+        dice = f"final validation Dice {trainer.final_val['final_dice']:.4f} (sliding window)"
+    else:
+        last = trainer.val_history[-1]["val_dice"] if trainer.val_history else float("nan")
+        dice = f"validation Dice {last:.4f} (tiles)"
+    print(f"done: {trainer.step} steps, {dice}, model in {trainer.out / 'model'}")
     return 0

@@ -8,7 +8,8 @@ Order of this file: weight transfer (:func:`prepare_model`), :class:`FinetuneCon
 - :mod:`s3d.train.losses`: :class:`DiceCELoss` (with deep supervision);
 - :mod:`s3d.train.patches`: patch sampling (:func:`sample_patches`) and augmentation
   (:func:`augment_batch`);
-- :mod:`s3d.train.validation`: the cheap tiled validation Dice.
+- :mod:`s3d.train.validation`: the validation Dice (cheap tiles during training, sliding windows at
+  the end).
 
 Every public name of those modules is importable from here too.
 
@@ -54,7 +55,9 @@ from s3d.train.schedules import (
 )
 from s3d.train.schedules import Trains as Trains
 from s3d.train.validation import dice_per_label as dice_per_label
+from s3d.train.validation import predict_sliding_window as predict_sliding_window
 from s3d.train.validation import predict_tiled as predict_tiled
+from s3d.train.validation import validation_dice
 
 Strategy = Literal["all", "encoder"]
 
@@ -169,6 +172,12 @@ class FinetuneConfig:
         grad_clip: max gradient norm (nnU-Net: 12).
         momentum, weight_decay, poly_exponent: SGD and PolyLR settings (0.99, 3e-5, 0.9).
         num_val_cases: validate on at most this many held-out cases (``None`` = all).
+        final_validation: after the last step, validate once more on the same cases with the
+            prediction ``s3d predict`` makes (Gaussian-weighted sliding windows overlapping by half a
+            patch, :func:`s3d.infer.sliding_window_predict`) and log it as ``final_dice`` with
+            ``"val_mode": "sliding_window"``; the periodic validations (``val_dice``,
+            ``"val_mode": "tiles"``) use cheap non-overlapping tiles. On cases much larger than the
+            patch, overlap 0.5 means up to 2^3 = 8 times the forward passes of a tiled validation.
         progress: show a tqdm bar.
     """
 
@@ -202,6 +211,7 @@ class FinetuneConfig:
     weight_decay: float = 3e-5
     poly_exponent: float = 0.9
     num_val_cases: int | None = None
+    final_validation: bool = True
     progress: bool = True
 
     #: fields that must match when resuming
@@ -325,6 +335,7 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         self.history: list[StepRecord] = []
         self.val_history: list[dict[str, Any]] = []
+        self.final_val: dict[str, Any] | None = None
 
     # -- data --------------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
@@ -510,19 +521,64 @@ class Trainer:
         """Mean foreground Dice over the held-out cases (tiled prediction in preprocessed space)."""
         assert self.model is not None
         self.model.eval()
-        per_case = []
-        for case in self.val_cases:
-            pred = predict_tiled(self.model, np.asarray(case.data), self.patch_size, self.device,
-                                 self._autocast)
-            per_case.append(dice_per_label(pred, np.asarray(case.seg), self.labels))
-        self.model.train()
-        per_label = {str(v): float(np.nanmean([d[v] for d in per_case])) if per_case else float("nan")
-                     for v in self.labels}
-        mean = float(np.nanmean(list(per_label.values()))) if per_label else float("nan")
-        rec = {"step": self.step, "val_dice": mean, "val_dice_per_label": per_label}
+        try:
+            mean, per_label = validation_dice(
+                lambda data: predict_tiled(self.model, data, self.patch_size, self.device, self._autocast),
+                self.val_cases, self.labels)
+        finally:
+            self.model.train()
+        rec = {"step": self.step, "val_dice": mean, "val_dice_per_label": per_label, "val_mode": "tiles"}
         self.val_history.append(rec)
         self._log(rec)
         return rec
+
+    def final_validate(self) -> dict[str, Any]:
+        """Mean foreground Dice over the held-out cases as ``s3d predict`` predicts them (sliding windows).
+
+        Gaussian-weighted tiles overlapping by half a patch (:func:`s3d.infer.sliding_window_predict`'s
+        defaults), in preprocessed space, under the run's autocast dtype, from the full-resolution
+        output. Logs ``{"step", "final_dice", "final_dice_per_label", "val_mode": "sliding_window",
+        "val_time_s"}`` (``val_time_s``: seconds this validation took) and keeps it in ``self.final_val``.
+
+        Example:
+            >>> trainer.final_validate()["final_dice"]
+            0.91
+        """
+        from tqdm.auto import tqdm
+
+        assert self.model is not None
+        model, ds_flag = self.model, self.model.deep_supervision
+        model.eval()
+        model.deep_supervision = False  # only the full-resolution logits are used: skip the others
+        t0 = time.perf_counter()
+        cases = tqdm(self.val_cases, desc="final validation", unit="case", disable=not self.cfg.progress,
+                     leave=False)
+        try:
+            mean, per_label = validation_dice(
+                lambda data: predict_sliding_window(model, data, self.patch_size, self.device, self.amp_dtype),
+                cases, self.labels)
+        finally:
+            model.deep_supervision = ds_flag
+            model.train()
+        rec = {"step": self.step, "final_dice": mean, "final_dice_per_label": per_label,
+               "val_mode": "sliding_window", "val_time_s": round(time.perf_counter() - t0, 3)}
+        self.final_val = rec
+        self._log(rec)
+        return rec
+
+    def _logged_final_validation(self) -> dict[str, Any] | None:
+        """The final-validation record already in ``metrics.jsonl`` for this step (a finished run resumed)."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return None
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("val_mode") == "sliding_window" and rec.get("step") == self.step:
+                return rec
+        return None
 
     def train_step(self) -> StepRecord:
         """One optimiser step at ``self.step`` (phase switch, lr, batch, forward, backward, clip, update)."""
@@ -610,6 +666,11 @@ class Trainer:
         finally:
             bar.close()
         self.export(self.out / "model")
+        if cfg.final_validation and self.val_cases:
+            self.final_val = self._logged_final_validation()  # a finished run resumed: not twice
+            if self.final_val is None:
+                v = self.final_validate()
+                print(f"step {self.step}: final validation Dice (sliding window) {v['final_dice']:.4f}")
         return self.model  # type: ignore[return-value]
 
     def export(self, directory: str | os.PathLike[str]) -> Path:
