@@ -135,3 +135,34 @@ def test_build_method_unknown_name_is_a_clear_error() -> None:
     recipe = get_recipe("s3d-b").replace(method="no-such-method")
     with pytest.raises((ValueError, KeyError), match="no-such-method"):
         build_method(recipe, build_resenc_unet("tiny", in_channels=1, num_classes=1))
+
+
+def test_validation_loss_is_the_masked_voxel_mean_of_the_whole_set(prepared, tmp_path) -> None:
+    """Validation batches of unequal masked-voxel counts: the logged value is sum(err) / sum(masked) over
+    the whole held-out set (like the training loss over the global batch), not a mean of batch means."""
+    import torch.nn.functional as F
+
+    from s3d.data.pretrain_dataset import CenterCropDataset
+    from s3d.train.pretrain import _VAL, _Run, stream_seed
+
+    run = _Run(_cfg(prepared, tmp_path / "run", val_fraction=0.6, method_kwargs={"block_size": 8}))
+    assert len(run.val_files) == 3 and run.local_batch == 2  # batches of 2 and 1 images
+    value = run.validate()
+
+    # reference: per-voxel squared errors at the masked voxels, recomputed from each batch's output
+    ds = CenterCropDataset(run.val_files, run.recipe.patch_size)
+    torch.manual_seed(stream_seed(run.cfg.seed, 0, 0, _VAL))
+    err, count, batch_means = 0.0, 0.0, []
+    run.method.eval()
+    with torch.no_grad():
+        for idx in ([0, 1], [2]):
+            x = torch.stack([ds[j] for j in idx])
+            out = run.method(x)
+            masked = 1.0 - F.interpolate(out.mask.float(), size=x.shape[2:], mode="nearest")
+            e = float(((out.reconstruction.float() - x) ** 2 * masked).sum())
+            c = float(masked.sum()) * x.shape[1]
+            err, count = err + e, count + c
+            batch_means.append((e / c, len(idx)))
+    assert value == pytest.approx(err / count, rel=1e-5)
+    old = sum(m * n for m, n in batch_means) / 3  # the former per-image weighting of batch means
+    assert abs(old - err / count) > 1e-4 * err / count, "masks too alike for the test to tell the two apart"

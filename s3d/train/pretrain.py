@@ -431,17 +431,22 @@ class _Run:
         if not self.val_files:
             return None
         ds = CenterCropDataset(self.val_files, self.recipe.patch_size)
-        total, n = 0.0, 0
+        total, n = 0.0, 0.0
         self.method.eval()
         torch.manual_seed(stream_seed(self.cfg.seed, 0, 0, _VAL))
         for i in range(0, len(ds), self.local_batch):
             x = torch.stack([ds[j] for j in range(i, min(i + self.local_batch, len(ds)))])
             x = self._prepare_input(x)
             with self._autocast():
-                loss = self.method(x).loss
-            total, n = total + float(loss) * x.shape[0], n + x.shape[0]
+                out = self.method(x)
+            # weight each batch by its loss denominator (MAE: masked voxels) when the method reports it, so
+            # the value is the masked-voxel mean over the whole validation set, as the training loss is
+            # over the global batch; otherwise by its number of images
+            weight = getattr(out, "loss_weight", None)
+            w = float(weight) if weight is not None else float(x.shape[0])
+            total, n = total + float(out.loss) * w, n + w
         self.method.train()
-        return total / n
+        return total / n if n > 0 else float("nan")
 
     @torch.no_grad()
     def snapshot(self, step: int, fallback: torch.Tensor) -> Path | None:
