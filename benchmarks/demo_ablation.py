@@ -90,6 +90,61 @@ def finetune_arm(out: Path, root: Path, name: str, pretrained: Path | None, sche
     return res
 
 
+def linear_probe(root: Path, backbone_dir: Path | None, n_fit: int = 5, n_test: int = 5) -> list[float]:
+    """Test Dice per foreground class of a linear classifier on the features in front of the seg head.
+
+    The classifier (softmax regression, L-BFGS, features standardised) is fitted on 48^3 crops of
+    ``n_fit`` training cases and scored on crops of ``n_test`` test cases; ``backbone_dir`` None =
+    random weights (seed 0). Shows what the pre-trained features hold before any fine-tuning.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from s3d import build_resenc_unet, load_pretrained
+
+    torch.manual_seed(0)
+    net = (build_resenc_unet(ARCH, in_channels=1, num_classes=4, deep_supervision=False) if backbone_dir is None
+           else load_pretrained(backbone_dir, in_channels=1, num_classes=4)).eval()
+    ds = next(root.glob("Dataset*"))
+    crop = tuple(slice(0, p) for p in PATCH)
+
+    def case(split: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = sorted((ds / f"images{split}").glob("*_0000.nii.gz"))[i]
+        lab = ds / f"labels{split}" / img.name.replace("_0000", "")
+        x = np.asarray(nib.load(str(img)).dataobj, np.float32)
+        x = (x - x.mean()) / x.std()
+        feats: dict[str, torch.Tensor] = {}
+        hook = net.decoder.seg_layers[-1].register_forward_hook(lambda m, a, o: feats.setdefault("f", a[0]))
+        with torch.no_grad():
+            net(torch.from_numpy(x[crop])[None, None])
+        hook.remove()
+        y = torch.from_numpy(np.asarray(nib.load(str(lab)).dataobj).astype(np.int64)[crop]).flatten()
+        return feats["f"][0].flatten(1).T, y
+
+    fit = [case("Tr", i) for i in range(n_fit)]
+    f, y = torch.cat([a for a, _ in fit]), torch.cat([b for _, b in fit])
+    mu, sd = f.mean(0), f.std(0) + 1e-6
+    w = torch.zeros(f.shape[1], 4, requires_grad=True)
+    b = torch.zeros(4, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200)
+    fn = (f - mu) / sd
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(fn @ w + b, y) + 1e-4 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    dice = []
+    for i in range(n_test):
+        ft, yt = case("Ts", i)
+        pred = (((ft - mu) / sd) @ w + b).argmax(1)
+        dice.append([float(2 * ((pred == k) & (yt == k)).sum() / max(1, int((pred == k).sum() + (yt == k).sum())))
+                     for k in (1, 2, 3)])
+    return [float(v) for v in np.mean(dice, 0)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo_ablation"))
@@ -98,8 +153,13 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps per run")
     ap.add_argument("--n-train", type=int, default=5)
+    ap.add_argument("--probe", action="store_true",
+                    help="also print a linear probe (test Dice of CSF/GM/WM) of random and pre-trained features")
     a = ap.parse_args()
     root = cohort(a.out)
+    if a.probe:
+        print("linear probe, test Dice CSF / GM / WM:")
+        print("  random weights: " + " / ".join(f"{v:.3f}" for v in linear_probe(root, None)), flush=True)
     rows = []
     for arm in a.arms:
         if arm == "scratch":
@@ -112,6 +172,9 @@ def main() -> None:
                 raise SystemExit(f"--arms: cannot read {arm!r}; expected e.g. 8c600s:best or 8c600s0.05:no_warmup")
             lr = float(m[3]) if m[3] else None
             pre, schedule = backbone(a.out, root, int(m[1]), int(m[2]), lr), m[4]
+            if a.probe:
+                probe = " / ".join(f"{v:.3f}" for v in linear_probe(root, pre))
+                print(f"  {arm.split(':')[0]}: {probe}", flush=True)
         res = [finetune_arm(a.out, root, arm.split(":")[0], pre, schedule, a.steps, a.n_train, s) for s in a.seeds]
         rows.append((arm, res))
         print(f"{arm}: " + " / ".join(f"{r['dice']:.3f}" for r in res), flush=True)
