@@ -498,19 +498,24 @@ class Trainer:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _truncate_log(self, step: int) -> None:
+    def _read_log(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(line, record)`` of every readable line of ``metrics.jsonl`` (a line torn by a kill is skipped)."""
         path = self.out / "metrics.jsonl"
         if not path.exists():
-            return
-        keep = []
+            return []
+        out = []
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                rec = json.loads(line)
+                out.append((line, json.loads(line)))
             except json.JSONDecodeError:
-                continue  # a line torn by the kill
-            if rec.get("step", 0) <= step:
-                keep.append(line)
-        write_text_atomic(path, "".join(k + "\n" for k in keep))
+                continue
+        return out
+
+    def _truncate_log(self, step: int) -> None:
+        if not (self.out / "metrics.jsonl").exists():
+            return
+        keep = [line for line, rec in self._read_log() if rec.get("step", 0) <= step]
+        write_text_atomic(self.out / "metrics.jsonl", "".join(k + "\n" for k in keep))
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -568,17 +573,8 @@ class Trainer:
 
     def _logged_final_validation(self) -> dict[str, Any] | None:
         """The final-validation record already in ``metrics.jsonl`` for this step (a finished run resumed)."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return None
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("val_mode") == "sliding_window" and rec.get("step") == self.step:
-                return rec
-        return None
+        return next((rec for _, rec in self._read_log()
+                     if rec.get("val_mode") == "sliding_window" and rec.get("step") == self.step), None)
 
     def train_step(self) -> StepRecord:
         """One optimiser step at ``self.step`` (phase switch, lr, batch, forward, backward, clip, update)."""
