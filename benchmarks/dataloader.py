@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from s3d._fs import write_json_atomic
-from s3d.data.augment import BatchAugment
+from s3d.augment import Augment, AugmentConfig
 from s3d.data.pretrain_dataset import build_pretrain_loader
 from s3d.data.store import open_volume, random_crop_start, read_crop, save_volume
 
@@ -123,7 +123,7 @@ def bench_s3d(files: list[str], patch: int, batch: int, batches: int, workers: i
     warm = 2
     loader = build_pretrain_loader(files, (patch,) * 3, batch, 0, batches + warm, seed=0, workers=workers,
                                    pin_memory=device.startswith("cuda"))
-    aug = BatchAugment()
+    aug = Augment(AugmentConfig.pretraining())
     t0 = None
     for i, x in enumerate(loader):
         if i == warm:

@@ -50,7 +50,8 @@ def cohort(out: Path) -> Path:
 def backbone(out: Path, root: Path, cells: int, steps: int, lr: float | None) -> Path:
     """Pre-train (cached) and return the backbone folder; steps 0 = random weights (the control)."""
     from s3d import build_resenc_unet, save_pretrained
-    from s3d.train.pretrain import PretrainConfig, pretrain
+    from s3d.pretrain import PretrainConfig
+    from s3d.pretrain import run as pretrain
 
     run = out / "pretrain" / f"c{cells}_s{steps}_lr{lr}"
     if (run / "backbone").exists():
@@ -70,9 +71,9 @@ def backbone(out: Path, root: Path, cells: int, steps: int, lr: float | None) ->
 
 def finetune_arm(out: Path, root: Path, name: str, pretrained: Path | None, schedule: str, steps: int, n: int,
                  seed: int) -> dict:
+    from s3d.finetune import run as finetune
     from s3d.infer import predict_folder
     from s3d.metrics import evaluate_folder
-    from s3d.train.finetune import finetune
 
     ds = next(root.glob("Dataset*"))
     run = out / "finetune" / f"{name}_{schedule}_{steps}_n{n}_seed{seed}"

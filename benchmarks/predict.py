@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--tile-batch", type=int, default=4)
     p.add_argument("--classes", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
@@ -60,7 +60,7 @@ def main() -> None:
     size = tuple(args.size) * 3 if len(args.size) == 1 else tuple(args.size)
     patch = tuple(args.patch) * 3 if len(args.patch) == 1 else tuple(args.patch)
     device = torch.device(args.device)
-    amp = None if args.amp == "none" else args.amp
+    amp = args.amp
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     net = s3d.build_resenc_unet(args.config, in_channels=1, num_classes=args.classes).to(device).eval()
     counter = TileCounter(net)
@@ -73,7 +73,7 @@ def main() -> None:
 
     def run_s3d() -> None:
         outputs["s3d"] = sliding_window_predict(counter, x, patch, step=args.step, tile_batch=args.tile_batch,
-                                                device=device, amp_dtype=amp)
+                                                device=device, amp=amp)
 
     def run_monai(weights: torch.Tensor | None = None, key: str = "monai") -> None:
         with torch.inference_mode(), ctx():

@@ -2,7 +2,7 @@
 
 One step = batched augmentation on the device + forward of the recipe's method (sparse MAE) +
 backward (with GradScaler for fp16) + grad-norm clipping + SGD + PolyLR, as in
-:mod:`s3d.train.pretrain`. Variants: ``fp32``, ``bf16``, ``fp16`` (CUDA), ``channels_last``
+:mod:`s3d.pretrain.loop`. Variants: ``fp32``, ``bf16``, ``fp16`` (CUDA), ``channels_last``
 (fp32 / bf16 on CUDA) and ``compile`` (torch.compile, bf16 on CUDA).
 
     python benchmarks/pretrain_step.py --recipe s3d-b --patch 160 --batch 6 --device cuda
@@ -21,25 +21,25 @@ import platform
 import torch
 
 from s3d._profiling import measure
-from s3d.data.augment import BatchAugment
+from s3d.augment import Augment, AugmentConfig
 from s3d.nn import build_resenc_unet
-from s3d.train.pretrain import build_method
-from s3d.train.recipes import build_optimizer, build_scheduler, get_recipe
+from s3d.pretrain import build_method, get_recipe
+from s3d.runtime.lr import lr_at, set_lr
+from s3d.runtime.optim import backward_and_step, grad_scaler, sgd
 
 
 def make_step(recipe, device: torch.device, amp: torch.dtype | None, channels_last: bool, compile_: bool,
               batch: int, patch: int):
     torch.manual_seed(0)
     net = build_resenc_unet(recipe.architecture, in_channels=1, num_classes=1, deep_supervision=False)
-    method = build_method(recipe, net).to(device)
+    method = build_method(recipe.method, net, **recipe.method_kwargs).to(device)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     method = method.to(memory_format=fmt)
-    opt = build_optimizer(recipe, method)
-    sched = build_scheduler(recipe, opt)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    opt = sgd(method.parameters(), recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    scaler = grad_scaler(amp, device)
     model = torch.compile(method) if compile_ else method
-    params = [p for p in method.parameters() if p.requires_grad]
-    aug = BatchAugment()
+    phases = recipe.lr_phases()
+    aug = Augment(AugmentConfig.pretraining())
     x0 = torch.randn(batch, 1, patch, patch, patch, device=device)
     def ctx():
         return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
@@ -48,15 +48,11 @@ def make_step(recipe, device: torch.device, amp: torch.dtype | None, channels_la
     def step() -> None:
         state["i"] += 1
         x = aug(x0, torch.Generator().manual_seed(state["i"])).contiguous(memory_format=fmt)
+        set_lr(opt, lr_at(phases, state["i"], recipe.poly_exponent))
+        opt.zero_grad(set_to_none=True)
         with ctx():
             loss = model(x).loss
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip or float("inf"))
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+        backward_and_step(loss, opt, scaler, recipe.grad_clip)
 
     return step
 

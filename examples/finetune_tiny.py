@@ -20,7 +20,8 @@ import numpy as np
 
 import s3d
 from s3d.data.io import write_nifti
-from s3d.finetune import finetune, get_schedule
+from s3d.finetune import get_schedule
+from s3d.finetune import run as finetune
 from s3d.hub import save_pretrained
 
 

@@ -350,7 +350,7 @@ Curve = list[tuple[int, float]]
 
 def _finetune_run(dataset: Path, run_dir: Path, pretrained: str | None, n_train: int, steps: int,
                   s: DemoSettings, device: str) -> tuple[float, Curve, Curve]:
-    from s3d.train.finetune import finetune
+    from s3d.finetune import run as finetune
 
     t0 = time.perf_counter()
     # the paper's warm-ups are 12.5k of 250k steps each (5 %); at least one step each here
@@ -454,7 +454,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     from s3d.data.demo import write_demo_cohort
     from s3d.data.scan import ScanFilters, prepare
     from s3d.infer import predict_folder
-    from s3d.train.pretrain import PretrainConfig, pretrain
+    from s3d.pretrain import PretrainConfig
+    from s3d.pretrain import run as pretrain
 
     s = settings
     t_start = time.perf_counter()
@@ -462,7 +463,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     if s.finetune_steps is not None and s.finetune_steps < 4:
         raise ValueError(f"finetune_steps (--finetune-steps) must be >= 4 (two warm-ups and training), "
                          f"got {s.finetune_steps}")
-    from s3d.train.finetune import SCHEDULES
+    from s3d.finetune import SCHEDULES
 
     if s.schedule not in SCHEDULES:
         raise ValueError(f"schedule (--schedule) must be one of {sorted(SCHEDULES)}, got {s.schedule!r}")

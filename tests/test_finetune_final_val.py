@@ -11,8 +11,9 @@ import torch
 
 pytest.importorskip("scipy")
 
+from s3d.finetune import FinetuneConfig, Trainer  # noqa: E402
+from s3d.finetune.validation import predict_tiled  # noqa: E402
 from s3d.infer import sliding_window_predict  # noqa: E402
-from s3d.train.finetune import FinetuneConfig, Trainer, predict_tiled  # noqa: E402
 from tests.test_nnunet_data import make_sphere_dataset  # noqa: E402
 
 
@@ -66,8 +67,8 @@ def test_final_validation_is_sliding_window_dice_logged_once(tmp_path: Path, ds4
     assert tr.model.deep_supervision and final["val_time_s"] >= 0
 
     # resuming the finished run does not validate (or log) again
-    again = Trainer(_cfg(tmp_path, "run"))
-    again.fit(resume=True)
+    again = Trainer(_cfg(tmp_path, "run", resume=True))
+    again.fit()
     assert _records(tmp_path, "run") == recs and again.final_val == final
 
 
@@ -78,7 +79,7 @@ def test_final_validation_switch_off_then_resumed_on(tmp_path: Path, ds40: Path)
     assert tr.final_val is None and not any("final_dice" in r for r in recs)
     assert [r["step"] for r in recs if "val_dice" in r] == [2]
     # the finished run resumed with the switch on: the final validation runs, once
-    on = Trainer(_cfg(tmp_path, "off", steps=2, final_validation=True))
-    on.fit(resume=True)
+    on = Trainer(_cfg(tmp_path, "off", steps=2, final_validation=True, resume=True))
+    on.fit()
     recs = _records(tmp_path, "off")
     assert [r["step"] for r in recs if "final_dice" in r] == [2] and recs[-1] == on.final_val

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from s3d.augment import mirror
 from s3d.nn import build_resenc_unet
-from s3d.pretext import METHODS, ModelsGenesis, VoCo, VolumeFusion, build
+from s3d.pretext import ModelsGenesis, VoCo, VolumeFusion
 from s3d.pretext.genesis import (
-    apply_flips,
     bezier_curves,
     local_pixel_shuffle,
     nonlinear_intensity,
@@ -21,6 +21,7 @@ from s3d.pretext.genesis import (
 )
 from s3d.pretext.voco import base_grid, extract_crops, overlap_targets
 from s3d.pretext.volume_fusion import fusion_labels, rectangle_side_range, sample_fusion_boxes
+from s3d.pretrain.methods import METHODS, build_method
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -130,7 +131,7 @@ def test_mg_flips_match_numpy_and_module_target() -> None:
     x = torch.randn(4, 1, 32, 32, 32)
     flip = torch.tensor([[True, False, True], [False, False, False], [False, True, False],
                          [True, True, True]])
-    y = apply_flips(x, flip)
+    y = mirror(x, flip)  # s3d.augment's mirroring, which MG uses
     for i in range(4):
         axes = tuple(a + 1 for a in range(3) if flip[i, a])
         ref = np.flip(x[i].numpy(), axes) if axes else x[i].numpy()
@@ -251,8 +252,8 @@ def test_voco_crops_and_loss_decreases() -> None:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_build_export_and_unknown(name: str) -> None:
     kw = {"crop_size": (32, 16, 16), "num_targets": 2, "proj_hidden": 32, "proj_dim": 16}
-    kw = kw if name == "voco" else {}
-    method = build(name, _tiny(), **kw)
+    kw = kw if name == "voco" else ({"block_size": 16} if name == "mae" else {})
+    method = build_method(name, _tiny(), **kw)
     state = method.export_backbone()
     net = build_resenc_unet(method.backbone.config)
     net.load_state_dict(state)  # strict
@@ -262,10 +263,10 @@ def test_build_export_and_unknown(name: str) -> None:
     a = method(torch.ones(shape)).loss
     torch.manual_seed(3)
     assert torch.equal(a, method(torch.ones(shape)).loss)  # seeded by the global RNG (the trainer's)
-    with pytest.raises(TypeError, match="bad method_kwargs"):
-        build(name, _tiny(), no_such_arg=1)
+    with pytest.raises(ValueError, match="bad method_kwargs"):
+        build_method(name, _tiny(), no_such_arg=1)
 
 
 def test_build_unknown_method() -> None:
     with pytest.raises(ValueError, match="unknown pre-training method 'simclr'"):
-        build("simclr", _tiny())
+        build_method("simclr", _tiny())

@@ -16,7 +16,7 @@ import s3d.pretext  # noqa: E402,F401  (registers the recipes "mg", "vf", "voco"
 from s3d.cli import main  # noqa: E402
 from s3d.hub import load_pretrained  # noqa: E402
 from s3d.nn import build_resenc_unet  # noqa: E402
-from s3d.train.recipes import get_recipe, list_recipes  # noqa: E402
+from s3d.pretrain import get_recipe, list_recipes  # noqa: E402
 from tests.test_nnunet_data import make_sphere_dataset  # noqa: E402
 from tests.test_pretrain import prepared  # noqa: E402,F401  (module fixture: 5 tiny prepared images)
 
@@ -35,9 +35,10 @@ def test_recipes_hold_appendix_a() -> None:
     assert get_recipe("vf").method_kwargs["num_rectangles"] == [10, 40]
     assert get_recipe("mg").method_kwargs["outpaint_rate"] == 0.8
     # the paper-scale modules build from the recipes (VoCo: 3x3 grid of 64^3 crops)
-    from s3d.train.pretrain import build_method
+    from s3d.pretrain import build_method
 
-    voco = build_method(get_recipe("voco"), build_resenc_unet("tiny", in_channels=1, num_classes=1))
+    r = get_recipe("voco")
+    voco = build_method(r.method, build_resenc_unet("tiny", in_channels=1, num_classes=1), **r.method_kwargs)
     assert voco.crop_size == (64, 64, 64) and voco.num_targets == 5
 
 
@@ -85,7 +86,8 @@ def test_pretrain_cli_then_finetune(method: str, prepared: Path, sphere_ds: Path
 @pytest.mark.parametrize("method", ["mg", "vf"])
 def test_kill_and_resume_is_bitwise(method: str, prepared: Path, tmp_path: Path) -> None:  # noqa: F811
     """The methods draw only from the trainer's per-step seeded streams: a resumed run is bitwise equal."""
-    from s3d.train.pretrain import PretrainConfig, pretrain, read_metrics
+    from s3d.pretrain import PretrainConfig, read_metrics
+    from s3d.pretrain import run as pretrain
 
     common = dict(data=str(prepared), recipe=method, architecture="tiny", steps=4, batch_size=2,
                   patch_size=(32, 32, 32), workers=0, progress=False, val_fraction=0.2, val_every=0,

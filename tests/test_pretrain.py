@@ -19,7 +19,9 @@ from s3d.data.pretrain_dataset import (
     split_subjects,
 )
 from s3d.data.scan import ScanFilters, prepare
-from s3d.train.pretrain import PretrainConfig, build_method, load_checkpoint, pretrain, read_metrics
+from s3d.pretrain import PretrainConfig, build_method, read_metrics
+from s3d.pretrain import run as pretrain
+from s3d.runtime.checkpoint import load_checkpoint
 
 TINY = {"recipe": "s3d-b", "architecture": "tiny", "batch_size": 2, "patch_size": (32, 32, 32),
         "method_kwargs": {"block_size": 16}, "workers": 0, "progress": False, "val_fraction": 0.2}
@@ -44,7 +46,7 @@ def test_kill_and_resume_is_bitwise(prepared: Path, tmp_path: Path) -> None:
     assert full["finished"] and full["step"] == 20
     killed = pretrain(_cfg(prepared, tmp_path / "cut", stop_after=10, **common))
     assert not killed["finished"] and killed["step"] == 10 and "backbone" not in killed
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint_latest.pt")["step"] == 10
+    assert load_checkpoint(tmp_path / "cut", job="pretrain")["step"] == 10
     # a killed process may have logged steps after its last checkpoint: they must be dropped
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
         f.write('{"step": 11, "loss": 123.0}\n')
@@ -56,8 +58,8 @@ def test_kill_and_resume_is_bitwise(prepared: Path, tmp_path: Path) -> None:
     assert sorted(b) == list(range(1, 21))
     assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]  # bitwise equal floats
     assert read_metrics(tmp_path / "full", "val_loss") == read_metrics(tmp_path / "cut", "val_loss")
-    sa = load_checkpoint(tmp_path / "full" / "checkpoint_latest.pt")["model"]
-    sb = load_checkpoint(tmp_path / "cut" / "checkpoint_latest.pt")["model"]
+    sa = load_checkpoint(tmp_path / "full", job="pretrain")["model"]
+    sb = load_checkpoint(tmp_path / "cut", job="pretrain")["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert len(list((tmp_path / "full" / "snapshots").glob("*.png"))) == 2
 
@@ -69,7 +71,7 @@ def test_exports_load_back(prepared: Path, tmp_path: Path) -> None:
 
     res = pretrain(_cfg(prepared, tmp_path / "run", steps=3, checkpoint_every=3, val_every=0,
                         snapshot_every=3))
-    trained = load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")["model"]
+    trained = load_checkpoint(tmp_path / "run", job="pretrain")["model"]
     backbone = {k[len("backbone."):]: v for k, v in trained.items() if k.startswith("backbone.")}
     net = load_pretrained(res["backbone"], num_classes=1)
     assert net.config.name == "tiny"
@@ -89,10 +91,11 @@ def test_torchrun_two_processes_then_single_process_resume(prepared: Path, tmp_p
            "-m", "s3d", "pretrain", "--data", str(prepared), "--out", str(run), "--config", "tiny",
            "--steps", "4", "--stop-after", "3", "--batch-size", "2", "--patch-size", "32",
            "--method-kwargs", '{"block_size": 16}', "--workers", "0", "--device", "cpu",
-           "--checkpoint-every", "3", "--val-every", "0", "--snapshot-every", "0", "--no-progress"]
+           "--checkpoint-every", "3", "--val-every", "0", "--snapshot-every", "0", "--no-progress",
+           "--val-fraction", "0.2"]  # the settings of _cfg, so that the single-process run may resume it
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ckpt = load_checkpoint(run / "checkpoint_latest.pt")
+    ckpt = load_checkpoint(run, job="pretrain")
     assert ckpt["step"] == 3 and ckpt["data"]["world_size"] == 2 and ckpt["data"]["local_batch"] == 1
     assert sorted(read_metrics(run)) == [1, 2, 3]
     with pytest.warns(UserWarning, match="2 process"):
@@ -130,11 +133,9 @@ def test_split_and_shard() -> None:
 
 def test_build_method_unknown_name_is_a_clear_error() -> None:
     from s3d.nn import build_resenc_unet
-    from s3d.train.recipes import get_recipe
 
-    recipe = get_recipe("s3d-b").replace(method="no-such-method")
-    with pytest.raises((ValueError, KeyError), match="no-such-method"):
-        build_method(recipe, build_resenc_unet("tiny", in_channels=1, num_classes=1))
+    with pytest.raises(ValueError, match="unknown pre-training method 'no-such-method'"):
+        build_method("no-such-method", build_resenc_unet("tiny", in_channels=1, num_classes=1))
 
 
 def test_validation_loss_is_the_masked_voxel_mean_of_the_whole_set(prepared, tmp_path) -> None:
@@ -143,9 +144,10 @@ def test_validation_loss_is_the_masked_voxel_mean_of_the_whole_set(prepared, tmp
     import torch.nn.functional as F
 
     from s3d.data.pretrain_dataset import CenterCropDataset
-    from s3d.train.pretrain import _VAL, _Run, stream_seed
+    from s3d.pretrain.loop import _VAL, PretrainRun
+    from s3d.runtime.optim import stream_seed
 
-    run = _Run(_cfg(prepared, tmp_path / "run", val_fraction=0.6, method_kwargs={"block_size": 8}))
+    run = PretrainRun(_cfg(prepared, tmp_path / "run", val_fraction=0.6, method_kwargs={"block_size": 8}))
     assert len(run.val_files) == 3 and run.local_batch == 2  # batches of 2 and 1 images
     value = run.validate()
 

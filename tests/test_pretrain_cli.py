@@ -6,7 +6,7 @@ import pytest
 
 from s3d.cli import main
 from s3d.commands.pretrain import resolve_recipe
-from s3d.train.recipes import get_recipe
+from s3d.pretrain import get_recipe
 
 
 @pytest.mark.parametrize("method, expected", [(None, "s3d-b"), ("mae", "s3d-b"), ("mg", "mg"), ("vf", "vf"),

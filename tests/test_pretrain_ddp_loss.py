@@ -4,9 +4,9 @@ One real 2-process gloo run (``torchrun``, this file as the worker script) does 
 
 1. a DDP forward/backward of a tiny ``SparseMAEWrapper`` on its own sample with an explicit keep
    grid (rank 0: 38 of 64 cells masked, rank 1: 58), once with
-   :func:`s3d.train.distributed.global_weighted_loss` (the trainer's path) and once with the plain
+   :func:`s3d.runtime.distributed.global_weighted_loss` (the trainer's path) and once with the plain
    per-rank loss (the old behaviour); the averaged gradients are saved;
-2. one step of :func:`s3d.train.pretrain.pretrain` (mask ratio drawn per sample from U[0.6, 0.9]).
+2. one step of :func:`s3d.pretrain.run` (mask ratio drawn per sample from U[0.6, 0.9]).
 
 The parent compares (1) with one process computing the loss on the concatenated batch with the same
 masks, and the logged loss of (2) with the global masked mean recomputed from each rank's crop and mask.
@@ -59,8 +59,9 @@ def _worker(out: Path, data: Path) -> None:
     """Runs on every rank under torchrun."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from s3d.train.distributed import global_weighted_loss, init_distributed
-    from s3d.train.pretrain import PretrainConfig, pretrain
+    from s3d.pretrain import PretrainConfig
+    from s3d.pretrain import run as pretrain
+    from s3d.runtime.distributed import global_weighted_loss, init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed("cpu")
@@ -137,7 +138,9 @@ def test_logged_loss_is_global_masked_mean(ddp_run: Path, prepared: Path) -> Non
     from s3d.data.pretrain_dataset import build_pretrain_loader, shard_cases, split_subjects
     from s3d.data.scan import read_manifest, training_cases
     from s3d.nn import build_resenc_unet
-    from s3d.train.pretrain import _METHOD, PretrainConfig, build_method, read_metrics, stream_seed
+    from s3d.pretrain import PretrainConfig, build_method, read_metrics
+    from s3d.pretrain.loop import _METHOD
+    from s3d.runtime.optim import stream_seed
 
     logged = read_metrics(ddp_run / "run")
     assert sorted(logged) == [1]
@@ -147,7 +150,7 @@ def test_logged_loss_is_global_masked_mean(ddp_run: Path, prepared: Path) -> Non
     train, _ = split_subjects(training_cases(read_manifest(prepared), prepared), 0.0, cfg.seed)
     torch.manual_seed(cfg.seed)
     backbone = build_resenc_unet("tiny", in_channels=1, num_classes=1, deep_supervision=False)
-    method = build_method(recipe, backbone).train()
+    method = build_method(recipe.method, backbone, **recipe.method_kwargs).train()
     sums, weights, means = [], [], []
     for r in (0, 1):
         files = [c["file"] for c in shard_cases(train, r, 2)]

@@ -8,22 +8,24 @@ import json
 import pytest
 import torch
 
-import s3d.train.recipes as recipes_mod
+import s3d.pretrain.recipes as recipes_mod
+import s3d.runtime.lr as lr_mod
 from s3d import build_resenc_unet
-from s3d.sparse import SparseMAEWrapper
-from s3d.train.recipes import (
+from s3d.pretrain.recipes import (
     RECIPES,
     PretrainRecipe,
-    build_optimizer,
-    build_scheduler,
     get_recipe,
     list_recipes,
     register_recipe,
 )
+from s3d.runtime.lr import lr_at
+from s3d.runtime.optim import sgd
+from s3d.sparse import SparseMAEWrapper
 
 
 def test_doctests() -> None:
     assert doctest.testmod(recipes_mod).failed == 0
+    assert doctest.testmod(lr_mod).failed == 0
 
 
 def test_s3d_b_and_l_match_the_paper() -> None:
@@ -79,47 +81,27 @@ def test_registry_is_protected_and_errors_name_things() -> None:
 def test_optimizer_and_per_step_poly_schedule() -> None:
     r = get_recipe("s3d-b").replace(steps=50)
     model = torch.nn.Linear(3, 1)
-    opt = build_optimizer(r, model)
+    opt = sgd(model.parameters(), r.lr, momentum=r.momentum, nesterov=r.nesterov, weight_decay=r.weight_decay)
     group = opt.param_groups[0]
     got = (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"])
     assert got == (1e-2, 0.99, True, 3e-5)
-    sched = build_scheduler(r, opt)
-    lrs = []
-    for _ in range(r.steps):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    ref = [1e-2 * (1 - t / 50) ** 0.9 for t in range(50)]  # nnU-Net's PolyLR, per step
-    assert lrs == pytest.approx(ref, rel=1e-12)
-    assert opt.param_groups[0]["lr"] == 0.0
-    # resuming from state_dict continues the same schedule
-    opt2 = build_optimizer(r, model)
-    sched2 = build_scheduler(r, opt2)
-    for _ in range(20):
-        opt2.step()
-        sched2.step()
-    opt3 = build_optimizer(r, model)
-    sched3 = build_scheduler(r, opt3)
-    sched3.load_state_dict(sched2.state_dict())
-    opt3.load_state_dict(opt2.state_dict())
-    assert opt3.param_groups[0]["lr"] == pytest.approx(ref[20], rel=1e-12)
+    lrs = [lr_at(r.lr_phases(), t, r.poly_exponent) for t in range(r.steps + 2)]
+    ref = [1e-2 * (1 - t / 50) ** 0.9 for t in range(50)]  # nnU-Net's PolyLR, per step (the formula)
+    assert lrs[:50] == pytest.approx(ref, rel=1e-12)
+    assert lrs[50:] == [0.0, 0.0]  # 0 from the end on
+    # a pure function of the step: a resumed run at step 20 gets the same lr without any saved state
+    assert lr_at(get_recipe("s3d-b").replace(steps=50).lr_phases(), 20) == lrs[20]
 
 
 def test_warmup() -> None:
     r = get_recipe("s3d-b").replace(steps=20, warmup_steps=4, lr=1.0)
-    opt = build_optimizer(r, torch.nn.Linear(1, 1))
-    sched = build_scheduler(r, opt)
-    lrs = []
-    for _ in range(20):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
-    assert lrs[10] == pytest.approx((1 - 6 / 16) ** 0.9)
+    lrs = [lr_at(r.lr_phases(), t, r.poly_exponent) for t in range(20)]
+    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0], rel=1e-15)  # peak * (t + 1) / 4, then poly
+    assert lrs[10] == pytest.approx((1 - 6 / 16) ** 0.9, rel=1e-15)
 
 
-def test_build_optimizer_skips_frozen() -> None:
+def test_optimizer_skips_frozen() -> None:
     mae = SparseMAEWrapper(build_resenc_unet("tiny", num_classes=1))
-    opt = build_optimizer(get_recipe("s3d-b"), mae)
+    opt = sgd(mae.parameters(), 1e-2)
     n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_opt == sum(p.numel() for p in mae.parameters() if p.requires_grad)

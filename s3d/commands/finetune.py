@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from s3d.commands._common import AMP_CHOICES
+
 _TABLE8 = {"25k": 25_000, "37.5k": 37_500, "50k": 50_000, "75k": 75_000, "150k": 150_000, "275k": 275_000}
 
 
@@ -44,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                   help="autocast: auto (bf16 on GPUs that support it, else fp16; off on CPU), bf16, fp16, off")
     p.add_argument("--channels-last", action="store_true", help="channels_last_3d on GPU")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_latest.pt")
     p.add_argument("--no-progress", action="store_true")
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from s3d.data.nnunet import DatasetError
-    from s3d.train.finetune import PAPER_STEPS, PAPER_WARMUP_STEPS, SCHEDULES, FinetuneConfig, Trainer
+    from s3d.finetune import PAPER_STEPS, PAPER_WARMUP_STEPS, SCHEDULES, FinetuneConfig, Trainer
 
     if args.list_schedules:
         for name, s in SCHEDULES.items():
@@ -81,11 +84,11 @@ def run(args: argparse.Namespace) -> int:
         target_spacing_mm=tuple(args.spacing), deep_supervision=not args.no_deep_supervision,
         augment=not args.no_augment, val_fraction=args.val_fraction, n_train=args.n_train,
         val_every=args.val_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-        amp=args.amp, channels_last=args.channels_last, progress=not args.no_progress,
+        amp=args.amp, channels_last=args.channels_last, resume=args.resume, progress=not args.no_progress,
     )
     try:
         trainer = Trainer(cfg)
-        trainer.fit(resume=args.resume)
+        trainer.fit()
     except DatasetError as e:
         print(str(e), file=sys.stderr)
         return 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from s3d.commands._common import AMP_CHOICES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -21,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="distance between tiles as a fraction of the patch (default: 0.5)")
     p.add_argument("--mirror", action="store_true", help="mirror test-time augmentation over all 3 axes (8x)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
-                   help="autocast dtype for the network (default: none = fp32)")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="off",
+                   help="autocast for the network: off (fp32, default), auto (bf16 on GPUs that support it, "
+                        "else fp16; off on CPU), bf16, fp16")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                    help="tile size in voxels (default: preprocessing.json's patch_size)")
     p.add_argument("--save-probabilities", action="store_true",
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         written = predict_folder(
             args.input, args.output, args.model, step=args.step, mirror=args.mirror,
             tile_batch=args.tile_batch, device=args.device,
-            amp_dtype=None if args.amp == "none" else args.amp, patch_size=args.patch_size,
+            amp=args.amp, patch_size=args.patch_size,
             save_probabilities=args.save_probabilities, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
         print(f"s3d predict: {e}", file=sys.stderr)

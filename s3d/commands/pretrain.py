@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from s3d.commands._common import AMP_CHOICES
+
 
 def _patch(values: list[int] | None) -> tuple[int, int, int] | None:
     if values is None:
@@ -26,15 +28,12 @@ def _patch(values: list[int] | None) -> tuple[int, int, int] | None:
     raise SystemExit(f"--patch-size: give 1 or 3 integers, got {values}")
 
 
-#: The recipe each ``--method`` starts from.
-METHOD_DEFAULT_RECIPE = {"mae": "s3d-b", "mg": "mg", "vf": "vf", "voco": "voco"}
-
-
 def resolve_recipe(recipe: str | None, method: str | None) -> str:
-    """The recipe name from ``--recipe`` / ``--method``; a recipe of another method is an error."""
-    from s3d.train.recipes import get_recipe
+    """The recipe name from ``--recipe`` / ``--method`` (the method's default recipe,
+    :data:`s3d.pretrain.METHODS`); a recipe of another method is an error."""
+    from s3d.pretrain import get_method, get_recipe
 
-    name = recipe or METHOD_DEFAULT_RECIPE[method or "mae"]
+    name = recipe or get_method(method or "mae").default_recipe
     if method is not None and get_recipe(name).method != method:
         raise ValueError(f"--recipe {name} is a {get_recipe(name).method!r} recipe, not --method {method}")
     return name
@@ -69,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--recipe", default=None,
                    help="recipe name (s3d-b, s3d-l, t1a-*, t1b-*, mg, vf, voco; `s3d pretrain --list-recipes`); "
                         "default: the method's own recipe")
-    t.add_argument("--method", choices=sorted(METHOD_DEFAULT_RECIPE), default=None,
+    t.add_argument("--method", choices=["mae", "mg", "vf", "voco"], default=None,
                    help="pre-training method: mae (sparse MAE, S3D), mg (Models Genesis), vf (VolumeFusion), "
                         "voco (VoCo); picks that method's default recipe (mae -> s3d-b)")
     t.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
@@ -83,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help='JSON merged into the recipe, e.g. \'{"block_size": 16}\'')
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    t.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto")
+    t.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                   help="autocast: auto (bf16 on GPUs that support it, else fp16; off on CPU), bf16, fp16, off")
     t.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
     t.add_argument("--compile", action="store_true", help="torch.compile the training module")
     t.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     if args.list_recipes:
-        from s3d.train.recipes import get_recipe, list_recipes
+        from s3d.pretrain import get_recipe, list_recipes
 
         for name in list_recipes():
             r = get_recipe(name)
@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{data} is already prepared ({MANIFEST_NAME} exists)")
         return 0
 
-    from s3d.train.pretrain import PretrainConfig, pretrain
+    from s3d.pretrain import PretrainConfig
+    from s3d.pretrain import run as pretrain
 
     cfg = PretrainConfig(
         data=str(prepared), out=args.out, recipe=recipe, architecture=args.architecture,

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s3d.augment import mirror
 from s3d.pretext._common import (
     PretextOutput,
     box_mask,
@@ -88,14 +89,6 @@ def sample_decisions(
         "flip_attempts": active.sum(1),
         "flip": flip,
     }
-
-
-def apply_flips(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """Flip each sample of ``x`` (B, C, D, H, W) along the axes where ``flip`` (B, 3) is True."""
-    for a in range(3):
-        m = flip[:, a].view(-1, 1, 1, 1, 1).to(x.device)
-        x = torch.where(m, x.flip(a + 2), x)
-    return x
 
 
 def bezier_curves(
@@ -270,7 +263,7 @@ def genesis_transform(
         >>> inp, target, d = genesis_transform(torch.rand(2, 1, 32, 32, 32), torch.Generator().manual_seed(0))
     """
     d = sample_decisions(x01.shape[0], generator, x01.device, **{**MG_RATES, **rates})
-    target = apply_flips(x01, d["flip"])
+    target = mirror(x01, d["flip"])
     inp, _ = local_pixel_shuffle(target, d["local"], generator, shuffle_fraction)
     inp = nonlinear_intensity(inp, d["nonlinear"], d["decreasing"], generator, bezier_points)
     inp, _, _ = paint(inp, d["paint"], d["outpaint"], generator)
@@ -335,7 +328,7 @@ class ModelsGenesis(nn.Module):
         x01 = ((x - lo) / scale).clamp(0, 1)
         inp01, _, d = genesis_transform(x01, g, self.shuffle_fraction, self.bezier_points, **self.rates)
         inp = inp01 * scale + lo
-        target = apply_flips(x, d["flip"])
+        target = mirror(x, d["flip"])
         pred = self.backbone(inp)
         if isinstance(pred, (list, tuple)):
             pred = pred[0]

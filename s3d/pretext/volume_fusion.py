@@ -8,7 +8,7 @@ and ``M ~ U{10, ..., 40}`` rectangles are painted over it one after the other, e
 class; rectangle sides are uniform in ``[8, 0.625 * patch]`` voxels per axis (``[8, 100]`` at the
 paper's 160^3 patch, Appendix A.2). The network (encoder + decoder of the backbone, with its own
 (K+1)-class 1x1x1 head) predicts the label map; the loss is Dice + cross-entropy (nnU-Net's, see
-:class:`s3d.train.finetune.DiceCELoss`).
+:class:`s3d.finetune.DiceCELoss`).
 
 The backbone's own segmentation heads are not used (frozen); the extra head lives in this module,
 so :meth:`VolumeFusion.export_backbone` is a plain ResEnc U-Net state dict.
@@ -134,7 +134,7 @@ class VolumeFusion(nn.Module):
         self.max_fraction = float(max_fraction)
         self.head = nn.Conv3d(backbone.config.features_per_stage[0], self.num_classes, 1)
         backbone.decoder.seg_layers.requires_grad_(False)
-        from s3d.train.finetune import DiceCELoss
+        from s3d.finetune.losses import DiceCELoss
 
         self.loss_fn = DiceCELoss()
 

@@ -80,7 +80,7 @@ class MAEOutput(NamedTuple):
         loss_weight: scalar fp32 tensor (detached), the loss weight sum ``sum(w)`` of
             :func:`masked_mse_loss` (masked voxels x channels counted); ``loss`` is
             ``sum(w * err) / max(loss_weight, 1)``. Multi-process training uses it to normalise by the
-            masked-voxel count of the global batch (:func:`s3d.train.distributed.global_weighted_loss`).
+            masked-voxel count of the global batch (:func:`s3d.runtime.distributed.global_weighted_loss`).
             ``None`` when not computed.
     """
 

@@ -4,8 +4,8 @@ A :class:`Schedule` row says what is transferred, whether there is a decoder-onl
 (warm-up 1), a warm-up of all weights (warm-up 2), whether the encoder stays frozen, and the peak
 learning rate. :meth:`Schedule.plan` turns it into :class:`Phase` s with step ranges; each warm-up
 lasts 5 % of the total steps (12.5k of the paper's 250k) unless given. Warm-ups ramp the lr
-linearly from 0 to the peak (timm's warm-up), training phases decay it with PolyLR (exponent 0.9,
-timm's ``PolyLRScheduler``), stepped after every optimiser step (:func:`lr_at`).
+linearly up to the peak, training phases decay it with PolyLR (exponent 0.9), set before every
+optimiser step (:func:`s3d.runtime.lr.lr_at`, the one lr mechanism of both training loops).
 
 Example:
     >>> [(p.name, p.start, p.stop) for p in get_schedule("best").plan(1000)]
@@ -14,11 +14,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-import torch
+from s3d.runtime.lr import LRPhase, lr_at, phase_at
 
 Trains = Literal["all", "decoder"]
 
@@ -31,28 +30,19 @@ TABLE8_STEPS = (25_000, 37_500, 50_000, 75_000, 150_000, 275_000)
 
 
 @dataclass(frozen=True)
-class Phase:
+class Phase(LRPhase):
     """A stretch of steps with one set of trainable weights and one lr shape.
 
     Attributes:
-        name: ``warmup_decoder``, ``warmup_all``, ``train`` or ``train_decoder``.
-        trains: ``"all"`` or ``"decoder"`` (encoder and stem frozen).
-        lr: ``"ramp"`` (linear 0 -> peak over the phase) or ``"poly"`` (peak -> 0, exponent 0.9).
+        lr: ``"ramp"`` (linear up to the peak over the phase) or ``"poly"`` (peak -> 0, exponent 0.9).
         start, stop: step range [start, stop).
         peak_lr: the phase's peak learning rate.
+        name: ``warmup_decoder``, ``warmup_all``, ``train`` or ``train_decoder``.
+        trains: ``"all"`` or ``"decoder"`` (encoder and stem frozen).
     """
 
-    name: str
-    trains: Trains
-    lr: Literal["ramp", "poly"]
-    start: int
-    stop: int
-    peak_lr: float
-
-    @property
-    def steps(self) -> int:
-        """Length of the phase, steps."""
-        return self.stop - self.start
+    name: str = "train"
+    trains: Trains = "all"
 
 
 @dataclass(frozen=True)
@@ -102,14 +92,14 @@ class Schedule:
                              f"after {n_warm} warm-up(s) of {w} steps; use more steps or fewer warm-up steps")
         phases, t = [], 0
         if self.decoder_warmup:
-            phases.append(Phase("warmup_decoder", "decoder", "ramp", t, t + w, peak))
+            phases.append(Phase("ramp", t, t + w, peak, name="warmup_decoder", trains="decoder"))
             t += w
         if self.full_warmup:
-            phases.append(Phase("warmup_all", "all", "ramp", t, t + w, peak))
+            phases.append(Phase("ramp", t, t + w, peak, name="warmup_all", trains="all"))
             t += w
         trains: Trains = "decoder" if self.frozen_encoder else "all"
         name = "train_decoder" if self.frozen_encoder else "train"
-        phases.append(Phase(name, trains, "poly", t, total_steps, peak))
+        phases.append(Phase("poly", t, total_steps, peak, name=name, trains=trains))
         return phases
 
 
@@ -158,54 +148,7 @@ def get_schedule(name: str | Schedule) -> Schedule:
     try:
         return SCHEDULES[name]
     except KeyError:
-        raise KeyError(f"unknown schedule {name!r}; known: {sorted(SCHEDULES)}") from None
-
-
-def phase_at(phases: Sequence[Phase], step: int) -> int:
-    """Index of the phase holding ``step`` (0-based; steps past the end belong to the last phase)."""
-    for i, p in enumerate(phases):
-        if step < p.stop:
-            return i
-    return len(phases) - 1
-
-
-def _timm_scheduler(phase: Phase, poly_exponent: float):
-    from s3d._timm import quiet_timm_import
-
-    with quiet_timm_import():
-        from timm.scheduler import PolyLRScheduler
-
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=phase.peak_lr)
-    if phase.lr == "ramp":
-        return PolyLRScheduler(opt, t_initial=max(2, phase.steps), warmup_t=phase.steps, warmup_lr_init=0.0,
-                               warmup_prefix=True, t_in_epochs=False)
-    return PolyLRScheduler(opt, t_initial=phase.steps, power=poly_exponent, lr_min=0.0, t_in_epochs=False)
-
-
-_SCHED_CACHE: dict[tuple[Phase, float], Any] = {}
-
-
-def lr_at(phases: Sequence[Phase], step: int, poly_exponent: float = 0.9) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): timm's linear warm-up or PolyLR in the phase.
-
-    Ramp phases give ``peak * (t + 1) / steps`` (the first warm-up step already moves the weights and
-    the last one reaches the peak, as in the authors' nnU-Net warm-up), poly phases
-    ``peak * (1 - t / steps) ** poly_exponent``, with ``t = step - phase.start``.
-
-    Example:
-        >>> lr_at(get_schedule("best").plan(1000), 100)
-        0.001
-    """
-    phase = phases[phase_at(phases, step)]
-    key = (phase, poly_exponent)
-    if key not in _SCHED_CACHE:
-        _SCHED_CACHE[key] = _timm_scheduler(phase, poly_exponent)
-    t = min(step - phase.start, phase.steps)
-    if phase.lr == "ramp":
-        t = min(t + 1, phase.steps)  # timm's warm-up value at t + 1 is peak * (t + 1) / steps; at steps, peak
-    sched = _SCHED_CACHE[key]
-    sched.step_update(num_updates=t)          # timm's public per-step API sets the group's lr
-    return float(sched.optimizer.param_groups[0]["lr"])
+        raise ValueError(f"unknown schedule {name!r}; known: {sorted(SCHEDULES)}") from None
 
 
 __all__ = [

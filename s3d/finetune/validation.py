@@ -10,7 +10,6 @@ Two predictors share the Dice bookkeeping (:func:`validation_dice`):
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -18,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from s3d.runtime.device import autocast
 
 
 def dice_per_label(pred: np.ndarray, target: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
@@ -71,7 +72,7 @@ def validation_dice(
 
 @torch.no_grad()
 def predict_tiled(model: nn.Module, data: np.ndarray, patch_size: Sequence[int], device: torch.device,
-                  autocast: Callable[[], Any] | None = None) -> np.ndarray:
+                  amp_dtype: torch.dtype | None = None) -> np.ndarray:
     """Labels (D, H, W) of a preprocessed case (C, D, H, W) by non-overlapping patch tiles (validation).
 
     The full prediction with Gaussian-weighted overlapping windows is :func:`predict_sliding_window`
@@ -92,7 +93,7 @@ def predict_tiled(model: nn.Module, data: np.ndarray, patch_size: Sequence[int],
             for w in range(0, padded[2], ps[2]):
                 sl = (slice(d, d + ps[0]), slice(h, h + ps[1]), slice(w, w + ps[2]))
                 tile = xt[(slice(None), *sl)][None].to(device)
-                with (autocast() if autocast else contextlib.nullcontext()):
+                with autocast(device, amp_dtype):
                     logits = model(tile)
                 if isinstance(logits, (list, tuple)):
                     logits = logits[0]
@@ -101,7 +102,7 @@ def predict_tiled(model: nn.Module, data: np.ndarray, patch_size: Sequence[int],
 
 
 def predict_sliding_window(model: nn.Module, data: np.ndarray, patch_size: Sequence[int], device: torch.device,
-                           amp_dtype: torch.dtype | None = None, **kwargs: Any) -> np.ndarray:
+                           amp: str | torch.dtype | None = None, **kwargs: Any) -> np.ndarray:
     """Labels (D, H, W) of a preprocessed case (C, D, H, W) as ``s3d predict`` makes them.
 
     The argmax of :func:`s3d.infer.sliding_window_predict` with its defaults (tiles overlapping by
@@ -113,7 +114,7 @@ def predict_sliding_window(model: nn.Module, data: np.ndarray, patch_size: Seque
         data: preprocessed image (C, D, H, W).
         patch_size: (D, H, W) tile size in voxels.
         device: where the model runs (the logits accumulate there, or on the CPU when it is full).
-        amp_dtype: autocast dtype (``None`` = fp32).
+        amp: autocast dtype or :data:`~s3d.runtime.device.AMP_MODES` name (``None`` = fp32).
         **kwargs: more :func:`s3d.infer.sliding_window_predict` arguments (``step``, ``tile_batch``...).
 
     Example:
@@ -122,7 +123,7 @@ def predict_sliding_window(model: nn.Module, data: np.ndarray, patch_size: Seque
     from s3d.infer import sliding_window_predict
 
     image = torch.from_numpy(np.array(data, dtype=np.float32))  # a writable copy (the cache is read-only)
-    logits = sliding_window_predict(model, image, patch_size, device=device, amp_dtype=amp_dtype, **kwargs)
+    logits = sliding_window_predict(model, image, patch_size, device=device, amp=amp, **kwargs)
     return logits.argmax(0).cpu().numpy()
 
 

@@ -1,10 +1,10 @@
 """Pre-training recipes: named, JSON-serialisable configurations (a recipe is data, not a subclass).
 
-:data:`RECIPES` is a plain table of :class:`PretrainRecipe` by name: the paper's S3D-B and S3D-L
-and the development ablations of Table 1 (1a sparsification, 1b mask ratio), plus the released
-nnssl code's masking for comparison. Methods other than ``"mae"`` (e.g. ``"mg"``, ``"vf"``,
-``"voco"``) add rows with their own ``method_kwargs``. :func:`build_optimizer` and
-:func:`build_scheduler` turn a recipe into the SGD optimiser and the per-step PolyLR schedule.
+:data:`RECIPES` is a plain table of :class:`PretrainRecipe` by name: the paper's S3D-B and S3D-L,
+the development ablations of Table 1 (1a sparsification, 1b mask ratio), the released nnssl code's
+masking for comparison, and the baseline methods of Table 3 (``"mg"``, ``"vf"``, ``"voco"``, paper
+Appendix A). Every row names its method (:mod:`s3d.pretrain.methods`); :meth:`PretrainRecipe.lr_phases`
+gives its learning-rate schedule.
 
 Schedule note: nnssl steps PolyLR once per "epoch" of 250 steps; s3d steps it after every
 optimiser step, ``lr(t) = lr * (1 - t / steps) ** poly_exponent`` (after an optional linear warm-up).
@@ -15,13 +15,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from s3d._dataclasses import from_dict_strict, jsonable, to_jsonable_dict
+from s3d.runtime.lr import LRPhase, poly_schedule
 
 
 @dataclass
@@ -30,7 +28,8 @@ class PretrainRecipe:
 
     Attributes:
         name: registry key, e.g. ``"s3d-b"``.
-        method: pre-training method, ``"mae"`` (sparse MAE, :class:`s3d.sparse.SparseMAEWrapper`).
+        method: pre-training method, a key of :data:`s3d.pretrain.methods.METHODS` (``"mae"``,
+            ``"mg"``, ``"vf"``, ``"voco"``).
         description: one line; cite the paper's table row where there is one.
         architecture: backbone preset for ``build_resenc_unet`` (``"resenc_l"`` in the paper).
         patch_size: (D, H, W) voxels of one training patch.
@@ -45,7 +44,7 @@ class PretrainRecipe:
         poly_exponent: PolyLR exponent.
         warmup_steps: linear warm-up from 0 to ``lr`` over this many steps (0 in the paper).
         grad_clip: max global grad norm (12 in nnssl), ``None`` for no clipping.
-        method_kwargs: keyword arguments of the method's wrapper; for ``"mae"`` those of
+        method_kwargs: keyword arguments of the method's module; for ``"mae"`` those of
             :class:`s3d.sparse.SparseMAEWrapper` (block_size, mask_ratio, per_sample, mask_token,
             densify, densify_norm, sparse, coarse). Stored in JSON form (lists, not tuples).
 
@@ -113,6 +112,16 @@ class PretrainRecipe:
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 
+    def lr_phases(self) -> list[LRPhase]:
+        """The learning-rate schedule: a linear warm-up of ``warmup_steps``, then PolyLR to ``steps``.
+
+        Example:
+            >>> from s3d.runtime.lr import lr_at
+            >>> lr_at(get_recipe("s3d-b").lr_phases(), 0)
+            0.01
+        """
+        return poly_schedule(self.lr, self.steps, self.warmup_steps)
+
     def replace(self, **changes: Any) -> PretrainRecipe:
         """A validated copy with some fields changed (``method_kwargs`` is merged, not replaced).
 
@@ -152,6 +161,41 @@ def _mae(name: str, description: str, **kw: Any) -> PretrainRecipe:
     return PretrainRecipe(name=name, method="mae", description=description, method_kwargs=base, **kw)
 
 
+def _baselines() -> list[PretrainRecipe]:
+    """The baseline methods on ResEnc-L (paper Appendix A) with the paper's common settings: SGD lr 1e-2,
+    momentum 0.99 (Nesterov), weight decay 3e-5, per-step PolyLR (0.9), 250k steps, 1 mm z-scored data.
+
+    - ``mg``: Models Genesis at the official rates (non-linear 0.9, local shuffle 0.5, paint 0.9 with
+      out-paint 0.8 / in-paint 0.2, flips 0.4); patch 160^3, batch 6 (as S3D-B).
+    - ``vf``: VolumeFusion, 5 classes (K = 4), M ~ U{10..40} rectangles, sides U[8, 0.625 * patch]
+      = [8, 100] voxels; patch 160^3, batch 6.
+    - ``voco``: VoCo, 64^3 crops on a 3x3 grid of a 192x192x64 patch, 5 target crops, batch 12.
+    """
+    return [
+        PretrainRecipe(
+            name="mg", method="mg",
+            description="Models Genesis on ResEnc-L: official MG rates, patch 160^3, batch 6, 250k steps "
+                        "(Table 3 'MG', Appendix A.1)",
+            method_kwargs={"nonlinear_rate": 0.9, "local_rate": 0.5, "paint_rate": 0.9, "outpaint_rate": 0.8,
+                           "flip_rate": 0.4},
+        ),
+        PretrainRecipe(
+            name="vf", method="vf",
+            description="VolumeFusion on ResEnc-L: 5 classes, M~U(10,40) rectangles of sides U[8,100], "
+                        "Dice+CE, patch 160^3, batch 6, 250k steps (Table 3 'VF', Appendix A.2)",
+            method_kwargs={"num_classes": 5, "num_rectangles": [10, 40], "min_side": 8,
+                           "max_fraction": 0.625},
+        ),
+        PretrainRecipe(
+            name="voco", method="voco",
+            description="VoCo on ResEnc-L: 64^3 crops, 3x3 base grid on a 192x192x64 patch, 5 target crops, "
+                        "batch 12, 250k steps (Table 3 'VoCo', Appendix A.3)",
+            patch_size=(192, 192, 64), batch_size=12,
+            method_kwargs={"crop_size": 64, "num_targets": 5},
+        ),
+    ]
+
+
 def _table() -> dict[str, PretrainRecipe]:
     rows = [
         _mae("s3d-b", "S3D-B: sparse MAE, ratio U[0.6, 0.9], batch 6, lr 1e-2, 250k steps (Table 1c)",
@@ -177,19 +221,12 @@ def _table() -> dict[str, PretrainRecipe]:
                          method_kwargs={"mask_ratio": pct / 100}))
     rows.append(_mae("t1b-ratio-60-90", "Table 1b: mask ratio U[60 %, 90 %] (= S3D-B)",
                      method_kwargs={"mask_ratio": [0.6, 0.9]}))
+    rows += _baselines()
     return {r.name: r for r in rows}
 
 
 #: Registry of pre-training recipes by name (a plain table; add rows for new methods).
 RECIPES: dict[str, PretrainRecipe] = _table()
-
-
-def _load_method_recipes() -> None:
-    """Register the baseline methods' recipes ("mg", "vf", "voco") that live in :mod:`s3d.pretext`."""
-    try:
-        import s3d.pretext  # noqa: F401  (registers on import; importing twice is a no-op)
-    except ImportError:
-        pass
 
 
 def list_recipes(method: str | None = None) -> list[str]:
@@ -199,7 +236,6 @@ def list_recipes(method: str | None = None) -> list[str]:
         >>> "s3d-b" in list_recipes("mae")
         True
     """
-    _load_method_recipes()
     return sorted(n for n, r in RECIPES.items() if method is None or r.method == method)
 
 
@@ -210,7 +246,6 @@ def get_recipe(name: str) -> PretrainRecipe:
         >>> get_recipe("s3d-l").batch_size
         48
     """
-    _load_method_recipes()
     try:
         return copy.deepcopy(RECIPES[name])
     except KeyError:
@@ -222,66 +257,3 @@ def register_recipe(recipe: PretrainRecipe, overwrite: bool = False) -> None:
     if recipe.name in RECIPES and not overwrite:
         raise ValueError(f"recipe {recipe.name!r} already exists; pass overwrite=True to replace it")
     RECIPES[recipe.name] = copy.deepcopy(recipe)
-
-
-# ---- optimiser and schedule -----------------------------------------------------------------------
-def poly_lr_factor(step: int, steps: int, exponent: float = 0.9, warmup_steps: int = 0) -> float:
-    """Learning-rate multiplier at optimiser step ``step`` (0-based): linear warm-up, then poly decay.
-
-    ``(step + 1) / warmup_steps`` during warm-up, then
-    ``(1 - (step - warmup) / (steps - warmup)) ** exponent``, 0 from ``steps`` on. Without warm-up
-    this is nnU-Net's PolyLR evaluated per step.
-
-    Example:
-        >>> round(poly_lr_factor(500, 1000, 0.9), 4)
-        0.5359
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    t = min(step - warmup_steps, steps - warmup_steps)
-    return (1.0 - t / (steps - warmup_steps)) ** exponent
-
-
-class PolyFactor:
-    """Picklable ``LambdaLR`` multiplier: :func:`poly_lr_factor` with fixed arguments."""
-
-    def __init__(self, steps: int, exponent: float, warmup_steps: int = 0) -> None:
-        self.steps, self.exponent, self.warmup_steps = int(steps), float(exponent), int(warmup_steps)
-
-    def __call__(self, step: int) -> float:
-        return poly_lr_factor(step, self.steps, self.exponent, self.warmup_steps)
-
-
-def build_optimizer(recipe: PretrainRecipe, params: Iterable[torch.nn.Parameter] | torch.nn.Module
-                    ) -> torch.optim.Optimizer:
-    """SGD for ``recipe`` over the trainable parameters (``requires_grad``) of ``params``.
-
-    Example:
-        >>> opt = build_optimizer(get_recipe("s3d-b"), torch.nn.Linear(2, 2))
-        >>> opt.param_groups[0]["lr"], opt.param_groups[0]["nesterov"]
-        (0.01, True)
-    """
-    if isinstance(params, torch.nn.Module):
-        params = params.parameters()
-    trainable = [p for p in params if p.requires_grad]
-    if not trainable:
-        raise ValueError("build_optimizer: no parameter requires a gradient")
-    return torch.optim.SGD(trainable, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
-                           weight_decay=recipe.weight_decay)
-
-
-def build_scheduler(
-    recipe: PretrainRecipe, optimizer: torch.optim.Optimizer
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step PolyLR (with the recipe's warm-up) as a torch ``LambdaLR``; call ``.step()`` after
-    every ``optimizer.step()``. Its ``state_dict()`` holds everything needed to resume.
-
-    Example:
-        >>> opt = build_optimizer(get_recipe("s3d-b"), torch.nn.Linear(2, 2))
-        >>> sched = build_scheduler(get_recipe("s3d-b"), opt)
-        >>> sched.get_last_lr()
-        [0.01]
-    """
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, PolyFactor(recipe.steps, recipe.poly_exponent, recipe.warmup_steps)
-    )

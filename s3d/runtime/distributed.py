@@ -113,7 +113,7 @@ def global_weighted_loss(
     return loss * factor, sums[0] / global_denom
 
 
-def cleanup(info: DistInfo) -> None:
-    """Leave the process group."""
-    if info.enabled and dist.is_initialized():
+def cleanup() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,0 +1,140 @@
+"""Spatial augmentation: rotation and isotropic scaling (one ``grid_sample``), mirroring (exact flips).
+
+All rotated or scaled samples of a batch go through ONE ``torch.nn.functional.grid_sample`` call
+(images trilinear, label maps nearest, zero padding) on the batch's device, so data-loading workers
+only cut crops. Voxels are taken as isotropic in index space (nnU-Net does the same).
+
+Convention: an output voxel ``p`` (index, D/H/W order) reads the input at ``M (p - c) + c`` with ``c``
+the patch centre and ``M = scale * R^T`` (:func:`sampling_matrices`): a rotation by +90 degrees about
+axis 0 equals ``torch.rot90(x, 1, dims=(3, 4))``; a scale > 1 shows more of the image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from s3d.augment.config import AugmentParams
+
+
+def plane_rotation(angle: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """(B, 3, 3) float64 rotations by ``angle`` (B,) radians in the plane of axes ``i`` and ``j``.
+
+    Axis ``i`` turns towards axis ``j``: ``R[i, i] = R[j, j] = cos``, ``R[i, j] = -sin``,
+    ``R[j, i] = sin``; the third axis is fixed. Pre-training's and fine-tuning's augmentations both
+    build their rotations from it.
+
+    Example:
+        >>> plane_rotation(torch.tensor([math.pi / 2]), 0, 1).round()[0]
+        tensor([[0., -1., 0.], [1., 0., 0.], [0., 0., 1.]], dtype=torch.float64)
+    """
+    b = angle.shape[0]
+    r = torch.eye(3, dtype=torch.float64).repeat(b, 1, 1)
+    c, s = torch.cos(angle), torch.sin(angle)
+    r[:, i, i], r[:, i, j], r[:, j, i], r[:, j, j] = c, -s, s, c
+    return r
+
+
+def _axis_rotation(angle: torch.Tensor, axis: int) -> torch.Tensor:
+    """(B, 3, 3) rotation about ``axis`` by ``angle`` (B,), from the first to the second other axis."""
+    i, j = [a for a in range(3) if a != axis]
+    return plane_rotation(angle, i, j)
+
+
+def mirror(t: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Flip each sample of ``t`` along the spatial axes its row of ``flip`` marks (exact, no resampling).
+
+    Args:
+        t: (B, ..., D, H, W) on any device: images (B, C, D, H, W) or label maps (B, D, H, W).
+        flip: (B, 3) bool, mirror along D, H, W (any device).
+
+    Returns:
+        A new tensor like ``t``, or ``t`` itself when nothing is flipped.
+
+    Example:
+        >>> y = torch.arange(8).view(1, 2, 2, 2)
+        >>> mirror(y, torch.tensor([[True, False, False]]))[0, 0]
+        tensor([[4, 5], [6, 7]])
+    """
+    flips = flip.cpu()
+    if not flips.any():
+        return t
+    out = t.clone()
+    first = t.dim() - 3
+    for pattern in {tuple(f.tolist()) for f in flips}:
+        dims = [first + a for a in range(3) if pattern[a]]
+        if not dims:
+            continue
+        sel = (flips == torch.tensor(pattern)).all(dim=1).nonzero().flatten().to(t.device)
+        out[sel] = torch.flip(out[sel], dims=dims)
+    return out
+
+
+def sampling_matrices(params: AugmentParams) -> torch.Tensor:
+    """(B, 3, 3) float64 matrices ``M = scale * R^T`` mapping output offsets to input offsets (voxels).
+
+    Entries within 1e-12 of 0 or +-1 are snapped, so multiples of 90 degrees sample exactly on the grid.
+
+    Example:
+        >>> sampling_matrices(AugmentParams.identity(1))[0]
+        tensor([[1., 0., 0.], [0., 1., 0.], [0., 0., 1.]], dtype=torch.float64)
+    """
+    rot = torch.eye(3, dtype=torch.float64).repeat(params.angles.shape[0], 1, 1)
+    for axis in range(3):
+        rot = rot @ _axis_rotation(params.angles[:, axis].double(), axis)
+    m = rot.transpose(1, 2) * params.scale.double()[:, None, None]
+    for v in (0.0, 1.0, -1.0):
+        m = torch.where((m - v).abs() < 1e-12, torch.full_like(m, v), m)
+    return m
+
+
+def _sampling_grid(m: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """``grid_sample`` grid (b, D, H, W, 3) in (x, y, z) = (W, H, D) order (``align_corners=True``) that
+    reads the input at ``M (p - c) + c`` for every output voxel ``p`` (``m``: (b, 3, 3) on the device)."""
+    dev, dt = m.device, m.dtype
+    # offsets from the patch centre along D, H, W, broadcastable to (b, D, H, W)
+    offs = [(torch.arange(n, device=dev, dtype=dt) - (n - 1) / 2).view([1] + [n if a == k else 1 for a in range(3)])
+            for k, n in enumerate(size)]
+    comps = []
+    for i in range(3):  # input coordinate i = c_i + sum_j M_ij offset_j; with align_corners the
+        # centre maps to 0, so the normalised coordinate is (sum_j M_ij offset_j) * 2 / (n_i - 1)
+        g = sum(m[:, i, j].view(-1, 1, 1, 1) * offs[j] for j in range(3))
+        comps.append(g * (2.0 / max(size[i] - 1, 1)))
+    return torch.stack(comps[::-1], dim=-1)
+
+
+def spatial_transform(x: torch.Tensor, params: AugmentParams, labels: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate/scale the samples that need it (one ``grid_sample``), then mirror; images and labels alike.
+
+    Args:
+        x: images (B, C, D, H, W), floating point, any device.
+        params: the batch's :class:`AugmentParams`.
+        labels: optional label maps (B, D, H, W), integer, same device: sampled at the same points
+            (nearest), flipped the same way.
+
+    Returns:
+        ``(x, labels)`` with the same shapes and dtypes; voxels sampled from outside the input are 0.
+    """
+    b = x.shape[0]
+    m = sampling_matrices(params)
+    moved = ((m - torch.eye(3, dtype=torch.float64)).abs().amax(dim=(1, 2)) > 0).nonzero().flatten()
+    if moved.numel():
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dev = x.device
+        grid = _sampling_grid(m[moved].to(device=dev, dtype=dt), tuple(x.shape[2:]))
+        idx = moved.to(dev)
+        x = x.clone()
+        x[idx] = F.grid_sample(x[idx].to(dt), grid, mode="bilinear", padding_mode="zeros",
+                               align_corners=True).to(x.dtype)
+        if labels is not None:
+            moved_labels = F.grid_sample(labels[idx][:, None].to(dt), grid, mode="nearest", padding_mode="zeros",
+                                         align_corners=True)[:, 0]
+            labels = labels.clone()
+            labels[idx] = moved_labels.round().to(labels.dtype)
+    if params.flip.shape != (b, 3):
+        raise ValueError(f"params: flip must be (B, 3) with B={b}, got {tuple(params.flip.shape)}")
+    x = mirror(x, params.flip)
+    if labels is not None:
+        labels = mirror(labels, params.flip)
+    return x, labels

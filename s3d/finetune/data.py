@@ -1,0 +1,92 @@
+"""The data of a fine-tuning run: the validated, preprocessed (cached) dataset and its seeded split."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from s3d._fs import write_json_atomic
+from s3d.finetune.config import FinetuneConfig, make_split
+from s3d.finetune.patches import CachedCase
+
+
+@dataclass
+class FinetuneData:
+    """What a fine-tuning run trains and validates on.
+
+    Attributes:
+        dataset: the validated :class:`~s3d.data.nnunet.NnUNetDataset`.
+        spec: the :class:`~s3d.data.nnunet.PreprocessingSpec` (spacing, normalisation; no patch size yet).
+        split: ``{"seed", "val_fraction", "n_train", "train": [...], "val": [...]}`` (``split.json``).
+        train_cases / val_cases: the preprocessed cases (memory-mapped from the cache).
+        labels: the foreground label values, sorted.
+    """
+
+    dataset: Any
+    spec: Any
+    split: dict[str, Any]
+    train_cases: list[CachedCase]
+    val_cases: list[CachedCase]
+    labels: list[int]
+
+
+def _split(cfg: FinetuneConfig, out: Path, cases: Sequence[str], root: Path) -> dict[str, Any]:
+    """The run's split: ``out/split.json`` when it exists (checked against the dataset and the
+    settings), else a new seeded split written there."""
+    path = out / "split.json"
+    if not path.exists():
+        split = make_split(cases, cfg.val_fraction, cfg.seed, cfg.n_train)
+        write_json_atomic(path, split)
+        return split
+    split = json.loads(path.read_text())
+    missing = sorted(set(split["train"] + split["val"]) - set(cases))
+    if missing:
+        raise ValueError(f"{path}: case(s) {missing[:5]} are not in {root}; remove the file to make a new split")
+    want = {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "n_train": cfg.n_train}
+    have = {k: split.get(k) for k in want}
+    if have != want:
+        raise ValueError(f"{path}: made with {have}, this run asks for {want}; use a new out_dir")
+    return split
+
+
+def load_finetune_data(cfg: FinetuneConfig, out: Path) -> FinetuneData:
+    """Validate and preprocess ``cfg.dataset`` (cached), then load the split's cases.
+
+    Raises:
+        s3d.data.nnunet.DatasetError: every problem of the dataset, each with its file.
+        ValueError: a ``split.json`` that does not fit the dataset or the settings.
+
+    Example:
+        >>> data = load_finetune_data(FinetuneConfig("Dataset001", "runs/a"), Path("runs/a"))
+        >>> len(data.train_cases), data.labels
+        (8, [1, 2])
+    """
+    from s3d.data.nnunet import (
+        PreprocessingSpec,
+        cached_cases,
+        load_cached_case,
+        preprocess_dataset,
+        read_dataset_json,
+        validate_dataset,
+    )
+
+    raw = read_dataset_json(cfg.dataset)
+    spec = PreprocessingSpec.from_dataset(raw, target_spacing_mm=cfg.target_spacing_mm)
+    # voxels of cases already in the cache (unchanged since) were checked when they were preprocessed
+    ds = validate_dataset(cfg.dataset, skip_voxels_for=cached_cases(raw, spec))
+    cache = preprocess_dataset(ds, spec, progress=cfg.progress)
+    split = _split(cfg, out, ds.cases, ds.root)
+
+    def load(names: Sequence[str]) -> list[CachedCase]:
+        out_cases = []
+        for n in names:
+            data, seg, _props, locs = load_cached_case(cache, n)
+            out_cases.append(CachedCase(n, data, seg, locs))
+        return out_cases
+
+    val_names = split["val"][: cfg.num_val_cases] if cfg.num_val_cases else split["val"]
+    return FinetuneData(dataset=ds, spec=spec, split=split, train_cases=load(split["train"]),
+                        val_cases=load(val_names), labels=sorted(v for v in ds.labels.values() if v != 0))

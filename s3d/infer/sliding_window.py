@@ -1,0 +1,300 @@
+"""Sliding-window prediction on tensors with Gaussian importance weighting.
+
+:func:`sliding_window_predict` works on any ``model(x) -> logits`` (an ``nn.Module`` or a function)
+over an image (C, D, H, W) or (B, C, D, H, W) larger or smaller than the patch. Tiles overlap by
+``1 - step`` of the patch, are weighted by a Gaussian (sigma = patch / 8, as nnU-Net) and are run
+``tile_batch`` at a time; logits are accumulated in fp32 on the compute device, or on the CPU when the
+device runs out of memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from s3d.runtime.device import autocast, resolve_amp
+from s3d.runtime.progress import progress as progress_bar
+
+Model = Callable[[torch.Tensor], Any]
+
+# ---------------------------------------------------------------------------------------------------
+# Gaussian importance map and tile positions
+# ---------------------------------------------------------------------------------------------------
+
+
+def gaussian_importance_map(
+    patch_size: Sequence[int],
+    sigma_scale: float = 1.0 / 8,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Separable Gaussian weights over a patch, 1 at the centre and > 0 everywhere.
+
+    ``w[z, y, x] = exp(-sum_a (i_a - c_a)^2 / (2 sigma_a^2))`` with centre ``c_a = (n_a - 1) / 2``
+    (so the map is exactly mirror-symmetric) and ``sigma_a = sigma_scale * n_a`` voxels. Values that
+    underflow to 0 (only for very small ``sigma_scale``) are raised to the smallest positive value, so
+    every voxel of a tile keeps a nonzero weight.
+
+    Args:
+        patch_size: (D, H, W) in voxels.
+        sigma_scale: sigma as a fraction of the patch size (nnU-Net: 1/8).
+
+    Returns:
+        Tensor (D, H, W).
+
+    Example:
+        >>> w = gaussian_importance_map((32, 32, 32))
+        >>> w.shape, float(w.max())
+        (torch.Size([32, 32, 32]), 1.0)
+    """
+    patch_size = _triple(patch_size, "patch_size")
+    if not sigma_scale > 0:
+        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
+    w = torch.ones((), dtype=torch.float64)
+    for n in patch_size:
+        i = torch.arange(n, dtype=torch.float64)
+        g = torch.exp(-((i - (n - 1) / 2) ** 2) / (2 * (sigma_scale * n) ** 2))
+        w = w.unsqueeze(-1) * g
+    w = (w / w.max()).to(dtype)
+    if (w <= 0).any():
+        w = w.clamp_min(torch.finfo(dtype).tiny if not w[w > 0].numel() else float(w[w > 0].min()))
+    return w.to(device)
+
+
+def tile_starts(image_size: int, patch_size: int, step: float) -> list[int]:
+    """Start offsets (voxels) of tiles of ``patch_size`` covering ``image_size`` along one axis.
+
+    The number of tiles is the smallest that keeps the distance between starts at most
+    ``step * patch_size``; tiles are spread evenly from 0 to ``image_size - patch_size`` and placed
+    mirror-symmetrically (``start[i] + start[-1 - i] == image_size - patch_size``).
+
+    Example:
+        >>> tile_starts(48, 32, 0.5)
+        [0, 16]
+    """
+    if image_size < patch_size:
+        raise ValueError(f"image size {image_size} is smaller than the patch {patch_size}; pad it first")
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1] (a fraction of the patch), got {step}")
+    n = math.ceil((image_size - patch_size) / (step * patch_size)) + 1
+    if n == 1:
+        return [0]
+    spacing = (image_size - patch_size) / (n - 1)
+    first = [int(round(spacing * i)) for i in range((n + 1) // 2)]
+    return first + [image_size - patch_size - s for s in reversed(first[: n // 2])]
+
+
+def mirror_axes_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of ``axes`` (spatial axes 0..2), the empty one (no flip) first.
+
+    Example:
+        >>> mirror_axes_combinations((0, 1))
+        [(), (0,), (1,), (0, 1)]
+    """
+    axes = tuple(sorted(set(int(a) for a in axes)))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise ValueError(f"mirror axes must be spatial axes 0, 1, 2 (D, H, W), got {axes}")
+    return [c for k in range(len(axes) + 1) for c in itertools.combinations(axes, k)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sliding window on tensors
+# ---------------------------------------------------------------------------------------------------
+
+
+def sliding_window_predict(
+    model: Model,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    *,
+    step: float = 0.5,
+    mirror: bool | Sequence[int] = False,
+    tile_batch: int = 4,
+    device: torch.device | str | None = None,
+    accumulate_device: torch.device | str = "auto",
+    amp: str | torch.dtype | None = "off",
+    sigma_scale: float = 1.0 / 8,
+    gaussian: bool = True,
+    output: Literal["logits", "probabilities"] = "logits",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Predict a whole image with overlapping tiles, each weighted by a Gaussian.
+
+    The image is zero-padded (symmetrically) where it is smaller than the patch and the padding
+    is removed from the result. Tiles start every ``step * patch_size`` voxels (at most; see
+    :func:`tile_starts`), are run ``tile_batch`` at a time under ``torch.inference_mode`` and the
+    weighted logits are accumulated in fp32. With ``mirror``, each tile is also predicted flipped
+    along every subset of the mirror axes and the logits (flipped back) are averaged.
+
+    Args:
+        model: maps (N, C, d, h, w) to logits (N, K, d, h, w) (a list, as from deep supervision,
+            counts by its first, full-resolution entry). Set ``model.eval()`` yourself.
+        image: (C, D, H, W) or (B, C, D, H, W), any float dtype, on any device.
+        patch_size: tile size (d, h, w) in voxels; must be a size the model accepts.
+        step: distance between tile starts as a fraction of the patch (0.5 = 50% overlap).
+        mirror: ``True`` for all three spatial axes, or a sequence of spatial axes (0=D, 1=H, 2=W).
+        tile_batch: tiles per forward pass.
+        device: where the model runs; default: the device of the model's first parameter (CPU for a
+            plain function).
+        accumulate_device: where the fp32 sums live. ``"auto"``: on ``device``, falling back to the
+            CPU (with a warning) when that raises ``torch.OutOfMemoryError``.
+        amp: ``"off"`` (full fp32), ``"auto"``, ``"bf16"`` or ``"fp16"`` (:mod:`s3d.runtime.device`),
+            or a torch dtype: the model runs under that autocast.
+        sigma_scale: Gaussian sigma as a fraction of the patch; ``gaussian=False`` weights uniformly.
+        output: ``"logits"`` (weighted mean of logits) or ``"probabilities"`` (softmax over K of it).
+        progress: show a tqdm bar over tiles.
+
+    Returns:
+        fp32 tensor (K, D, H, W) (or (B, K, D, H, W) for a batched image) on the accumulation device.
+
+    Raises:
+        ValueError: the image is not 4D/5D, is 1 voxel thick along an axis, or an argument is invalid.
+
+    Example:
+        >>> net = s3d.build_resenc_unet("tiny", in_channels=1, num_classes=2).eval()
+        >>> logits = sliding_window_predict(net, torch.randn(1, 70, 50, 40), (32, 32, 32))
+        >>> logits.shape
+        torch.Size([2, 70, 50, 40])
+    """
+    if not isinstance(image, torch.Tensor) or image.dim() not in (4, 5):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image: expected (C, D, H, W) or (B, C, D, H, W), got {shape}")
+    batched = image.dim() == 5
+    images = image if batched else image.unsqueeze(0)
+    if not images.is_floating_point():
+        images = images.float()
+    spatial = tuple(int(n) for n in images.shape[2:])
+    thin = [a for a, n in enumerate(spatial) if n < 2]
+    if thin:
+        raise ValueError(
+            f"image of spatial shape {spatial} is {spatial[thin[0]]} voxel thick along axis {thin[0]} "
+            "(D, H, W): a 2D slice, not a 3D volume; 3D sliding-window prediction needs at least 2 "
+            "voxels along every axis")
+    patch = _triple(patch_size, "patch_size")
+    if tile_batch < 1:
+        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+    if output not in ("logits", "probabilities"):
+        raise ValueError(f"output must be 'logits' or 'probabilities', got {output!r}")
+    if mirror is True:
+        mirror_axes: Sequence[int] = (0, 1, 2)
+    elif mirror is False or mirror is None:
+        mirror_axes = ()
+    else:
+        mirror_axes = tuple(mirror)
+    flips = mirror_axes_combinations(mirror_axes)
+    device = _model_device(model) if device is None else torch.device(device)
+    autocast_dtype = resolve_amp(amp, device)
+
+    # pad to at least one patch, symmetrically
+    pad_lo = [max(0, p - n) // 2 for n, p in zip(spatial, patch, strict=True)]
+    pad_hi = [max(0, p - n) - lo for n, p, lo in zip(spatial, patch, pad_lo, strict=True)]
+    if any(pad_lo) or any(pad_hi):
+        pad = [v for a in (2, 1, 0) for v in (pad_lo[a], pad_hi[a])]  # F.pad wants W first
+        images = F.pad(images, pad, mode="constant", value=0.0)
+    padded = tuple(int(n) for n in images.shape[2:])
+    starts = list(itertools.product(*(tile_starts(n, p, step) for n, p in zip(padded, patch, strict=True))))
+    weight = (gaussian_importance_map(patch, sigma_scale, device=device) if gaussian
+              else torch.ones(patch, device=device))
+
+    def run(acc_device: torch.device) -> torch.Tensor:
+        outs = [_predict_one(model, images[b], patch, starts, flips, weight, tile_batch, device, acc_device,
+                             autocast_dtype, progress) for b in range(images.shape[0])]
+        return torch.stack(outs)
+
+    acc = device if accumulate_device == "auto" else torch.device(accumulate_device)
+    out: torch.Tensor | None = None
+    if accumulate_device == "auto" and device.type != "cpu":
+        try:
+            out = run(acc)
+        except torch.OutOfMemoryError:
+            pass  # retry below, outside the handler, so the traceback no longer holds device tensors
+        if out is None:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            warnings.warn(f"out of memory accumulating a {padded} image on {device}; "
+                          "accumulating on the CPU instead (slower)", RuntimeWarning, stacklevel=2)
+            out = run(torch.device("cpu"))
+    else:
+        out = run(acc)
+
+    if padded != spatial:
+        crop = tuple(slice(lo, lo + n) for lo, n in zip(pad_lo, spatial, strict=True))
+        out = out[(slice(None), slice(None), *crop)].contiguous()
+    if output == "probabilities":
+        out = torch.softmax(out, dim=1)
+    return out if batched else out[0]
+
+
+def _predict_one(
+    model: Model,
+    image: torch.Tensor,
+    patch: tuple[int, int, int],
+    starts: list[tuple[int, int, int]],
+    flips: list[tuple[int, ...]],
+    weight: torch.Tensor,
+    tile_batch: int,
+    device: torch.device,
+    acc_device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    progress: bool,
+) -> torch.Tensor:
+    """Accumulate Gaussian-weighted logits of one (C, D, H, W) image; returns (K, D, H, W) fp32."""
+    spatial = tuple(image.shape[1:])
+    logit_sum: torch.Tensor | None = None
+    weight_sum = torch.zeros(spatial, dtype=torch.float32, device=acc_device)
+    w_acc = weight.to(acc_device, torch.float32)
+    bar = progress_bar(desc="tiles", unit="tile", total=len(starts), enabled=progress, leave=False)
+    with torch.inference_mode(), bar:
+        for i in range(0, len(starts), tile_batch):
+            group = starts[i: i + tile_batch]
+            slices = [tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True)) for st in group]
+            x = torch.stack([image[(slice(None), *sl)] for sl in slices]).to(device, non_blocking=True)
+            logits = None
+            for axes in flips:
+                dims = [a + 2 for a in axes]
+                xi = torch.flip(x, dims) if dims else x
+                with autocast(device, autocast_dtype):
+                    y = model(xi)
+                if isinstance(y, (list, tuple)):  # deep supervision: full resolution first
+                    y = y[0]
+                y = y.float()
+                if dims:
+                    y = torch.flip(y, dims)
+                logits = y if logits is None else logits + y
+            assert logits is not None
+            if len(flips) > 1:
+                logits = logits / len(flips)
+            if logits.shape[2:] != patch:
+                raise ValueError(f"model returned logits of spatial shape {tuple(logits.shape[2:])} for "
+                                 f"tiles of {patch}; expected the same spatial shape")
+            logits = (logits * weight).to(acc_device)
+            if logit_sum is None:
+                logit_sum = torch.zeros((logits.shape[1], *spatial), dtype=torch.float32, device=acc_device)
+            for t, sl in enumerate(slices):
+                logit_sum[(slice(None), *sl)] += logits[t]
+                weight_sum[sl] += w_acc
+            bar.update(len(group))
+    assert logit_sum is not None
+    return logit_sum / weight_sum
+
+
+def _triple(value: Sequence[int] | int, name: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        value = (value,) * 3
+    out = tuple(int(v) for v in value)
+    if len(out) != 3 or any(v < 1 for v in out):
+        raise ValueError(f"{name}: expected three positive sizes (D, H, W) in voxels, got {tuple(value)}")
+    return out  # type: ignore[return-value]
+
+
+def _model_device(model: Model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in itertools.chain(model.parameters(), model.buffers()):
+            return p.device
+    return torch.device("cpu")

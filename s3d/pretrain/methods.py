@@ -1,0 +1,84 @@
+"""The pre-training methods: one registry in which S3D's sparse MAE is a method like the baselines.
+
+A method is an ``nn.Module`` built around a ResEnc U-Net backbone whose ``forward(x)`` takes a
+z-scored batch (B, C, D, H, W) and returns an object with a scalar ``.loss`` (optionally
+``.reconstruction``/``.mask``/``.target`` for snapshots, and ``.loss_weight``, the loss's
+denominator, which multi-process runs sum over the ranks), and whose ``export_backbone()`` returns a
+plain ResEnc U-Net state dict.
+
+| name | module | default recipe |
+|---|---|---|
+| ``mae`` | :class:`s3d.sparse.SparseMAEWrapper` (S3D) | ``s3d-b`` |
+| ``mg`` | :class:`s3d.pretext.ModelsGenesis` | ``mg`` |
+| ``vf`` | :class:`s3d.pretext.VolumeFusion` | ``vf`` |
+| ``voco`` | :class:`s3d.pretext.VoCo` | ``voco`` |
+
+Example:
+    >>> from s3d.nn import build_resenc_unet
+    >>> mae = build_method("mae", build_resenc_unet("tiny", in_channels=1, num_classes=1), block_size=16)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from s3d.pretext import ModelsGenesis, VoCo, VolumeFusion
+from s3d.sparse import SparseMAEWrapper
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pre-training method: its module class, the recipe ``s3d pretrain --method NAME`` starts from,
+    and a one-line description."""
+
+    name: str
+    module: type[nn.Module]
+    default_recipe: str
+    description: str
+
+
+#: Method name -> :class:`Method` (the names of ``PretrainRecipe.method`` and ``s3d pretrain --method``).
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("mae", SparseMAEWrapper, "s3d-b", "sparse masked autoencoder (S3D, the paper's method)"),
+    Method("mg", ModelsGenesis, "mg", "Models Genesis (restoration of distorted volumes)"),
+    Method("vf", VolumeFusion, "vf", "VolumeFusion (segment which of two volumes each voxel comes from)"),
+    Method("voco", VoCo, "voco", "VoCo (volume contrast: predict crop overlaps)"),
+)}
+
+
+def get_method(name: str) -> Method:
+    """The :class:`Method` called ``name``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown pre-training method {name!r}; available: {sorted(METHODS)}") from None
+
+
+def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> nn.Module:
+    """The pre-training module of method ``name`` around ``backbone``.
+
+    Args:
+        name: a key of :data:`METHODS`.
+        backbone: the ResEnc U-Net to pre-train (``build_resenc_unet(..., num_classes=1)``).
+        **kwargs: the method's keyword arguments (a recipe's ``method_kwargs``).
+
+    Raises:
+        ValueError: an unknown method or keyword arguments it does not take.
+
+    Example:
+        >>> from s3d.nn import build_resenc_unet
+        >>> build_method("voco", build_resenc_unet("tiny", in_channels=1, num_classes=1), crop_size=32).num_targets
+        5
+    """
+    method = get_method(name)
+    try:
+        return method.module(backbone, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"method {name!r}: bad method_kwargs {sorted(kwargs)} ({e})") from e

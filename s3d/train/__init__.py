@@ -1,1 +1,0 @@
-"""Pre-training and fine-tuning loops, schedules, recipes, checkpoints."""
