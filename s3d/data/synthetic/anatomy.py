@@ -25,7 +25,7 @@ Labelled tasks:
 - ``"lesion"``: 0 background, 1 lesion (lesion fraction > 0.5); channels FLAIR and T1.
 
 Example:
-    >>> from s3d.data.demo import write_demo_cohort
+    >>> from s3d.data.synthetic import write_demo_cohort
     >>> cohort = write_demo_cohort("demo_data", source="phantom", num_train=4, num_test=2,
     ...                            num_unlabelled=8, shape=(48, 48, 48), spacing_mm=3.5)
     >>> cohort.dataset_dir.name
@@ -517,7 +517,7 @@ def write_demo_dataset(
         "numTraining": num_train,
         "file_ending": ".nii.gz",
         "name": f"s3d demo {task} ({source})",
-        "description": f"Synthetic brain MRI from s3d.data.demo (source={source}, seed={seed}); "
+        "description": f"Synthetic brain MRI from s3d.data.synthetic (source={source}, seed={seed}); "
                        "labelsTs holds test labels for evaluation.",
         "licence": "CC-BY-4.0" + ("; " + _MNI_COPYRIGHT if source == "mni" else ""),
     }

@@ -2,7 +2,7 @@
 
 One call of :func:`run_demo` does, in this process and with the library's public functions:
 
-1. generate a cohort with :mod:`s3d.data.demo` (unlabelled volumes + a labelled nnU-Net dataset with a
+1. generate a cohort with :mod:`s3d.data.synthetic` (unlabelled volumes + a labelled nnU-Net dataset with a
    held-out test split);
 2. pre-train a small ResEnc U-Net (``tiny`` preset) with the S3D-B recipe scaled down
    (:func:`s3d.data.scan.prepare`, :func:`s3d.train.pretrain.pretrain`; mask cells = the network's
@@ -451,8 +451,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     """
     import torch
 
-    from s3d.data.demo import write_demo_cohort
     from s3d.data.scan import ScanFilters, prepare
+    from s3d.data.synthetic import write_demo_cohort
     from s3d.infer import predict_folder
     from s3d.train.pretrain import PretrainConfig, pretrain
 
@@ -665,7 +665,7 @@ def _report_md(table: str, concl: str, figures: dict[str, str], timings: dict[st
     lines += [
         "## What ran",
         "",
-        f"1. Data: `s3d.data.demo`, source `{s['source']}`, {s['num_unlabelled']} unlabelled volumes "
+        f"1. Data: `s3d.data.synthetic`, source `{s['source']}`, {s['num_unlabelled']} unlabelled volumes "
         f"(T1/T2/FLAIR), {s['num_labelled']} labelled training cases, {s['num_test']} test cases; "
         f"{tuple(s['shape'])} voxels of {s['spacing_mm']} mm.",
         f"2. Pre-training: recipe `s3d-b` (sparse MAE, mask ratio U[0.6, 0.9], SGD Nesterov 0.99, lr 1e-2, "
