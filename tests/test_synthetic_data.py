@@ -1,4 +1,4 @@
-"""Built-in demo data: determinism, anatomy plausibility, contrasts, lesions, nnU-Net layout."""
+"""s3d.data.synthetic (the demo data): determinism, anatomy plausibility, contrasts, lesions, nnU-Net layout."""
 
 from __future__ import annotations
 
