@@ -34,8 +34,8 @@ SHAPE, SPACING, PATCH, BATCH, ARCH = (48, 56, 48), 3.5, (48, 48, 48), 2, "tiny"
 
 
 def cohort(out: Path) -> Path:
-    from s3d.data.demo import write_demo_cohort
     from s3d.data.scan import ScanFilters, prepare
+    from s3d.data.synthetic import write_demo_cohort
 
     root = out / "data"
     if not (root / "done").exists():

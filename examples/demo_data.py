@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from s3d.data.demo import make_subject, render_image, write_demo_cohort
+from s3d.data.synthetic import make_subject, render_image, write_demo_cohort
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", default=None, help="output folder (default: a temporary folder)")

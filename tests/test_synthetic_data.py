@@ -1,4 +1,4 @@
-"""Built-in demo data: determinism, anatomy plausibility, contrasts, lesions, nnU-Net layout."""
+"""s3d.data.synthetic (the demo data): determinism, anatomy plausibility, contrasts, lesions, nnU-Net layout."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from s3d.data import demo
-from s3d.data.demo import (
+from s3d.data.synthetic import (
+    CONTRASTS,
     LESION_LABELS,
     TISSUE_LABELS,
+    DemoSubject,
+    anatomy,
     make_subject,
     render_image,
     write_demo_cohort,
@@ -60,7 +62,7 @@ def test_adding_cases_keeps_existing_ones(tmp_path) -> None:
     assert (tmp_path / "small" / rel).read_bytes() == (tmp_path / "big" / rel).read_bytes()
 
 
-def _check_tissue(subj: demo.DemoSubject, ranges: dict[int, tuple[float, float]]) -> None:
+def _check_tissue(subj: DemoSubject, ranges: dict[int, tuple[float, float]]) -> None:
     lab = subj.tissue_labels()
     assert lab.dtype == np.uint8 and set(np.unique(lab).tolist()) <= {0, 1, 2, 3}
     brain = lab > 0
@@ -169,7 +171,7 @@ def test_cohort_is_a_valid_nnunet_raw_dataset(tmp_path) -> None:
     assert len(list((cohort.dataset_dir / "imagesTs").glob("*.nii.gz"))) == 2 * 2
     assert len(cohort.unlabelled_files) == 3 and all(p.exists() for p in cohort.unlabelled_files)
     for p in cohort.unlabelled_files:
-        assert p.name.split("_")[-1][: -len(".nii.gz")] in demo.CONTRASTS
+        assert p.name.split("_")[-1][: -len(".nii.gz")] in CONTRASTS
         assert nib.load(str(p)).shape == (32, 40, 32)
     for case in cohort.train_cases:  # every lesion-task training case has lesions
         lab = np.asarray(nib.load(str(cohort.dataset_dir / "labelsTr" / f"{case}.nii.gz")).dataobj)
@@ -192,11 +194,11 @@ def test_bad_arguments_name_the_argument() -> None:
 
 
 def test_mni_without_nilearn_names_the_extra(monkeypatch) -> None:
-    demo._mni_maps.cache_clear()
+    anatomy._mni_maps.cache_clear()
     monkeypatch.setitem(sys.modules, "nilearn", None)  # makes `import nilearn` fail
     with pytest.raises(ImportError, match=r"s3d\[demo\]"):
         make_subject(0, "mni", SHAPE, SPACING)
-    demo._mni_maps.cache_clear()
+    anatomy._mni_maps.cache_clear()
 
 
 def test_mni_tissue_fractions_and_brain_shape() -> None:
@@ -223,7 +225,7 @@ def test_mni_t1_matches_the_real_template() -> None:
     t1 = np.asarray(tmpl.dataobj, dtype=np.float32)
     t1 = ndimage.uniform_filter(t1, size=4)  # to ~4 mm like our grid
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), 0).reshape(3, -1)
-    world = subj.affine[:3, :3] @ ijk + subj.affine[:3, 3:4] + demo._MNI_CENTER_MM[:, None]
+    world = subj.affine[:3, :3] @ ijk + subj.affine[:3, 3:4] + anatomy._MNI_CENTER_MM[:, None]
     vox = np.linalg.inv(tmpl.affine)[:3, :3] @ world + np.linalg.inv(tmpl.affine)[:3, 3:4]
     ref = ndimage.map_coordinates(t1, vox, order=1).reshape(SHAPE)
     brain = subj.tissue_labels() > 0

@@ -1,0 +1,233 @@
+"""Synthetic cohorts on disk: labelled nnU-Net v2 raw datasets and folders of unlabelled volumes.
+
+Case i of a split is seeded by ``(seed, split, i)``, so adding cases never changes the existing ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from s3d._fs import write_json_atomic
+from s3d.data.io import write_nifti
+from s3d.data.synthetic.anatomy import LESION_LABELS, TASKS, TISSUE_LABELS, _rng, make_subject
+from s3d.data.synthetic.render import CONTRASTS, TISSUE_INTENSITY, render_image
+
+TASK_CHANNELS = {"tissue": ("T1",), "lesion": ("FLAIR", "T1")}
+TASK_DATASET = {"tissue": (900, "DemoTissue"), "lesion": (901, "DemoLesion")}
+
+_SPLIT_CODE = {"train": 1, "test": 2, "unlabelled": 3}
+_MNI_COPYRIGHT = (
+    "Anatomy derived from the MNI ICBM152 non-linear symmetric 2009a template, Copyright (C) 1993-2009 "
+    "Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University "
+    "(redistributed in the nilearn package)."
+)
+
+
+@dataclass
+class DemoCohort:
+    """Where :func:`write_demo_cohort` wrote things.
+
+    Attributes:
+        dataset_dir: the nnU-Net raw dataset folder (``dataset.json``, ``imagesTr``, ``labelsTr``,
+            ``imagesTs``, ``labelsTs``).
+        unlabelled_dir: folder of unlabelled NIfTI volumes for pre-training (or None).
+        train_cases / test_cases / unlabelled_files: what was written.
+    """
+
+    dataset_dir: Path
+    unlabelled_dir: Path | None
+    train_cases: list[str]
+    test_cases: list[str]
+    unlabelled_files: list[Path]
+
+
+def _case_seed(seed: int, split: str, index: int) -> list[int]:
+    return [int(seed), _SPLIT_CODE[split], int(index)]
+
+
+def write_demo_dataset(
+    out_dir: str | os.PathLike[str],
+    *,
+    task: str = "tissue",
+    source: str = "phantom",
+    num_train: int = 20,
+    num_test: int = 10,
+    shape: Sequence[int] = (80, 96, 80),
+    spacing_mm: float | Sequence[float] = 2.0,
+    seed: int = 0,
+    progress: bool = True,
+    **subject_kwargs: Any,
+) -> tuple[list[str], list[str]]:
+    """Write a labelled demo dataset in nnU-Net v2 raw format into ``out_dir``.
+
+    Layout: ``dataset.json`` (channel_names, labels, numTraining, file_ending), ``imagesTr/{case}_{c:04d}
+    .nii.gz``, ``labelsTr/{case}.nii.gz``, ``imagesTs/{case}_{c:04d}.nii.gz`` and, for evaluation
+    (nnU-Net ignores it), ``labelsTs/{case}.nii.gz``.
+
+    Args:
+        out_dir: dataset folder, e.g. ``.../Dataset900_DemoTissue``; created if needed.
+        task: "tissue" (labels 0 bg, 1 CSF, 2 GM, 3 WM; channel T1) or "lesion" (0 bg, 1 lesion;
+            channels FLAIR, T1; 2-10 lesions per subject).
+        source: "phantom" or "mni" (see :func:`make_subject`).
+        num_train: number of labelled training cases.
+        num_test: number of test cases.
+        shape: output grid (D, H, W), voxels.
+        spacing_mm: voxel size, mm (one value or three).
+        seed: dataset seed; case i of a split is seeded by (seed, split, i).
+        progress: show a tqdm progress bar.
+        **subject_kwargs: passed to :func:`make_subject` (deform_mm, rotate_deg, scale, lesions).
+
+    Returns:
+        (training case ids, test case ids).
+
+    Example:
+        >>> write_demo_dataset("Dataset900_DemoTissue", num_train=2, num_test=1, shape=(32, 32, 32),
+        ...                    spacing_mm=5.0)
+        (['demo_000', 'demo_001'], ['demo_test_000'])
+    """
+    from tqdm.auto import tqdm
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if num_train < 0 or num_test < 0:
+        raise ValueError(f"num_train and num_test must be >= 0, got {num_train}, {num_test}")
+    out = Path(out_dir)
+    channels = TASK_CHANNELS[task]
+    labels = TISSUE_LABELS if task == "tissue" else LESION_LABELS
+    subject_kwargs = dict(subject_kwargs)
+    if task == "lesion":
+        subject_kwargs.setdefault("lesions", (2, 10))
+    jobs = [("train", i, f"demo_{i:03d}", "imagesTr", "labelsTr") for i in range(num_train)]
+    jobs += [("test", i, f"demo_test_{i:03d}", "imagesTs", "labelsTs") for i in range(num_test)]
+    for split, i, case, img_dir, lab_dir in tqdm(jobs, desc=f"demo {task} ({source})", disable=not progress):
+        subj = make_subject(_case_seed(seed, split, i), source, shape, spacing_mm, **subject_kwargs)
+        for c, contrast in enumerate(channels):
+            img = render_image(subj, contrast, seed=[*_case_seed(seed, split, i), 100 + c])
+            write_nifti(out / img_dir / f"{case}_{c:04d}.nii.gz", img, subj.affine)
+        write_nifti(out / lab_dir / f"{case}.nii.gz", subj.labels(task), subj.affine)
+    meta = {
+        "channel_names": {str(c): name for c, name in enumerate(channels)},
+        "labels": labels,
+        "numTraining": num_train,
+        "file_ending": ".nii.gz",
+        "name": f"s3d demo {task} ({source})",
+        "description": f"Synthetic brain MRI from s3d.data.synthetic (source={source}, seed={seed}); "
+                       "labelsTs holds test labels for evaluation.",
+        "licence": "CC-BY-4.0" + ("; " + _MNI_COPYRIGHT if source == "mni" else ""),
+    }
+    write_json_atomic(out / "dataset.json", meta)
+    return [j[2] for j in jobs if j[0] == "train"], [j[2] for j in jobs if j[0] == "test"]
+
+
+def write_unlabelled(
+    out_dir: str | os.PathLike[str],
+    num: int,
+    *,
+    source: str = "phantom",
+    shape: Sequence[int] = (80, 96, 80),
+    spacing_mm: float | Sequence[float] = 2.0,
+    contrasts: Sequence[str] = CONTRASTS,
+    lesion_prob: float = 0.3,
+    seed: int = 0,
+    progress: bool = True,
+    **subject_kwargs: Any,
+) -> list[Path]:
+    """Write ``num`` unlabelled volumes (one contrast each, drawn from ``contrasts``) for pre-training.
+
+    Files are ``{out_dir}/demo_u{i:04d}_{contrast}.nii.gz``; a fraction ``lesion_prob`` of subjects
+    has 1-10 lesions, so pre-training sees the same kinds of image as fine-tuning.
+
+    Args:
+        out_dir: output folder (created if needed).
+        num: number of volumes.
+        source: "phantom" or "mni" (see :func:`make_subject`).
+        shape: grid (D, H, W), voxels.
+        spacing_mm: voxel size, mm.
+        contrasts: contrasts to draw from, uniformly per volume.
+        lesion_prob: fraction of subjects with lesions.
+        seed: cohort seed; volume i is seeded by (seed, "unlabelled", i).
+        progress: show a tqdm progress bar.
+        **subject_kwargs: passed to :func:`make_subject`.
+
+    Returns:
+        The written paths, in order.
+
+    Example:
+        >>> files = write_unlabelled("unlabelled", 4, shape=(32, 32, 32), spacing_mm=5.0)
+        >>> len(files)
+        4
+    """
+    from tqdm.auto import tqdm
+
+    for c in contrasts:
+        if c not in TISSUE_INTENSITY:
+            raise ValueError(f"contrasts must be among {CONTRASTS}, got {c!r}")
+    out = Path(out_dir)
+    files = []
+    for i in tqdm(range(num), desc=f"demo unlabelled ({source})", disable=not progress):
+        key = _case_seed(seed, "unlabelled", i)
+        pick = _rng([*key, 7])
+        contrast = contrasts[int(pick.integers(len(contrasts)))]
+        kw = dict(subject_kwargs)
+        kw.setdefault("lesions", (1, 10) if pick.uniform() < lesion_prob else 0)
+        subj = make_subject(key, source, shape, spacing_mm, **kw)
+        path = out / f"demo_u{i:04d}_{contrast}.nii.gz"
+        write_nifti(path, render_image(subj, contrast, seed=[*key, 100]), subj.affine)
+        files.append(path)
+    return files
+
+
+def write_demo_cohort(
+    root: str | os.PathLike[str],
+    *,
+    task: str = "tissue",
+    source: str = "phantom",
+    num_train: int = 20,
+    num_test: int = 10,
+    num_unlabelled: int = 100,
+    shape: Sequence[int] = (80, 96, 80),
+    spacing_mm: float | Sequence[float] = 2.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> DemoCohort:
+    """Write a labelled nnU-Net dataset and a folder of unlabelled volumes under ``root``.
+
+    ``root/Dataset900_DemoTissue`` (or ``Dataset901_DemoLesion``) and ``root/unlabelled``. The
+    unlabelled subjects are drawn from a different seed stream than the labelled ones.
+
+    Args:
+        root: output folder.
+        task: "tissue" or "lesion" (see :func:`write_demo_dataset`).
+        source: "phantom" or "mni".
+        num_train: labelled training cases.
+        num_test: test cases (images in imagesTs, labels in labelsTs).
+        num_unlabelled: unlabelled volumes for pre-training (0: none).
+        shape: grid (D, H, W), voxels.
+        spacing_mm: voxel size, mm.
+        seed: cohort seed.
+        progress: show tqdm progress bars.
+
+    Returns:
+        A :class:`DemoCohort` with the folders and case ids.
+
+    Example:
+        >>> cohort = write_demo_cohort("demo", num_train=2, num_test=1, num_unlabelled=2,
+        ...                            shape=(32, 32, 32), spacing_mm=5.0)
+        >>> sorted(p.name for p in cohort.dataset_dir.iterdir())
+        ['dataset.json', 'imagesTr', 'imagesTs', 'labelsTr', 'labelsTs']
+    """
+    root = Path(root)
+    ds_id, name = TASK_DATASET.get(task, (0, ""))
+    ds_dir = root / f"Dataset{ds_id:03d}_{name}"
+    train, test = write_demo_dataset(ds_dir, task=task, source=source, num_train=num_train, num_test=num_test,
+                                     shape=shape, spacing_mm=spacing_mm, seed=seed, progress=progress)
+    un_dir = root / "unlabelled" if num_unlabelled > 0 else None
+    files = []
+    if un_dir is not None:
+        files = write_unlabelled(un_dir, num_unlabelled, source=source, shape=shape, spacing_mm=spacing_mm,
+                                 seed=seed, progress=progress)
+    return DemoCohort(ds_dir, un_dir, train, test, files)
