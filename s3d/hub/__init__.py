@@ -5,7 +5,7 @@ Example:
     >>> model = load_pretrained("s3d-b", in_channels=2, num_classes=4)
 """
 
-from s3d.hub.adapt import LoadReport, StrictLoadError, adapt_state_dict, replicate_stem
+from s3d.hub.adapt import AdaptationKeys, LoadReport, StrictLoadError, adapt_state_dict, replicate_stem
 from s3d.hub.download import ChecksumError, HubFileError, hub_download, sha256_file
 from s3d.hub.nnssl import (
     CheckpointError,
@@ -22,6 +22,7 @@ from s3d.hub.registry import MODELS, ModelEntry, get_entry, list_models
 
 __all__ = [
     "MODELS",
+    "AdaptationKeys",
     "CheckpointError",
     "ChecksumError",
     "HubFileError",

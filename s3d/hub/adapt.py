@@ -2,7 +2,8 @@
 
 Pure functions on state dicts; :func:`s3d.hub.load_pretrained` calls :func:`adapt_state_dict` and
 loads the result strictly, so every tensor the network gets is either from the checkpoint or listed
-in the :class:`LoadReport` as adapted.
+in the :class:`LoadReport` as adapted. Which tensors are the stem, the encoder and the heads is one
+:class:`AdaptationKeys` (the ResEnc U-Net's by default; a registry entry carries its own).
 """
 
 from __future__ import annotations
@@ -13,14 +14,61 @@ from typing import Literal
 
 import torch
 
-#: The first conv (its weight has ``in_channels`` as dim 1).
-STEM_KEY = "encoder.stem.convs.0.conv.weight"
-#: Prefix of the encoder, the decoder and the segmentation heads.
-ENCODER_PREFIX = "encoder."
-DECODER_PREFIX = "decoder."
-HEAD_PREFIX = "decoder.seg_layers."
-
 StemMode = Literal["replicate", "random"]
+
+
+@dataclass(frozen=True)
+class AdaptationKeys:
+    """Where the tensors that :func:`adapt_state_dict` adapts live in a state dict.
+
+    The defaults are the ResEnc U-Net's (every :class:`~s3d.nn.ResEncUNet`, any depth); a registry
+    entry (:class:`~s3d.hub.ModelEntry`) carries the keys of its architecture.
+
+    Attributes:
+        stem_key: weight of the first conv, shape (O, in_channels, kd, kh, kw). It (and the bias of
+            the same conv) is adapted when the input channels differ.
+        encoder_prefix: key prefix of the encoder, stem included; ``decoder=False`` loads only these.
+        head_prefix: key prefix of the segmentation heads (weights (num_classes, C, 1, 1, 1), biases
+            (num_classes,)); all are freshly initialised when the classes differ.
+
+    Example:
+        >>> AdaptationKeys().stem_key
+        'encoder.stem.convs.0.conv.weight'
+    """
+
+    stem_key: str = "encoder.stem.convs.0.conv.weight"
+    encoder_prefix: str = "encoder."
+    head_prefix: str = "decoder.seg_layers."
+
+    @property
+    def stem_module(self) -> str:
+        """Key prefix of the first conv (its weight and bias), e.g. ``"encoder.stem.convs.0.conv."``."""
+        return self.stem_key.rpartition(".")[0] + "."
+
+    def check(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` naming the key if ``state`` (a model's state dict) lacks one of the keys.
+
+        Example:
+            >>> AdaptationKeys().check(build_resenc_unet("tiny").state_dict())   # passes
+        """
+        problems = []
+        stem = state.get(self.stem_key)
+        if stem is None or stem.dim() < 2:
+            problems.append(f"stem_key {self.stem_key!r} is not a conv weight of the model")
+        for name in ("encoder_prefix", "head_prefix"):
+            prefix = getattr(self, name)
+            if not any(k.startswith(prefix) for k in state):
+                problems.append(f"{name} {prefix!r} starts no key of the model")
+        if problems:
+            raise ValueError(
+                f"adaptation keys: {'; '.join(problems)} (the model's keys start with "
+                f"{sorted({k.split('.')[0] for k in state})}). Pass keys=AdaptationKeys(...) naming the "
+                "model's first conv weight, encoder prefix and segmentation-head prefix."
+            )
+
+
+#: The ResEnc U-Net's keys (the defaults of :class:`AdaptationKeys`); used where no registry entry says otherwise.
+RESENC_UNET_KEYS = AdaptationKeys()
 
 
 class StrictLoadError(KeyError):
@@ -118,6 +166,7 @@ def adapt_state_dict(
     decoder: bool = True,
     strict: bool = True,
     report: LoadReport | None = None,
+    keys: AdaptationKeys = RESENC_UNET_KEYS,
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Build a full state dict for the target network from pretrained tensors.
 
@@ -126,10 +175,12 @@ def adapt_state_dict(
         target: the freshly initialised network's state dict (its values fill adapted keys).
         stem: when input channels differ: ``"replicate"`` (see :func:`replicate_stem`) or
             ``"random"`` (keep the fresh He-initialised stem conv weight and bias).
-        decoder: ``False`` keeps the whole fresh decoder (transpconvs, stages, seg heads).
+        decoder: ``False`` loads the encoder only (``keys.encoder_prefix``) and keeps every other
+            fresh tensor (the decoder: transpconvs, stages, seg heads).
         strict: raise on missing, unexpected or reshaped tensors (naming them); ``False`` keeps
             the fresh tensor for those and lists them in the report.
         report: a report to fill (a new one if ``None``).
+        keys: the stem, encoder and head keys (ResEnc U-Net defaults); each must exist in ``target``.
 
     Returns:
         ``(state_dict, report)``; ``state_dict`` has exactly ``target``'s keys.
@@ -141,39 +192,37 @@ def adapt_state_dict(
     report = report or LoadReport()
     if stem not in ("replicate", "random"):
         raise ValueError(f"stem: expected 'replicate' or 'random', got {stem!r}")
+    keys.check(target)
     out: dict[str, torch.Tensor] = {}
     adapted: list[str] = []
-    stem_w, target_stem = pretrained.get(STEM_KEY), target.get(STEM_KEY)
-    if stem_w is not None and target_stem is not None:
+    stem_w, target_stem = pretrained.get(keys.stem_key), target[keys.stem_key]
+    if stem_w is not None:
         report.stem_channels = (int(stem_w.shape[1]), int(target_stem.shape[1]))
-    head_w = pretrained.get(next((k for k in target if k.startswith(HEAD_PREFIX)), ""), None)
-    target_head = next((v for k, v in target.items() if k.startswith(HEAD_PREFIX)), None)
-    if head_w is not None and target_head is not None:
+    head_key = next(k for k in target if k.startswith(keys.head_prefix))
+    head_w, target_head = pretrained.get(head_key), target[head_key]
+    if head_w is not None:
         report.head_classes = (int(head_w.shape[0]), int(target_head.shape[0]))
-    new_head = head_w is not None and target_head is not None and head_w.shape[0] != target_head.shape[0]
+    new_head = head_w is not None and head_w.shape[0] != target_head.shape[0]
     stem_differs = report.stem_channels[0] != report.stem_channels[1]
     if not decoder:
         report.random_decoder = True
     for key, fresh in target.items():
-        if not decoder and key.startswith(DECODER_PREFIX):
+        if not decoder and not key.startswith(keys.encoder_prefix):
             out[key] = fresh
             adapted.append(key)
             continue
-        if new_head and key.startswith(HEAD_PREFIX):
+        if new_head and key.startswith(keys.head_prefix):
             out[key] = fresh
             adapted.append(key)
             report.new_head = True
             continue
-        if stem_differs and key.startswith("encoder.stem.convs.0.conv."):
+        # the stem bias does not depend on the input channels: replicate loads it like any tensor
+        if stem_differs and key.startswith(keys.stem_module) and (stem == "random" or key == keys.stem_key):
             if stem == "random":
-                out[key] = fresh
-                report.stem = "random"
-            elif key == STEM_KEY:
+                out[key], report.stem = fresh, "random"
+            else:
                 out[key] = replicate_stem(pretrained[key], int(fresh.shape[1])).to(fresh.dtype)
                 report.stem = "replicated"
-            else:  # the stem bias does not depend on the input channels
-                out[key] = pretrained[key]
-                continue
             adapted.append(key)
             continue
         if key not in pretrained:
@@ -189,9 +238,9 @@ def adapt_state_dict(
             continue
         out[key] = value.to(fresh.dtype)
     skipped = (
-        (lambda k: k.startswith(DECODER_PREFIX))
+        (lambda k: not k.startswith(keys.encoder_prefix))
         if not decoder
-        else ((lambda k: k.startswith(HEAD_PREFIX)) if new_head else (lambda k: False))
+        else ((lambda k: k.startswith(keys.head_prefix)) if new_head else (lambda k: False))
     )
     report.unexpected_keys = sorted(k for k in pretrained if k not in target and not skipped(k))
     report.adapted_keys = adapted

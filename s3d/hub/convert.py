@@ -11,7 +11,8 @@ import torch
 from s3d._fs import atomic_path, write_json_atomic
 from s3d.hub.adapt import LoadReport
 from s3d.hub.nnssl import adaptation_plan, nnssl_checkpoint, nnunet_checkpoint
-from s3d.hub.pretrained import NNSSL_NAME, load_pretrained, save_pretrained
+from s3d.hub.pretrained import load_pretrained, save_pretrained
+from s3d.hub.sources import NNSSL_NAME
 
 Target = Literal["s3d", "nnssl", "nnunet"]
 TARGETS: tuple[str, ...] = ("s3d", "nnssl", "nnunet")

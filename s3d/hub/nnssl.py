@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,16 +61,23 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip (legacy: a pickle)
+        hint = "it looks like safetensors: name it .safetensors" if head[8:9] == b"{" else "is it the right file?"
+        raise CheckpointError(f"{path}: not a torch checkpoint (no zip or pickle header; {hint})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
         raise CheckpointError(
             f"{path}: refusing to load - the file needs full pickle (arbitrary code execution), which s3d "
             f"never uses for checkpoints. Re-save it in a trusted environment with tensors, dicts, lists and "
             f"numbers only (e.g. torch.save({{'network_weights': net.state_dict()}}, ...)). Detail: {err}"
         ) from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
+    except Exception as err:  # noqa: BLE001 - a corrupt file fails anywhere in torch's reader (KeyError, ...)
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict in the checkpoint, found {type(obj).__name__}")
     return obj
@@ -317,14 +323,9 @@ def adaptation_plan(
         >>> plan["key_to_stem"]
         'encoder.stem'
     """
-    norm = (
-        "torch.nn.modules.instancenorm.InstanceNorm3d"
-        if config.norm == "instance"
-        else ("torch.nn.modules.batchnorm.BatchNorm3d")
-    )
-    nonlin = {"leaky_relu": "torch.nn.LeakyReLU", "relu": "torch.nn.ReLU", "gelu": "torch.nn.GELU"}[
-        config.nonlin
-    ]
+    norm = {"instance": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "batch": "torch.nn.modules.batchnorm.BatchNorm3d"}[config.norm]
+    nonlin = {"leaky_relu": "torch.nn.LeakyReLU", "relu": "torch.nn.ReLU", "gelu": "torch.nn.GELU"}[config.nonlin]
     arch_kwargs = {
         "n_stages": config.n_stages,
         "features_per_stage": list(config.features_per_stage),
@@ -359,8 +360,7 @@ def adaptation_plan(
     return {
         "architecture_plans": architecture,
         "pretrain_plan": None,
-        "recommended_downstream_patchsize": [int(patch_size)] * 3
-        if isinstance(patch_size, int)
+        "recommended_downstream_patchsize": [int(patch_size)] * 3 if isinstance(patch_size, int)
         else [int(p) for p in patch_size],
         "key_to_encoder": "encoder.stages",
         "key_to_stem": "encoder.stem",

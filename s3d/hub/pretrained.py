@@ -1,16 +1,14 @@
 """Save, load and publish ResEnc U-Net weights: ``save_pretrained``, ``load_pretrained``, ``push_to_hub``.
 
-Our format is a directory with ``model.safetensors`` (one tensor per weight, canonical keys),
-``config.json`` (the architecture config, the s3d version, the optional recipe) and a model card
-``README.md``. ``load_pretrained`` also reads nnssl/nnU-Net ``.pth`` checkpoints, local or on the Hub.
+Our format (:mod:`s3d.hub.s3d_format`) is a directory with ``model.safetensors`` (one tensor per
+weight, canonical keys), ``config.json`` (the architecture config, the s3d version, the optional
+recipe) and a model card ``README.md``. ``load_pretrained`` also reads nnssl/nnU-Net ``.pth``
+checkpoints, local or on the Hub (:mod:`s3d.hub.sources` finds them).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +17,35 @@ import torch
 from s3d._fs import atomic_path, write_json_atomic, write_text_atomic
 from s3d._version import __version__
 from s3d.hub.adapt import LoadReport, StemMode, adapt_state_dict
-from s3d.hub.download import commit_from_cache_path, hub_download, sha256_file
+from s3d.hub.download import commit_from_cache_path, sha256_file
 from s3d.hub.nnssl import CheckpointError, canonicalize, infer_config, network_weights, read_checkpoint
-from s3d.hub.registry import ModelEntry, get_entry, list_models
-from s3d.nn.config import ResEncUNetConfig, get_config
+from s3d.hub.s3d_format import (
+    CARD_NAME,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    config_json,
+    model_card,
+    read_safetensors,
+)
+from s3d.hub.sources import NNSSL_NAME, Source, resolve
+from s3d.nn.config import ResEncUNetConfig
 from s3d.nn.resenc_unet import ResEncUNet, build_resenc_unet
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-CARD_NAME = "README.md"
-NNSSL_NAME = "checkpoint_final.pth"
-FORMAT_VERSION = 1
-
-_REPO_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+# The file names, FORMAT_VERSION and model_card stay importable from here, where they were defined before.
+__all__ = [
+    "CARD_NAME",
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "NNSSL_NAME",
+    "WEIGHTS_NAME",
+    "load_pretrained",
+    "load_state",
+    "model_card",
+    "push_to_hub",
+    "save_pretrained",
+    "verify_file",
+]
 
 
 # ---- saving ----------------------------------------------------------------------------------
@@ -55,60 +69,6 @@ def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         seen.add(ptr)
         out[key] = t
     return out
-
-
-def model_card(
-    config: ResEncUNetConfig,
-    recipe: dict[str, Any] | None = None,
-    *,
-    license: str | None = None,
-    provenance: str | None = None,
-    n_params: int | None = None,
-) -> str:
-    """A model card (Markdown with YAML metadata) for a saved ResEnc U-Net.
-
-    Example:
-        >>> print(model_card(model.config)[:3])
-        ---
-    """
-    meta = ["---", "library_name: s3d", "tags:", "- medical", "- 3d", "- image-segmentation", "- resenc-unet"]
-    if license:
-        meta.append(f"license: {license.lower()}")
-    meta.append("---")
-    lines = [
-        *meta,
-        "",
-        f"# ResEnc U-Net ({config.name})",
-        "",
-        provenance or "Weights saved with s3d; add where they come from (data, recipe, steps) here.",
-        "",
-        "## Architecture",
-        "",
-        "| field | value |",
-        "|---|---|",
-        f"| features per stage | {list(config.features_per_stage)} |",
-        f"| blocks per stage | {list(config.n_blocks_per_stage)} |",
-        f"| strides | {[list(s) for s in config.strides]} |",
-        f"| input channels | {config.in_channels} |",
-        f"| classes | {config.num_classes} |",
-    ]
-    if n_params is not None:
-        lines.append(f"| parameters | {n_params:,} |")
-    if recipe:
-        lines += ["", "## Recipe", "", "```json", json.dumps(recipe, indent=2, default=str), "```"]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "import s3d",
-        'model = s3d.load_pretrained("<this repo or directory>", in_channels=1, num_classes=2)',
-        "```",
-        "",
-        f"Saved with s3d {__version__} (format {FORMAT_VERSION}).",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def save_pretrained(
@@ -148,16 +108,7 @@ def save_pretrained(
     state = _plain_state(model)
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "library": "s3d", "s3d_version": __version__})
-    config = {
-        "library": "s3d",
-        "format": "s3d",
-        "format_version": FORMAT_VERSION,
-        "model_type": "ResEncUNet",
-        "s3d_version": __version__,
-        "architecture": cfg.to_dict(),
-        "recipe": recipe,
-    }
-    write_json_atomic(out / CONFIG_NAME, config)
+    write_json_atomic(out / CONFIG_NAME, config_json(cfg, recipe))
     n_params = sum(p.numel() for p in model.parameters())
     card = model_card_text or model_card(
         cfg, recipe, license=license, provenance=provenance, n_params=n_params
@@ -205,101 +156,41 @@ def push_to_hub(
     return str(getattr(info, "commit_url", info))
 
 
-# ---- resolving a source ----------------------------------------------------------------------
-@dataclass
-class _Source:
-    weights: Path
-    format: str
-    config: dict[str, Any] | None = None
-    entry: ModelEntry | None = None
-    repo_id: str | None = None
-    revision: str | None = None
-    sha256: str | None = None
-
-
-def _is_ours(config: Any) -> bool:
-    return isinstance(config, dict) and config.get("library") == "s3d" and "architecture" in config
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read JSON config ({err})") from None
-
-
-def _local_source(path: Path) -> _Source:
-    if path.is_dir():
-        if (path / WEIGHTS_NAME).is_file():
-            cfg = path / CONFIG_NAME
-            return _Source(path / WEIGHTS_NAME, "s3d", _read_json(cfg) if cfg.is_file() else None)
-        if (path / NNSSL_NAME).is_file():
-            return _Source(path / NNSSL_NAME, "nnssl")
-        pths = sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
-        if len(pths) == 1:
-            return _Source(pths[0], "nnssl")
-        found = sorted(p.name for p in path.iterdir())[:10]
-        raise FileNotFoundError(
-            f"{path}: expected {WEIGHTS_NAME} (+ {CONFIG_NAME}), {NNSSL_NAME} or a single .pth file; "
-            f"found {found}"
-        )
-    if path.suffix == ".safetensors":
-        cfg = path.parent / CONFIG_NAME
-        return _Source(path, "s3d", _read_json(cfg) if cfg.is_file() else None)
-    if path.suffix in (".pth", ".pt"):
-        return _Source(path, "nnssl")
-    raise ValueError(f"{path}: unknown weights file type {path.suffix!r}; expected .safetensors, .pth or .pt")
-
-
-def _hub_source(
-    repo_id: str, revision: str | None, cache_dir: str | None, entry: ModelEntry | None
-) -> _Source:
-    if entry is not None:
-        # the sha256 pin belongs to the registry's revision; another revision asked for explicitly is unpinned
-        sha256 = entry.sha256 if revision in (None, entry.revision) else None
-        weights = hub_download(
-            entry.repo_id, entry.filename, revision=revision, sha256=sha256, cache_dir=cache_dir
-        )
-        config = None
-        if entry.format == "s3d":
-            config = _read_json(
-                hub_download(entry.repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
-            )
-        return _Source(weights, entry.format, config, entry, entry.repo_id, revision, sha256)
-    config_path = hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
-    config = _read_json(config_path)
-    if _is_ours(config):
-        weights = hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir)
-        return _Source(weights, "s3d", config, None, repo_id, revision)
-    weights = hub_download(repo_id, NNSSL_NAME, revision=revision, cache_dir=cache_dir)
-    return _Source(weights, "nnssl", None, None, repo_id, revision)
-
-
-def _resolve(name: str | os.PathLike[str], revision: str | None, cache_dir: str | None) -> _Source:
-    if isinstance(name, os.PathLike) or os.path.exists(str(name)):
-        return _local_source(Path(name))
-    text = str(name)
-    if text.startswith("hf://"):
-        match = _REPO_RE.match(text[len("hf://") :])
-        if not match:
-            raise ValueError(f"{text!r}: expected hf://org/name or hf://org/name@revision")
-        return _hub_source(match["repo"], revision or match["rev"], cache_dir, None)
-    entry = get_entry(text)
-    if entry is not None:
-        return _hub_source(entry.repo_id, revision or entry.revision, cache_dir, entry)
-    match = _REPO_RE.match(text)
-    if match:
-        return _hub_source(match["repo"], revision or match["rev"], cache_dir, None)
-    names = sorted({m.name for m in list_models()} | {a for m in list_models() for a in m.aliases})
-    raise ValueError(
-        f"{text!r} is not an existing local path, a registered model ({', '.join(names)}), "
-        "or a Hub repo id 'org/name[@revision]'"
-    )
-
-
 # ---- loading -----------------------------------------------------------------------------------
-def _architecture(arch: str | dict[str, Any]) -> ResEncUNetConfig:
-    return get_config(arch) if isinstance(arch, str) else ResEncUNetConfig.from_dict(arch)
+def _read_state(src: Source) -> tuple[dict[str, torch.Tensor], ResEncUNetConfig, LoadReport]:
+    report = LoadReport(
+        source=str(src.weights), format=src.format, repo_id=src.repo_id, revision=src.revision, sha256=src.sha256
+    )
+    if src.repo_id is not None:
+        report.commit = commit_from_cache_path(src.weights)
+        if src.entry is not None and not src.entry.pinned:
+            report.notes.append(f"registry entry {src.entry.name!r} is not pinned (branch {src.entry.revision!r})")
+    if src.format == "s3d":
+        state = read_safetensors(src.weights)
+        if any(".all_modules." in k or k.startswith("decoder.encoder.") for k in state):
+            state, info = canonicalize(state)
+            report.alias_preferred, report.stale_alias_keys = info.preferred, info.stale_keys
+        if src.config is not None:
+            return state, src.config, report
+        report.notes.append(f"no {CONFIG_NAME} next to the weights: architecture inferred from tensor shapes")
+    else:
+        ckpt = read_checkpoint(src.weights)
+        raw = network_weights(ckpt, str(src.weights))
+        state, info = canonicalize(raw, sparse_trainer="spark_weights" in ckpt)
+        report.alias_preferred, report.stale_alias_keys = info.preferred, info.stale_keys
+        if info.reason:
+            report.notes.append(f"used DNA all_modules copies: {info.reason}")
+    try:
+        cfg = infer_config(state)
+    except CheckpointError as err:
+        if src.entry is None:
+            raise CheckpointError(
+                f"{src.weights}: {err}; expected a ResEnc U-Net state dict with s3d/DNA key names"
+                + ("" if src.format == "nnssl" else f" (or a {CONFIG_NAME} next to the weights)")
+            ) from None
+        cfg = src.entry.config
+        report.notes.append(f"architecture from the registry entry ({err})")
+    return state, cfg, report
 
 
 def load_state(
@@ -313,63 +204,13 @@ def load_state(
     Example:
         >>> state, cfg, report = load_state("checkpoint_final.pth")
     """
-    src = _resolve(source, revision, cache_dir)
-    report = LoadReport(
-        source=str(src.weights),
-        format=src.format,
-        repo_id=src.repo_id,
-        revision=src.revision,
-        sha256=src.sha256,
-    )
-    if src.repo_id is not None:
-        report.commit = commit_from_cache_path(src.weights)
-        if src.entry is not None and not src.entry.pinned:
-            report.notes.append(
-                f"registry entry {src.entry.name!r} is not pinned (branch {src.entry.revision!r})"
-            )
-    if src.format == "s3d":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(src.weights))
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{src.weights}: not a readable safetensors file ({err})") from None
-        if src.config is not None:
-            if not _is_ours(src.config):
-                raise CheckpointError(
-                    f"{src.weights.parent / CONFIG_NAME}: not an s3d config (no 'architecture')"
-                )
-            cfg = ResEncUNetConfig.from_dict(src.config["architecture"])
-        else:
-            cfg = infer_config(state)
-            report.notes.append(
-                f"no {CONFIG_NAME} next to the weights: architecture inferred from tensor shapes"
-            )
-        if any(".all_modules." in k or k.startswith("decoder.encoder.") for k in state):
-            state, info = canonicalize(state)
-            report.alias_preferred, report.stale_alias_keys = info.preferred, info.stale_keys
-        return state, cfg, report
-    ckpt = read_checkpoint(src.weights)
-    raw = network_weights(ckpt, str(src.weights))
-    state, info = canonicalize(raw, sparse_trainer="spark_weights" in ckpt)
-    report.alias_preferred, report.stale_alias_keys = info.preferred, info.stale_keys
-    if info.reason:
-        report.notes.append(f"used DNA all_modules copies: {info.reason}")
-    try:
-        cfg = infer_config(state)
-    except CheckpointError as err:
-        if src.entry is None:
-            raise
-        cfg = _architecture(src.entry.architecture)
-        report.notes.append(f"architecture from the registry entry ({err})")
-    return state, cfg, report
+    return _read_state(resolve(source, revision, cache_dir))
 
 
 def load_pretrained(
     name_or_repo_or_path: str | os.PathLike[str],
     *,
-    in_channels: int | None = 1,
+    in_channels: int | None = None,
     num_classes: int | None = None,
     revision: str | None = None,
     strict: bool = True,
@@ -379,14 +220,19 @@ def load_pretrained(
     decoder: bool = True,
     output_loading_info: bool = False,
 ) -> ResEncUNet | tuple[ResEncUNet, LoadReport]:
-    """Build a ResEnc U-Net from pretrained weights, adapted to the input channels and classes.
+    """Build a ResEnc U-Net from pretrained weights, adapted to the input channels and classes asked for.
+
+    The stem, encoder and head keys that are adapted come from the registry entry
+    (:attr:`~s3d.hub.ModelEntry.keys`); directories, files and unregistered Hub repos use the
+    ResEnc U-Net's (:data:`~s3d.hub.adapt.RESENC_UNET_KEYS`).
 
     Args:
         name_or_repo_or_path: a registry name or alias (``"s3d-b"``, see :func:`s3d.list_models`),
             a Hub repo ``"org/name"`` or ``"hf://org/name@revision"``, a local directory saved with
             :func:`save_pretrained`, a ``.safetensors`` file, or an nnssl/nnU-Net ``.pth`` checkpoint.
-        in_channels: input channels (image modalities) of the returned model; ``None`` keeps the
-            checkpoint's. When it differs from the checkpoint, the stem is adapted (``stem``).
+        in_channels: input channels (image modalities) of the returned model; ``None`` (default)
+            keeps the checkpoint's. When it differs from the checkpoint, the stem is adapted
+            (``stem``) and the report says so.
         num_classes: output classes; ``None`` keeps the checkpoint's. When it differs, every
             segmentation head (``decoder.seg_layers.*``) is freshly initialised.
         revision: Hub branch, tag or commit (overrides the registry's pin).
@@ -405,7 +251,10 @@ def load_pretrained(
 
     Raises:
         s3d.hub.StrictLoadError: strict load with missing/unexpected/reshaped tensors.
-        s3d.hub.CheckpointError: unreadable file, pickle-only checkpoint, unknown layout.
+        s3d.hub.CheckpointError: unreadable or truncated file, pickle-only checkpoint, unknown
+            layout, or a ``config.json`` with bad JSON, an unknown key or a wrong type (the message
+            names the file and the key).
+        FileNotFoundError: a local path that does not exist, or a directory without weights.
         s3d.hub.ChecksumError: a pinned download has the wrong sha256 (the file is removed).
         s3d.hub.HubFileError: the repo or file does not exist or cannot be fetched.
 
@@ -414,10 +263,10 @@ def load_pretrained(
         >>> report.stem, report.new_head
         ('replicated', True)
     """
-    state, cfg, report = load_state(
-        name_or_repo_or_path, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir)
-    )
-    if decoder and not any(k.startswith("decoder.") for k in state):
+    src = resolve(name_or_repo_or_path, revision, None if cache_dir is None else str(cache_dir))
+    state, cfg, report = _read_state(src)
+    keys = src.keys
+    if decoder and all(k.startswith(keys.encoder_prefix) for k in state):
         decoder = False
         report.notes.append("checkpoint holds no decoder weights (encoder only): decoder freshly initialised")
     overrides: dict[str, Any] = {}
@@ -427,7 +276,7 @@ def load_pretrained(
         overrides["num_classes"] = int(num_classes)
     model = build_resenc_unet(cfg.replace(**overrides))
     full, report = adapt_state_dict(
-        state, model.state_dict(), stem=stem, decoder=decoder, strict=strict, report=report
+        state, model.state_dict(), stem=stem, decoder=decoder, strict=strict, report=report, keys=keys
     )
     model.load_state_dict(full, strict=True)
     model.to(device).eval()

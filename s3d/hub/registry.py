@@ -13,7 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from s3d.hub.adapt import ENCODER_PREFIX, HEAD_PREFIX, STEM_KEY
+from s3d.hub.adapt import RESENC_UNET_KEYS, AdaptationKeys
+from s3d.nn.config import ResEncUNetConfig, get_config
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -49,9 +50,8 @@ class ModelEntry:
         license: SPDX-like licence id of the weights.
         citation: how to cite.
         provenance: one line: who trained it, how, on what.
-        stem_key: state-dict key of the first conv (adapted for other input channel counts).
-        encoder_prefix: key prefix of the encoder.
-        head_key: key of the final segmentation head (replaced for other class counts).
+        keys: where the stem, encoder and segmentation heads are in the state dict (what
+            :func:`~s3d.hub.load_pretrained` adapts); the ResEnc U-Net's by default.
         extra_files: other files in the repo (informational).
     """
 
@@ -68,15 +68,34 @@ class ModelEntry:
     license: str = ""
     citation: str = ""
     provenance: str = ""
-    stem_key: str = STEM_KEY
-    encoder_prefix: str = ENCODER_PREFIX
-    head_key: str = HEAD_PREFIX + "4.weight"
+    keys: AdaptationKeys = RESENC_UNET_KEYS
     extra_files: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def pinned(self) -> bool:
         """True when ``revision`` is an immutable 40-hex commit."""
         return bool(_COMMIT_RE.match(self.revision))
+
+    @property
+    def config(self) -> ResEncUNetConfig:
+        """The architecture as a config (``architecture`` is a preset name or a config dict)."""
+        arch = self.architecture
+        return get_config(arch) if isinstance(arch, str) else ResEncUNetConfig.from_dict(arch)
+
+    @property
+    def stem_key(self) -> str:
+        """``keys.stem_key``: the first conv's weight (adapted for other input channel counts)."""
+        return self.keys.stem_key
+
+    @property
+    def encoder_prefix(self) -> str:
+        """``keys.encoder_prefix``: key prefix of the encoder."""
+        return self.keys.encoder_prefix
+
+    @property
+    def head_key(self) -> str:
+        """Weight of the final (full-resolution) segmentation head in this architecture."""
+        return f"{self.keys.head_prefix}{self.config.n_stages - 2}.weight"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict including ``pinned``."""

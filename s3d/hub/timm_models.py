@@ -99,8 +99,8 @@ def register_timm_models() -> list[str]:
             "license": entry.license.lower(),
             "input_size": (1, 160, 160, 160),
             "num_classes": 0,
-            "first_conv": entry.stem_key[: -len(".weight")],
-            "classifier": "decoder.seg_layers",
+            "first_conv": entry.keys.stem_module.rstrip("."),
+            "classifier": entry.keys.head_prefix.rstrip("."),
             "notes": (entry.provenance,),
         }
     if not timm.models.is_model("resenc_unet_l"):

@@ -1,0 +1,228 @@
+"""nnU-Net v2 raw datasets: reading ``dataset.json`` and checking a dataset (every problem at once).
+
+Layout read here (nnU-Net v2 "raw" format)::
+
+    DATASET/dataset.json           {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0,
+                                    "tumour": 1}, "numTraining": 12, "file_ending": ".nii.gz"}
+    DATASET/imagesTr/{case}_{XXXX}.nii.gz   one file per channel XXXX = 0000, 0001, ...
+    DATASET/labelsTr/{case}.nii.gz
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from s3d.data.io import read_header, read_nifti
+
+#: Affines of image channels and label may differ by this much (mm) and still count as equal.
+AFFINE_ATOL_MM = 1e-3
+
+
+class DatasetError(ValueError):
+    """An nnU-Net dataset with problems; ``.problems`` lists every one (each names its file)."""
+
+    def __init__(self, root: str | os.PathLike[str], problems: Sequence[str]) -> None:
+        self.root = Path(root)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{self.root}: {len(self.problems)} problem(s) in the nnU-Net dataset:\n{lines}")
+
+
+# ---- dataset.json --------------------------------------------------------------------------------
+@dataclass
+class NnUNetDataset:
+    """An nnU-Net v2 raw dataset on disk.
+
+    Attributes:
+        root: the dataset folder (holding ``dataset.json``).
+        channel_names: channel names in channel order (``"0000"``, ``"0001"``, ... file suffixes).
+        labels: label name -> integer value (``background`` = 0 included).
+        num_training: ``numTraining`` from dataset.json.
+        file_ending: e.g. ``".nii.gz"``.
+        cases: case identifiers found in ``labelsTr`` (sorted).
+    """
+
+    root: Path
+    channel_names: tuple[str, ...]
+    labels: dict[str, int]
+    num_training: int
+    file_ending: str
+    cases: list[str] = field(default_factory=list)
+
+    @property
+    def num_channels(self) -> int:
+        """Number of image channels (modalities)."""
+        return len(self.channel_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels a network needs: the largest label value + 1."""
+        return max(self.labels.values()) + 1
+
+    def image_paths(self, case: str) -> list[Path]:
+        """Paths of the channel files of ``case``: ``imagesTr/{case}_{XXXX}{file_ending}``."""
+        images = self.root / "imagesTr"
+        return [images / f"{case}_{c:04d}{self.file_ending}" for c in range(self.num_channels)]
+
+    def label_path(self, case: str) -> Path:
+        """Path of the label map of ``case``: ``labelsTr/{case}{file_ending}``."""
+        return self.root / "labelsTr" / f"{case}{self.file_ending}"
+
+
+def read_dataset_json(root: str | os.PathLike[str]) -> NnUNetDataset:
+    """Read ``root/dataset.json`` and list the cases in ``labelsTr``.
+
+    Raises:
+        DatasetError: the file is missing, not JSON, or lacks/garbles ``channel_names``, ``labels``,
+            ``numTraining`` or ``file_ending`` (every such problem is listed).
+
+    Example:
+        >>> ds = read_dataset_json("Dataset001_Brain")
+        >>> ds.channel_names, ds.labels, ds.cases[:2]
+        (('T1', 'T2'), {'background': 0, 'tumour': 1}, ['brain_000', 'brain_001'])
+    """
+    root = Path(root)
+    path = root / "dataset.json"
+    if not path.is_file():
+        raise DatasetError(root, [f"{path}: missing (an nnU-Net v2 raw dataset needs dataset.json)"])
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DatasetError(root, [f"{path}: not valid JSON ({e})"]) from None
+    required = ("channel_names", "labels", "numTraining", "file_ending")
+    problems = [f"{path}: missing key {k!r}" for k in required if k not in meta]
+    channels: tuple[str, ...] = ()
+    if isinstance(meta.get("channel_names"), dict):
+        try:
+            order = sorted(meta["channel_names"], key=int)
+            if [int(k) for k in order] != list(range(len(order))):
+                problems.append(f"{path}: channel_names keys must be 0..N-1, got {order}")
+            channels = tuple(str(meta["channel_names"][k]) for k in order)
+        except ValueError:
+            problems.append(f"{path}: channel_names keys must be integers, got {list(meta['channel_names'])}")
+    elif "channel_names" in meta:
+        problems.append(f"{path}: channel_names must be a dict {{'0': name, ...}}")
+    labels: dict[str, int] = {}
+    if isinstance(meta.get("labels"), dict):
+        for name, value in meta["labels"].items():
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                labels[str(name)] = value
+            else:
+                problems.append(f"{path}: label {name!r} must be a non-negative int, got {value!r} "
+                                "(region-based labels are not supported)")
+        if labels and 0 not in labels.values():
+            problems.append(f"{path}: labels must include background = 0")
+    elif "labels" in meta:
+        problems.append(f"{path}: labels must be a dict {{name: value}}")
+    file_ending = str(meta.get("file_ending", ".nii.gz"))
+    if file_ending not in (".nii.gz", ".nii"):
+        problems.append(f"{path}: file_ending {file_ending!r} is not supported (use .nii.gz or .nii)")
+    num_training = meta.get("numTraining", 0)
+    if not isinstance(num_training, int):
+        problems.append(f"{path}: numTraining must be an int, got {num_training!r}")
+        num_training = 0
+    if problems:
+        raise DatasetError(root, problems)
+    labels_dir = root / "labelsTr"
+    cases = sorted(p.name[: -len(file_ending)] for p in labels_dir.glob(f"*{file_ending}")
+                   if not p.name.startswith(".")) if labels_dir.is_dir() else []
+    return NnUNetDataset(root, channels, labels, num_training, file_ending, cases)
+
+
+def validate_dataset(
+    root: str | os.PathLike[str], check_voxels: bool = True, skip_voxels_for: Collection[str] = ()
+) -> NnUNetDataset:
+    """Check a dataset and raise one :class:`DatasetError` listing every problem with its file.
+
+    Checks: dataset.json; ``labelsTr``/``imagesTr`` exist; ``numTraining`` equals the number of
+    label files; every case has all channel files; images without a label; channel/label shapes
+    and affines agree (within 1e-3 mm); with ``check_voxels``, label values are in ``labels`` and
+    images hold no NaN/inf (reading every voxel, except for the cases in ``skip_voxels_for``, e.g.
+    those already preprocessed into the cache).
+
+    Returns:
+        The dataset (as :func:`read_dataset_json`) when there is no problem.
+
+    Example:
+        >>> ds = validate_dataset("Dataset001_Brain")   # raises DatasetError listing all problems
+    """
+    ds = read_dataset_json(root)
+    root = ds.root
+    problems: list[str] = []
+    for sub in ("imagesTr", "labelsTr"):
+        if not (root / sub).is_dir():
+            problems.append(f"{root / sub}: missing folder")
+    if problems:
+        raise DatasetError(root, problems)
+    if ds.num_training != len(ds.cases):
+        problems.append(f"{root / 'dataset.json'}: numTraining is {ds.num_training} but labelsTr holds "
+                        f"{len(ds.cases)} label file(s)")
+    if not ds.cases:
+        problems.append(f"{root / 'labelsTr'}: no label files ending in {ds.file_ending}")
+    known = set(ds.cases)
+    for p in sorted((root / "imagesTr").glob(f"*{ds.file_ending}")):
+        stem = p.name[: -len(ds.file_ending)]
+        case, _, idx = stem.rpartition("_")
+        if not (len(idx) == 4 and idx.isdigit()):
+            problems.append(f"{p}: name must end in _XXXX (channel index), e.g. {stem}_0000{ds.file_ending}")
+        elif case not in known:
+            problems.append(f"{p}: image without label file {ds.label_path(case)}")
+        elif int(idx) >= ds.num_channels:
+            problems.append(f"{p}: channel {int(idx)} but dataset.json lists {ds.num_channels} channel(s)")
+    allowed = set(ds.labels.values())
+    skip = set(skip_voxels_for)
+    for case in ds.cases:
+        problems.extend(_case_problems(ds, case, allowed, check_voxels and case not in skip))
+    if problems:
+        raise DatasetError(root, problems)
+    return ds
+
+
+def _case_problems(ds: NnUNetDataset, case: str, allowed: set[int], check_voxels: bool) -> list[str]:
+    problems = []
+    lab_path = ds.label_path(case)
+    try:
+        lab = read_header(lab_path)
+    except (OSError, ValueError) as e:
+        return [str(e)]
+    for p in ds.image_paths(case):
+        if not p.is_file():
+            problems.append(f"{p}: missing channel file of case {case!r}")
+            continue
+        try:
+            img = read_header(p)
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+            continue
+        if img.shape[:3] != lab.shape[:3] or len(img.shape) != 3:
+            problems.append(f"{p}: shape {img.shape} differs from label {lab_path.name} shape {lab.shape} "
+                            "(expected one 3D volume per channel file)")
+        elif not np.allclose(img.affine, lab.affine, atol=AFFINE_ATOL_MM):
+            problems.append(f"{p}: affine differs from label {lab_path.name} "
+                            f"(max difference {np.abs(img.affine - lab.affine).max():.4g})")
+        if check_voxels:
+            try:
+                data, _ = read_nifti(p)
+            except ValueError as e:
+                problems.append(str(e))
+                continue
+            n_bad = int((~np.isfinite(data)).sum())
+            if n_bad:
+                problems.append(f"{p}: {n_bad} NaN/inf voxel(s)")
+    if check_voxels:
+        try:
+            seg, _ = read_nifti(lab_path, dtype=np.float64)
+        except ValueError as e:
+            return problems + [str(e)]
+        values = np.unique(seg)
+        bad = [int(v) if v == int(v) else v for v in values.tolist() if v != int(v) or int(v) not in allowed]
+        if bad:
+            problems.append(f"{lab_path}: label value(s) {bad[:10]} not in dataset.json labels "
+                            f"{sorted(allowed)}")
+    return problems
