@@ -21,7 +21,7 @@ def quiet_timm_import() -> Iterator[None]:
 
     Example:
         >>> with quiet_timm_import():
-        ...     from timm.scheduler import PolyLRScheduler
+        ...     import timm
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TIMM_IMPORT_NOISE, category=FutureWarning)
