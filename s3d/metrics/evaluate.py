@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -15,53 +12,32 @@ from typing import Any
 
 import numpy as np
 
+from s3d.metrics.labels import ROUND_TOL, LabelSet, load_labels, to_label_map
+from s3d.metrics.outputs import OUTPUTS, discard_evaluation, write_evaluation
 from s3d.metrics.overlap import EmptyPolicy, as_policy, dice
 from s3d.metrics.surface import nsd
+
+__all__ = ["FolderEvaluation", "LabelSet", "discard_evaluation", "evaluate_case", "evaluate_folder", "load_labels",
+           "write_evaluation"]
 
 METRICS = ("dice", "nsd")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-@dataclass(frozen=True)
-class LabelSet:
-    """Foreground classes to evaluate: name -> label values (a tuple of several = a region)."""
-
-    classes: dict[str, tuple[int, ...]]
-    ignore_label: int | None = None
-
-
-def load_labels(labels: str | os.PathLike[str] | Mapping[str, Any]) -> LabelSet:
-    """Read the ``labels`` of an nnU-Net ``dataset.json`` (or take that mapping directly).
-
-    Values are ints or lists of ints (nnU-Net regions); ``background`` (0) is skipped and a key
-    named ``ignore`` gives the ignore label.
-
-    Example:
-        >>> load_labels({"background": 0, "tumour": 1, "ignore": 2}).classes
-        {'tumour': (1,)}
-    """
-    source = str(labels) if not isinstance(labels, Mapping) else "labels"
-    if not isinstance(labels, Mapping):
+def _check_tau(tau_mm: float | Mapping[str, float], labels: LabelSet) -> None:
+    """Every class has a finite tolerance > 0 mm."""
+    items = tau_mm.items() if isinstance(tau_mm, Mapping) else [(None, tau_mm)]
+    for name, tau in items:
         try:
-            data = json.loads(Path(labels).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{labels}: cannot read dataset.json ({e})") from e
-        if not isinstance(data, Mapping) or "labels" not in data:
-            raise ValueError(f"{labels}: no 'labels' key (expected an nnU-Net dataset.json)")
-        labels = data["labels"]
-    classes: dict[str, tuple[int, ...]] = {}
-    ignore = None
-    for name, value in labels.items():
-        values = tuple(value) if isinstance(value, list | tuple) else (value,)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"{source}: label {name!r} must be an int or a list of ints, found {value!r}")
-        if name == "ignore":
-            ignore = int(values[0])
-        elif values != (0,):
-            classes[str(name)] = tuple(int(v) for v in values)
-    if not classes:
-        raise ValueError(f"{source}: no foreground label found")
-    return LabelSet(classes, ignore)
+            ok = math.isfinite(float(tau)) and float(tau) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            where = "tau_mm" if name is None else f"tau_mm[{name!r}]"
+            raise ValueError(f"{where} must be a tolerance > 0 mm, found {tau!r}")
+    if isinstance(tau_mm, Mapping):
+        for name in labels.classes:
+            _tau_for(tau_mm, name)
 
 
 def _tau_for(tau_mm: float | Mapping[str, float], name: str) -> float:
@@ -83,12 +59,13 @@ def evaluate_case(
     """Dice and NSD of every foreground class of one case.
 
     Args:
-        pred: (D, H, W) integer label map, the prediction.
-        ref: (D, H, W) integer label map, the reference; voxels equal to ``labels.ignore_label``
-            are left out of every class in both maps.
+        pred: (D, H, W) integer label map, the prediction (float values within ``ROUND_TOL`` = 1e-3 of an
+            integer are rounded; NaN, other floats and labels ``labels`` does not define raise ``ValueError``).
+        ref: (D, H, W) integer label map, the reference (checked the same way); voxels equal to
+            ``labels.ignore_label`` are left out of every class in both maps.
         labels: a :class:`LabelSet` or the ``labels`` mapping of a dataset.json.
         spacing_mm: voxel spacing along (D, H, W), mm.
-        tau_mm: NSD tolerance in mm, one for all classes or a mapping class name -> tolerance.
+        tau_mm: NSD tolerance in mm (> 0), one for all classes or a mapping class name -> tolerance.
         empty: empty-mask policy, see :class:`EmptyPolicy`.
 
     Returns:
@@ -102,6 +79,14 @@ def evaluate_case(
     labels = labels if isinstance(labels, LabelSet) else load_labels(labels)
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    _check_tau(tau_mm, labels)
+    pred, _ = to_label_map(pred, labels, "prediction")
+    ref, _ = to_label_map(ref, labels, "reference")
+    return _class_metrics(pred, ref, labels, spacing_mm, tau_mm, empty)
+
+
+def _class_metrics(pred: np.ndarray, ref: np.ndarray, labels: LabelSet, spacing_mm: Sequence[float],
+                   tau_mm: float | Mapping[str, float], empty: EmptyPolicy | str) -> dict[str, dict[str, float]]:
     valid = None if labels.ignore_label is None else ref != labels.ignore_label
     out: dict[str, dict[str, float]] = {}
     for name, values in labels.classes.items():
@@ -126,48 +111,77 @@ def case_id(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def _list_cases(folder: Path, what: str) -> dict[str, Path]:
+def _list_cases(folder: Path, what: str) -> tuple[dict[str, Path], list[str]]:
+    """``({case id: NIfTI path}, [names of the other files])``; hidden files and our outputs are skipped."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"{what} folder {folder} does not exist")
+        raise FileNotFoundError(f"{what} folder {folder} does not exist" if not folder.exists()
+                                else f"{what} folder {folder} is not a folder")
     cases: dict[str, Path] = {}
+    ignored: list[str] = []
     for p in sorted(folder.iterdir()):
         cid = case_id(p)
-        if cid is None or p.name.startswith("."):
+        if p.name.startswith(".") or p.name in OUTPUTS:
+            continue
+        if cid is None or not p.is_file():
+            ignored.append(p.name)
             continue
         if cid in cases:
             raise ValueError(f"{what} folder {folder}: case {cid!r} appears twice "
                              f"({cases[cid].name}, {p.name})")
         cases[cid] = p
-    return cases
+    if not cases:
+        raise ValueError(f"{what} folder {folder} holds no NIfTI files ({', '.join(NIFTI_SUFFIXES)})")
+    return cases, ignored
+
+
+@dataclass
+class _CaseResult:
+    case: str
+    metrics: dict[str, dict[str, float]] | None = None
+    error: str | None = None
+    rounded: dict[str, int] = field(default_factory=dict)
 
 
 def _evaluate_files(
     case: str, pred_path: Path, ref_path: Path, labels: LabelSet, tau_mm: Any, empty: str, atol: float
-) -> tuple[str, dict[str, dict[str, float]] | None, str | None]:
+) -> _CaseResult:
     from s3d.data.io import read_nifti
 
     try:
-        pred, hp = read_nifti(pred_path, dtype=np.int32)
-        ref, hr = read_nifti(ref_path, dtype=np.int32)
+        # the stored values (dtype=None), never a cast: casting 0.99999994 to int gives 0 and NaN gives INT_MIN
+        pred, hp = read_nifti(pred_path, dtype=None)  # type: ignore[arg-type]
+        ref, hr = read_nifti(ref_path, dtype=None)  # type: ignore[arg-type]
         if pred.shape != ref.shape:
-            return case, None, f"shape {pred.shape} of {pred_path.name} differs from reference {ref.shape}"
+            return _CaseResult(case, error=f"shape {pred.shape} of {pred_path} differs from reference "
+                                           f"{ref_path} {ref.shape}")
         diff = float(np.abs(hp.affine - hr.affine).max())
         if diff > atol:
-            return case, None, (f"affine of {pred_path.name} differs from reference {ref_path.name} "
-                                f"(max abs difference {diff:.4g} > {atol}); resample the prediction "
-                                "onto the reference grid")
-        return case, evaluate_case(pred, ref, labels, hr.spacing_mm, tau_mm, empty), None
+            return _CaseResult(case, error=f"affine of {pred_path} differs from reference {ref_path} (max abs "
+                                           f"difference {diff:.4g} > {atol}); resample the prediction onto the "
+                                           "reference grid")
+        pred, n_pred = to_label_map(pred, labels, f"{pred_path} (prediction)")
+        ref, n_ref = to_label_map(ref, labels, f"{ref_path} (reference)")
+        rounded = {k: n for k, n in (("prediction", n_pred), ("reference", n_ref)) if n}
+        return _CaseResult(case, _class_metrics(pred, ref, labels, hr.spacing_mm, tau_mm, empty), rounded=rounded)
     except (ValueError, OSError) as e:
-        return case, None, str(e)
+        return _CaseResult(case, error=str(e))
+    except Exception as e:  # noqa: BLE001 - one bad case never stops the batch
+        return _CaseResult(case, error=f"{type(e).__name__}: {e} (an internal error while evaluating "
+                                       f"{pred_path}; please report it)")
 
 
 @dataclass
 class FolderEvaluation:
-    """Result of :func:`evaluate_folder`: per-case metrics, per-case errors and the summary."""
+    """Result of :func:`evaluate_folder`: per-case metrics, per-case errors, rounding counts and the summary.
+
+    ``rounded[case]`` is ``{"prediction": voxels, "reference": voxels}`` for the cases whose float label
+    values were rounded (within ``ROUND_TOL`` of an integer); cases with exact integer labels are absent.
+    """
 
     per_case: dict[str, dict[str, dict[str, float]]]
     errors: dict[str, str]
     summary: dict[str, Any] = field(default_factory=dict)
+    rounded: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def case_means(self, metric: str = "dice") -> dict[str, float]:
         """Foreground mean of ``metric`` per case (nanmean over classes; NaN if all classes are NaN)."""
@@ -185,6 +199,10 @@ class FolderEvaluation:
         fg = self.summary["foreground_mean"]
         lines.append(f"{'foreground mean':<24}{_fmt(fg['dice']):>10}{_fmt(fg['nsd']):>10}")
         lines.append(f"{self.summary['n_cases']} cases evaluated, {len(self.errors)} failed")
+        if self.rounded:
+            total = sum(sum(r.values()) for r in self.rounded.values())
+            lines.append(f"rounded {total} voxels to the nearest integer label (all within {ROUND_TOL:g}) "
+                         f"in {len(self.rounded)} case(s)")
         return "\n".join(lines)
 
 
@@ -195,16 +213,6 @@ def _fmt(x: float | None) -> str:
 def _nanmean(values: Sequence[float]) -> float:
     arr = np.asarray(values, dtype=float)
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def evaluate_folder(
@@ -218,18 +226,22 @@ def evaluate_folder(
     affine_atol: float = 1e-3,
     progress: bool = True,
 ) -> FolderEvaluation:
-    """Evaluate every reference case that has a prediction with the same case id.
+    """Evaluate every reference case against the prediction with the same case id.
 
-    A case whose files cannot be read, or whose shape or affine differs from the reference, is
-    reported in ``errors`` under its case id; the other cases are still evaluated. A reference
-    without a prediction is an error too.
+    A case whose files cannot be read, whose shape or affine differs from the reference, or whose label
+    map holds NaN/Inf, non-integer values (further than ``ROUND_TOL`` = 1e-3 from an integer) or labels
+    that ``labels`` does not define, is reported in ``errors`` under its case id, naming the file; the
+    other cases are still evaluated. A reference without a prediction and a prediction without a
+    reference are errors too. Float values within 1e-3 of an integer are rounded and counted in
+    ``rounded``.
 
     Args:
         pred_dir: folder of predicted label maps (``CASE.nii.gz``).
         ref_dir: folder of reference label maps with the same names.
         labels: nnU-Net dataset.json path, its ``labels`` mapping, or a :class:`LabelSet`.
-        tau_mm: NSD tolerance, mm (one value or per class name).
-        out_dir: if given, ``per_case.csv`` and ``summary.json`` are written there atomically.
+        tau_mm: NSD tolerance, mm (> 0; one value or per class name).
+        out_dir: if given, an earlier ``per_case.csv``/``summary.json`` there is removed first and the new
+            ones are written atomically at the end (:func:`write_evaluation`).
         workers: processes evaluating cases in parallel (1 = in this process).
         empty: empty-mask policy, see :class:`EmptyPolicy`.
         affine_atol: largest allowed absolute difference between the two affines (mm).
@@ -239,24 +251,36 @@ def evaluate_folder(
         A :class:`FolderEvaluation`; ``summary`` holds the nanmean per class and the foreground mean
         (mean over classes of the class means).
 
+    Raises:
+        ValueError / FileNotFoundError: for the whole folder (missing or empty folder, no prediction named
+            like any reference, bad ``tau_mm`` or ``labels``), naming the folder or argument.
+
     Example:
         >>> res = evaluate_folder("preds/", "labelsTr/", "dataset.json", tau_mm=2.0)  # doctest: +SKIP
         >>> print(res.table())  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
+    from s3d.runtime.progress import progress as progress_bar
 
+    if out_dir is not None:
+        discard_evaluation(out_dir)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, found {workers}")
     labels = labels if isinstance(labels, LabelSet) else load_labels(labels)
+    _check_tau(tau_mm, labels)
     empty = as_policy(empty).value
-    preds = _list_cases(Path(pred_dir), "prediction")
-    refs = _list_cases(Path(ref_dir), "reference")
-    if not refs:
-        raise ValueError(f"reference folder {ref_dir} holds no NIfTI files")
-    errors = {c: f"no prediction for this case in {pred_dir}" for c in refs if c not in preds}
+    refs, _ = _list_cases(Path(ref_dir), "reference")
+    preds, ignored = _list_cases(Path(pred_dir), "prediction")
+    if not set(preds) & set(refs):
+        raise ValueError(f"no prediction in {pred_dir} has the name of a reference in {ref_dir} (predictions: "
+                         f"{_some(p.name for p in preds.values())}; references: "
+                         f"{_some(p.name for p in refs.values())}); files are matched by name")
+    errors = {c: f"no prediction for reference {refs[c]} in {pred_dir} (expected {c}.nii.gz or {c}.nii)"
+              for c in refs if c not in preds}
+    errors.update({c: f"{preds[c]} has no reference in {ref_dir} (expected {c}.nii.gz or {c}.nii); not evaluated"
+                   for c in preds if c not in refs})
     jobs = [(c, preds[c], refs[c], labels, tau_mm, empty, affine_atol) for c in refs if c in preds]
-    results = []
-    bar = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
+    results: list[_CaseResult] = []
+    bar = progress_bar(total=len(jobs), desc="evaluate", unit="case", enabled=progress)
     if workers == 1:
         for job in jobs:
             results.append(_evaluate_files(*job))
@@ -268,17 +292,25 @@ def evaluate_folder(
                 results.append(fut.result())
                 bar.update()
     bar.close()
-    per_case = {}
-    for case, metrics, err in results:
-        if err is not None:
-            errors[case] = err
+    per_case, rounded = {}, {}
+    for r in sorted(results, key=lambda r: r.case):
+        if r.error is not None:
+            errors[r.case] = r.error
         else:
-            per_case[case] = metrics
+            per_case[r.case] = r.metrics
+            if r.rounded:
+                rounded[r.case] = r.rounded
     summary = _summarise(per_case, errors, labels, tau_mm, empty)
-    result = FolderEvaluation(per_case, dict(sorted(errors.items())), summary)
+    summary.update(round_tol=ROUND_TOL, rounded=rounded, ignored_files=ignored)
+    result = FolderEvaluation(per_case, dict(sorted(errors.items())), summary, rounded)
     if out_dir is not None:
         write_evaluation(result, out_dir)
     return result
+
+
+def _some(names, n: int = 3) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _summarise(per_case, errors, labels: LabelSet, tau_mm, empty: str) -> dict[str, Any]:
@@ -295,18 +327,3 @@ def _summarise(per_case, errors, labels: LabelSet, tau_mm, empty: str) -> dict[s
         "foreground_mean": fg,
         "errors": dict(sorted(errors.items())),
     }
-
-
-def write_evaluation(result: FolderEvaluation, out_dir: str | os.PathLike[str]) -> None:
-    """Write ``per_case.csv`` (one row per case and class) and ``summary.json`` atomically."""
-    from s3d._fs import write_json_atomic, write_text_atomic
-
-    out = Path(out_dir)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "class", "dice", "nsd", "n_ref", "n_pred"])
-    for case, classes in sorted(result.per_case.items()):
-        for name, m in classes.items():
-            writer.writerow([case, name, repr(m["dice"]), repr(m["nsd"]), int(m["n_ref"]), int(m["n_pred"])])
-    write_text_atomic(out / "per_case.csv", buf.getvalue())
-    write_json_atomic(out / "summary.json", _json_safe(result.summary))

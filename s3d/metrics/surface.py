@@ -295,7 +295,7 @@ def nsd(
     if valid is not None:
         valid = np.asarray(valid, dtype=bool)
         pred, ref = pred & valid, ref & valid
-    if tau_mm < 0:
+    if not tau_mm >= 0:  # also NaN, which would make every "distance <= tau" False and score 0
         raise ValueError(f"tau_mm must be >= 0, found {tau_mm}")
     fixed = empty_value(not ref.any(), not pred.any(), empty)
     if fixed is not None:
