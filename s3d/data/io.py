@@ -57,9 +57,11 @@ def read_header(path: str | os.PathLike[str]) -> ImageHeader:
 
 
 def read_nifti(
-    path: str | os.PathLike[str], dtype: np.dtype | type = np.float32
+    path: str | os.PathLike[str], dtype: np.dtype | type | None = np.float32
 ) -> tuple[np.ndarray, ImageHeader]:
-    """Read voxels (as ``dtype``) and geometry. Raises ``ValueError`` naming the file if corrupt."""
+    """Read voxels (as ``dtype``; ``None`` keeps the stored dtype, scaling applied) and geometry.
+
+    Raises ``ValueError`` naming the file if it is corrupt."""
     img = _load(path)
     try:
         data = np.asarray(img.dataobj, dtype=dtype)

@@ -149,8 +149,8 @@ def _evaluate_files(
 
     try:
         # the stored values (dtype=None), never a cast: casting 0.99999994 to int gives 0 and NaN gives INT_MIN
-        pred, hp = read_nifti(pred_path, dtype=None)  # type: ignore[arg-type]
-        ref, hr = read_nifti(ref_path, dtype=None)  # type: ignore[arg-type]
+        pred, hp = read_nifti(pred_path, dtype=None)
+        ref, hr = read_nifti(ref_path, dtype=None)
         if pred.shape != ref.shape:
             return _CaseResult(case, error=f"shape {pred.shape} of {pred_path} differs from reference "
                                            f"{ref_path} {ref.shape}")

@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,10 +20,12 @@ def progress(iterable: Iterable[Any] | None = None, *, desc: str, unit: str = "i
         iterable: what to iterate, or ``None`` for a bar updated with ``.update(n)``.
         desc, unit: the bar's label and unit (``"step"``, ``"case"``, ``"tile"``, ``"file"``).
         total, initial: length and starting position (a resumed run starts at its step).
-        enabled: show it (``False`` for ``--no-progress`` and non-main ranks).
+        enabled: show it (``False`` for ``--no-progress`` and non-main ranks; the ``TQDM_DISABLE``
+            environment variable, as tqdm reads it, turns every bar off).
         leave: keep the finished bar on screen.
     """
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, unit=unit, total=total, initial=initial, disable=not enabled, leave=leave,
+    off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(iterable, desc=desc, unit=unit, total=total, initial=initial, disable=off, leave=leave,
                 dynamic_ncols=True)
