@@ -1,9 +1,11 @@
 """Preprocessing shared by pre-training and fine-tuning: crop to nonzero, z-score, resampling.
 
 Arrays are channel-first ``(C, D, H, W)`` (images) or ``(D, H, W)`` (label maps); spacing is
-mm per voxel along (D, H, W). Resampling follows nnU-Net: third-order splines for images,
-per-label linear interpolation for label maps, and, for strongly anisotropic images
-(max/min spacing > 3), in-plane resampling first and nearest-neighbour along the thick axis.
+mm per voxel along (D, H, W). Resampling follows nnU-Net's defaults (checked against nnunetv2 in
+``tests/test_nnunet_parity.py``): third-order splines for images, clipped to the input's range;
+label maps by per-label linear interpolation, the label with the largest interpolated indicator
+winning; for strongly anisotropic spacing (max/min > 3, one thick axis) images and labels are
+resampled slice by slice in-plane, then with nearest neighbour along the thick axis.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ def nonzero_bbox(image: np.ndarray) -> tuple[slice, slice, slice]:
     return tuple(out)  # type: ignore[return-value]
 
 
+def nonzero_mask(image: np.ndarray) -> np.ndarray:
+    """(D, H, W) bool: voxels nonzero in any channel of (C, D, H, W), holes filled (nnU-Net's nonzero mask).
+
+    Example:
+        >>> nonzero_mask(np.pad(np.ones((1, 3, 3, 3)), ((0, 0), (1, 1), (1, 1), (1, 1)))).sum()
+        27
+    """
+    if image.ndim != 4:
+        raise ValueError(f"expected (C, D, H, W), got shape {image.shape}")
+    return _scipy_ndimage().binary_fill_holes(np.any(image != 0, axis=0))
+
+
 def crop_to_nonzero(
     image: np.ndarray, seg: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[slice, slice, slice]]:
@@ -51,7 +65,11 @@ def crop_to_nonzero(
 
 
 def zscore(image: np.ndarray, mask: np.ndarray | None = None, eps: float = 1e-8) -> np.ndarray:
-    """Normalise each channel of (C, D, H, W) to zero mean, unit std (over ``mask`` if given).
+    """Normalise each channel of (C, D, H, W) to zero mean, unit std.
+
+    Args:
+        mask: optional (D, H, W) bool; statistics over it only, voxels outside it set to 0 (nnU-Net's
+            ``use_mask_for_norm``, with :func:`nonzero_mask`).
 
     Raises:
         ValueError: a channel contains NaN/inf or is constant (std < eps); the message names it.
@@ -66,6 +84,8 @@ def zscore(image: np.ndarray, mask: np.ndarray | None = None, eps: float = 1e-8)
         if std < eps:
             raise ValueError(f"channel {c} is constant (std={std:.3g}); cannot z-score")
         out[c] = (ch - mean) / std
+        if mask is not None:
+            out[c][~mask] = 0.0
     return out
 
 
@@ -76,24 +96,56 @@ def shape_for_spacing(
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing_mm, target_spacing_mm))  # type: ignore[return-value]
 
 
-def anisotropic_axis(spacing_mm: Sequence[float], threshold: float = ANISOTROPY_THRESHOLD) -> int | None:
-    """The thick axis when max/min spacing exceeds ``threshold`` (nnU-Net's separate-z rule), else None."""
-    sp = np.asarray(spacing_mm, dtype=float)
-    if sp.max() / sp.min() > threshold:
-        return int(np.argmax(sp))
+def anisotropic_axis(
+    spacing_mm: Sequence[float],
+    target_spacing_mm: Sequence[float] | None = None,
+    threshold: float = ANISOTROPY_THRESHOLD,
+) -> int | None:
+    """The thick axis to resample separately, or None (nnU-Net's separate-z rule).
+
+    The source spacing decides first, then the target spacing: the first of the two whose max/min
+    exceeds ``threshold`` gives the axis of its largest spacing, and None when two axes share that
+    largest spacing (e.g. (4, 4, 1) mm).
+
+    Example:
+        >>> anisotropic_axis((0.5, 0.5, 4.0)), anisotropic_axis((4.0, 4.0, 1.0)), anisotropic_axis((1, 1, 1), (1, 1, 5))
+        (2, None, 2)
+    """
+    for sp in (spacing_mm, target_spacing_mm):
+        if sp is None:
+            continue
+        sp = np.asarray(sp, dtype=float)
+        if sp.max() / sp.min() > threshold:
+            thick = np.flatnonzero(sp == sp.max())
+            return int(thick[0]) if len(thick) == 1 else None
     return None
 
 
 def _zoom(volume: np.ndarray, new_shape: Sequence[int], order: int, separate_axis: int | None) -> np.ndarray:
+    """``volume`` (D, H, W) to ``new_shape``: ``order`` splines on voxel centres, clipped to the input range.
+
+    With ``separate_axis``: each slice along it in-plane (clipped to that slice's range), then nearest
+    neighbour along it.
+    """
     ndimage = _scipy_ndimage()
-    factors = [n / o for n, o in zip(new_shape, volume.shape)]
+    new_shape = tuple(int(n) for n in new_shape)
     if separate_axis is None or order == 0:
-        return ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True)
-    # in-plane with `order`, then nearest along the thick axis
-    inplane = [f if a != separate_axis else 1.0 for a, f in enumerate(factors)]
-    tmp = ndimage.zoom(volume, inplane, order=order, mode="nearest", grid_mode=True)
-    along = [1.0 if a != separate_axis else factors[a] for a in range(3)]
-    return ndimage.zoom(tmp, along, order=0, mode="nearest", grid_mode=True)
+        out = ndimage.zoom(volume, [n / o for n, o in zip(new_shape, volume.shape)], order=order,
+                           mode="nearest", grid_mode=True)
+        if order > 0:
+            np.clip(out, volume.min(), volume.max(), out=out)
+        return out
+    slices = np.moveaxis(volume, separate_axis, 0)
+    inplane = [n for a, n in enumerate(new_shape) if a != separate_axis]
+    factors = [n / o for n, o in zip(inplane, slices.shape[1:])]
+    tmp = np.empty((slices.shape[0], *inplane), dtype=volume.dtype)
+    for i, sl in enumerate(slices):
+        tmp[i] = ndimage.zoom(sl, factors, order=order, mode="nearest", grid_mode=True)
+        np.clip(tmp[i], sl.min(), sl.max(), out=tmp[i])
+    tmp = np.moveaxis(tmp, 0, separate_axis)
+    if tmp.shape[separate_axis] == new_shape[separate_axis]:
+        return tmp
+    return ndimage.zoom(tmp, [n / o for n, o in zip(new_shape, tmp.shape)], order=0, mode="nearest", grid_mode=True)
 
 
 def resample_image(
@@ -105,9 +157,14 @@ def resample_image(
     """Resample every channel of (C, D, H, W) ``image`` to ``new_shape`` (D', H', W').
 
     Args:
-        order: spline order (3 for images as nnU-Net, 1 linear, 0 nearest).
-        separate_axis: thick axis for anisotropic data (see :func:`anisotropic_axis`); resampled
-            with nearest neighbour after the in-plane ``order``-spline pass.
+        order: spline order (3 for images as nnU-Net, 1 linear, 0 nearest); the output is clipped to
+            the input's range (per slice along ``separate_axis``), as skimage's ``resize`` in nnU-Net.
+        separate_axis: thick axis for anisotropic data (see :func:`anisotropic_axis`): slices along it
+            are resampled in-plane with ``order``, then nearest neighbour along it.
+
+    Example:
+        >>> resample_image(np.zeros((1, 10, 10, 4), np.float32), (20, 20, 16), separate_axis=2).shape
+        (1, 20, 20, 16)
     """
     new_shape = tuple(int(n) for n in new_shape)
     if tuple(image.shape[1:]) == new_shape:
@@ -117,19 +174,33 @@ def resample_image(
 
 
 def resample_seg(seg: np.ndarray, new_shape: Sequence[int], separate_axis: int | None = None) -> np.ndarray:
-    """Resample a (D, H, W) label map: each label's mask linearly, the label with the largest value wins.
+    """Resample a (D, H, W) label map: each label's indicator linearly (float64), the largest wins.
 
-    Background (0) wins where no label reaches 0.5, as in nnU-Net's ``resize_segmentation``.
+    Every label competes, background included. Exact ties (e.g. a voxel centred between two labels)
+    go to the nearest-neighbour label when it is one of the tied, else to the smallest tied label:
+    batchgenerators' ``resize_segmentation`` (>= 0.25.4, ``seg_tiebreak="nearest"``), which nnU-Net uses.
+
+    Example:
+        >>> resample_seg(np.array([[[0, 1, 1, 2]]]), (1, 1, 8))[0, 0].tolist()
+        [0, 0, 1, 1, 1, 1, 2, 2]
     """
     new_shape = tuple(int(n) for n in new_shape)
     if tuple(seg.shape) == new_shape:
         return seg.copy()
-    labels = [int(v) for v in np.unique(seg) if v != 0]
-    out = np.zeros(new_shape, dtype=seg.dtype)
-    best = np.full(new_shape, 0.5, dtype=np.float32)
-    for v in labels:
-        p = _zoom((seg == v).astype(np.float32), new_shape, 1, separate_axis)
-        win = p >= best
+    labels = np.unique(seg)
+    nearest = _zoom(seg, new_shape, 0, None)
+    if len(labels) == 1:
+        return nearest
+    out = np.full(new_shape, labels[0], dtype=seg.dtype)
+    best = np.full(new_shape, -1.0)
+    nearest_score = np.zeros(new_shape)
+    for v in labels:  # ascending, and a strict '>': the smallest label keeps a tie
+        score = _zoom((seg == v).astype(np.float64), new_shape, 1, separate_axis)
+        win = score > best
         out[win] = v
-        best[win] = p[win]
+        best[win] = score[win]
+        is_nn = nearest == v
+        nearest_score[is_nn] = score[is_nn]
+    nn_tied = (nearest_score == best) & (nearest_score > 0)
+    out[nn_tied] = nearest[nn_tied]
     return out

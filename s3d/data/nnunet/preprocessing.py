@@ -1,9 +1,10 @@
 """How raw images become network input and back: :class:`PreprocessingSpec`, one case forward and inverse.
 
-Preprocessing follows the paper's pre-training: crop to the nonzero bounding box, z-score per
-channel, resample to the target spacing (1 mm isotropic by default). :func:`preprocess_case` maps a
-raw case into that space and returns the ``properties`` that :func:`restore_geometry` needs to map
-a prediction back onto the original voxel grid.
+Preprocessing follows the paper's pre-training and nnU-Net's ``preprocess_like_nnssl``: crop to the
+nonzero bounding box, z-score per channel, resample to the target spacing (1 mm isotropic by
+default). :func:`preprocess_case` maps a raw case into that space and returns the ``properties``
+that :func:`restore_geometry` needs to map a prediction back onto the original voxel grid.
+``tests/test_nnunet_parity.py`` checks the result against nnunetv2's own preprocessor.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from s3d.data.nnunet.dataset import AFFINE_ATOL_MM, NnUNetDataset
 from s3d.data.preprocess import (
     anisotropic_axis,
     crop_to_nonzero,
+    nonzero_mask,
     resample_image,
     resample_seg,
     shape_for_spacing,
@@ -40,7 +42,11 @@ class PreprocessingSpec:
         target_spacing_mm: voxel spacing after resampling, mm per voxel along (D, H, W).
         channel_names: input channels in order (``imagesTr/{case}_0000`` is the first).
         labels: label name -> value, as in dataset.json.
-        normalization: ``"zscore"`` (per channel, over the cropped image).
+        normalization: ``"zscore"`` (per channel).
+        use_mask_for_norm: z-score statistics over the nonzero mask only, voxels outside it 0
+            (nnU-Net's ``use_mask_for_norm``); False (default, as the nnssl pre-training): over the
+            whole cropped image. ``from_dataset(ds, use_mask_for_norm="auto")`` applies nnU-Net's
+            rule (:func:`nnunet_use_mask_for_norm`).
         crop_to_nonzero: crop to the bounding box of voxels nonzero in any channel first.
         patch_size: training/prediction patch (D, H, W) voxels, or ``None`` (chosen at training).
         file_ending: NIfTI suffix of the input files.
@@ -50,6 +56,7 @@ class PreprocessingSpec:
     channel_names: tuple[str, ...] = ("image",)
     labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "foreground": 1})
     normalization: str = "zscore"
+    use_mask_for_norm: bool = False
     crop_to_nonzero: bool = True
     patch_size: tuple[int, int, int] | None = None
     file_ending: str = ".nii.gz"
@@ -65,6 +72,9 @@ class PreprocessingSpec:
         self.labels = {str(k): int(v) for k, v in self.labels.items()}
         if self.normalization != "zscore":
             raise ValueError(f"normalization: only 'zscore' is supported, got {self.normalization!r}")
+        if not isinstance(self.use_mask_for_norm, bool):
+            raise ValueError(f"use_mask_for_norm: expected true or false, got {self.use_mask_for_norm!r} "
+                             f"(PreprocessingSpec.from_dataset also takes 'auto')")
         if self.patch_size is not None:
             self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
             if len(self.patch_size) != 3 or min(self.patch_size) < 1:
@@ -77,10 +87,19 @@ class PreprocessingSpec:
 
     @classmethod
     def from_dataset(cls, ds: NnUNetDataset, **overrides: Any) -> PreprocessingSpec:
-        """Spec with the dataset's channels, labels and file ending (1 mm isotropic by default)."""
+        """Spec with the dataset's channels, labels and file ending (1 mm isotropic by default).
+
+        ``use_mask_for_norm="auto"`` decides it as nnU-Net's planner does (reads every image once,
+        see :func:`nnunet_use_mask_for_norm`).
+
+        Example:
+            >>> spec = PreprocessingSpec.from_dataset(read_dataset_json("Dataset001_Brain"), use_mask_for_norm="auto")
+        """
         kw: dict[str, Any] = dict(channel_names=ds.channel_names, labels=dict(ds.labels),
                                   file_ending=ds.file_ending)
         kw.update({k: v for k, v in overrides.items() if v is not None})
+        if kw.get("use_mask_for_norm") == "auto":
+            kw["use_mask_for_norm"] = nnunet_use_mask_for_norm(ds)
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,8 +141,32 @@ class PreprocessingSpec:
         d = self.to_dict()
         d.pop("patch_size")
         d.pop("file_ending")
-        d["_version"] = 1
+        d["_version"] = 2  # 2: resampling as nnunetv2 2.8.1 (range clip, label argmax, separate-axis rule)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+MASK_FOR_NORM_MAX_FRACTION = 0.75
+
+
+def nnunet_use_mask_for_norm(ds: NnUNetDataset) -> bool:
+    """nnU-Net's planner rule: z-score over the nonzero mask when cropping to it shrinks the data.
+
+    True when, in the median case, the nonzero bounding box holds fewer than 3/4 of the voxels
+    (``median_relative_size_after_cropping < 0.75`` in nnU-Net's experiment planner), as for
+    skull-stripped brain MRI. Reads every case's channel files.
+
+    Example:
+        >>> nnunet_use_mask_for_norm(read_dataset_json("Dataset001_Brain"))
+        True
+    """
+    fractions = []
+    for case in ds.cases:
+        image = np.stack([read_nifti(p)[0] for p in ds.image_paths(case)])
+        box = crop_to_nonzero(image)[0].shape[1:]
+        fractions.append(float(np.prod(box)) / float(np.prod(image.shape[1:])))
+    if not fractions:
+        raise ValueError(f"{ds.root}: no cases to decide use_mask_for_norm from")
+    return bool(np.median(fractions) < MASK_FOR_NORM_MAX_FRACTION)
 
 
 # ---- one case: forward and inverse ---------------------------------------------------------------
@@ -157,11 +200,11 @@ def _preprocess(image: np.ndarray, seg: np.ndarray | None, header: Any, spec: Pr
         bbox = tuple(slice(0, n) for n in original_shape)
     cropped_shape = tuple(int(s) for s in image.shape[1:])
     try:
-        image = zscore(image)
+        image = zscore(image, nonzero_mask(image) if spec.use_mask_for_norm else None)
     except ValueError as e:
         raise ValueError(f"{[str(p) for p in paths]}: {e}") from None
     new_shape = shape_for_spacing(cropped_shape, header.spacing_mm, spec.target_spacing_mm)
-    axis = anisotropic_axis(header.spacing_mm)
+    axis = anisotropic_axis(header.spacing_mm, spec.target_spacing_mm)
     image = resample_image(image, new_shape, order=3, separate_axis=axis)
     if seg is not None:
         seg = resample_seg(seg, new_shape, separate_axis=axis)
@@ -185,7 +228,8 @@ def preprocess_case(
     """Read one case's channel files and bring them into the network's space.
 
     Steps: stack channels (C, D, H, W) -> crop to nonzero -> z-score per channel -> resample to
-    ``spec.target_spacing_mm`` (third-order splines; nnU-Net's separate thick axis when anisotropic).
+    ``spec.target_spacing_mm`` (third-order splines; nnU-Net's separate thick axis when anisotropic),
+    as nnunetv2's ``DefaultPreprocessor`` with ``preprocess_like_nnssl`` plans.
 
     Args:
         image_paths: one NIfTI file per channel, in ``spec.channel_names`` order; equal shapes/affines.
