@@ -1,8 +1,9 @@
 """Spatial augmentation: rotation and isotropic scaling (one ``grid_sample``), mirroring (exact flips).
 
-All rotated or scaled samples of a batch go through ONE ``torch.nn.functional.grid_sample`` call
-(images trilinear, label maps nearest, zero padding) on the batch's device, so data-loading workers
-only cut crops. Voxels are taken as isotropic in index space (nnU-Net does the same).
+All rotated or scaled samples of a batch go through ONE ``torch.nn.functional.grid_sample`` call for
+the images (trilinear, zero padding) on the batch's device, so data-loading workers only cut crops;
+label maps are resampled at the same points (each label's one-hot map trilinearly and the largest
+wins, as in nnU-Net, or nearest). Voxels are taken as isotropic in index space (nnU-Net does the same).
 
 Convention: an output voxel ``p`` (index, D/H/W order) reads the input at ``M (p - c) + c`` with ``c``
 the patch centre and ``M = scale * R^T`` (:func:`sampling_matrices`): a rotation by +90 degrees about
@@ -11,10 +12,12 @@ axis 0 equals ``torch.rot90(x, 1, dims=(3, 4))``; a scale > 1 shows more of the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from s3d.augment.config import AugmentParams
+from s3d.augment.params import AugmentParams
 
 
 def plane_rotation(angle: torch.Tensor, i: int, j: int) -> torch.Tensor:
@@ -103,38 +106,76 @@ def _sampling_grid(m: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     return torch.stack(comps[::-1], dim=-1)
 
 
-def spatial_transform(x: torch.Tensor, params: AugmentParams, labels: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rotate/scale the samples that need it (one ``grid_sample``), then mirror; images and labels alike.
+def _resample_labels_linear(labels: torch.Tensor, grid: torch.Tensor, dt: torch.dtype,
+                            chunk: int = 4) -> torch.Tensor:
+    """Label maps (b, D, H, W) resampled at ``grid`` as nnU-Net (batchgeneratorsv2 0.3.6) does.
+
+    Every label's one-hot map and the outside of the patch (a label of its own, 1 outside) are resampled
+    trilinearly; the largest score wins, a tie goes to the nearest voxel's label when it is among the
+    tied ones (else to the lowest label), and a voxel won by the outside is 0. ``chunk`` labels per
+    ``grid_sample`` call bound the memory.
+    """
+    values = torch.unique(labels)  # sorted
+    inside = F.grid_sample(torch.ones_like(labels[:, None], dtype=dt), grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=True)[:, 0]
+    best = 1 - inside  # candidate 0, the outside
+    win = torch.zeros(labels.shape, dtype=torch.long, device=labels.device)
+    near = F.grid_sample(labels[:, None].to(dt) - values[0].to(dt) + 1, grid, mode="nearest", padding_mode="zeros",
+                         align_corners=True)[:, 0].round().long()  # 0 outside, else 1 + label - lowest label
+    near = torch.where(near > 0, torch.searchsorted(values, (near - 1 + values[0]).to(values.dtype)) + 1, near)
+    near_score = torch.where(near == 0, best, torch.full_like(best, -math.inf))
+    for start in range(0, values.numel(), chunk):
+        vals = values[start:start + chunk]
+        onehot = (labels[:, None] == vals.view(1, -1, 1, 1, 1)).to(dt)
+        scores = F.grid_sample(onehot, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        for k in range(vals.numel()):
+            cand = start + k + 1
+            score = scores[:, k]
+            better = score > best  # strict: the lower label keeps a tie
+            best = torch.where(better, score, best)
+            win = torch.where(better, cand, win)
+            near_score = torch.where(near == cand, score, near_score)
+    win = torch.where(near_score == best, near, win)
+    return torch.where(win == 0, torch.zeros_like(labels), values[(win - 1).clamp_min(0)]).to(labels.dtype)
+
+
+def rotate_and_scale(x: torch.Tensor, params: AugmentParams, labels: torch.Tensor | None = None, *,
+                     label_interpolation: str = "linear") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate/scale the samples that need it (one ``grid_sample``); images and labels alike.
 
     Args:
         x: images (B, C, D, H, W), floating point, any device.
-        params: the batch's :class:`AugmentParams`.
-        labels: optional label maps (B, D, H, W), integer, same device: sampled at the same points
-            (nearest), flipped the same way.
+        params: the batch's :class:`AugmentParams` (``angles``, ``scale``).
+        labels: optional label maps (B, D, H, W), integer, same device: sampled at the same points.
+        label_interpolation: ``"linear"``: each label's one-hot map trilinearly, then the label of the
+            largest value (nnU-Net's default); ``"nearest"``: the nearest voxel's label.
 
     Returns:
-        ``(x, labels)`` with the same shapes and dtypes; voxels sampled from outside the input are 0.
+        ``(x, labels)`` with the same shapes and dtypes. Image voxels sampled from outside the input
+        interpolate with zeros. Label voxels are 0 where the outside of the patch outweighs every label
+        (``"linear"``: nnU-Net pads the label map with -1 and later sets -1 to 0) or lies nearest
+        (``"nearest"``).
     """
-    b = x.shape[0]
     m = sampling_matrices(params)
     moved = ((m - torch.eye(3, dtype=torch.float64)).abs().amax(dim=(1, 2)) > 0).nonzero().flatten()
-    if moved.numel():
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dev = x.device
-        grid = _sampling_grid(m[moved].to(device=dev, dtype=dt), tuple(x.shape[2:]))
-        idx = moved.to(dev)
-        x = x.clone()
-        x[idx] = F.grid_sample(x[idx].to(dt), grid, mode="bilinear", padding_mode="zeros",
-                               align_corners=True).to(x.dtype)
-        if labels is not None:
-            moved_labels = F.grid_sample(labels[idx][:, None].to(dt), grid, mode="nearest", padding_mode="zeros",
-                                         align_corners=True)[:, 0]
-            labels = labels.clone()
-            labels[idx] = moved_labels.round().to(labels.dtype)
-    if params.flip.shape != (b, 3):
-        raise ValueError(f"params: flip must be (B, 3) with B={b}, got {tuple(params.flip.shape)}")
-    x = mirror(x, params.flip)
+    if not moved.numel():
+        return x, labels
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dev = x.device
+    grid = _sampling_grid(m[moved].to(device=dev, dtype=dt), tuple(x.shape[2:]))
+    idx = moved.to(dev)
+    x = x.clone()
+    x[idx] = F.grid_sample(x[idx].to(dt), grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=True).to(x.dtype)
     if labels is not None:
-        labels = mirror(labels, params.flip)
+        sub = labels[idx]
+        if label_interpolation == "linear":
+            moved_labels = _resample_labels_linear(sub, grid, dt)
+        elif label_interpolation == "nearest":
+            moved_labels = F.grid_sample(sub[:, None].to(dt), grid, mode="nearest", padding_mode="zeros",
+                                         align_corners=True)[:, 0].round().to(labels.dtype)
+        else:
+            raise ValueError(f"label_interpolation: 'linear' or 'nearest', got {label_interpolation!r}")
+        labels = labels.clone()
+        labels[idx] = moved_labels
     return x, labels
