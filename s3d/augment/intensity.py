@@ -24,6 +24,16 @@ def _selected(factor: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return sel[:, 0].to(x.device), sel[:, 1].to(x.device), f
 
 
+def _mean_std(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std (N, 1, 1, 1) of each volume of ``v`` (N, D, H, W), two passes (faster on CPU
+    than ``std(dim=...)``)."""
+    dims = (1, 2, 3)
+    mean = v.mean(dims, keepdim=True)
+    n = v[0].numel()
+    var = (v - mean).square_().sum(dims, keepdim=True) / max(n - 1, 1)
+    return mean, var.sqrt_()
+
+
 def add_noise(x: torch.Tensor, sd: torch.Tensor, seed: int) -> torch.Tensor:
     """``x + sd * N(0, 1)`` for the samples with ``sd`` (B,) > 0, every channel its own field.
 
@@ -104,12 +114,12 @@ def adjust_gamma(x: torch.Tensor, gamma: torch.Tensor, *, invert: bool = False) 
     if not b.numel():
         return x
     v = -x[b, c] if invert else x[b, c]
-    dims = (1, 2, 3)
-    mean, std = v.mean(dims, keepdim=True), v.std(dims, keepdim=True)
-    lo = v.amin(dims, keepdim=True)
-    rng = v.amax(dims, keepdim=True) - lo
-    y = ((v - lo) / rng.clamp_min(_EPS)).clamp(0, 1) ** g * rng + lo
-    y = (y - y.mean(dims, keepdim=True)) * (std / y.std(dims, keepdim=True).clamp_min(_EPS)) + mean
+    mean, std = _mean_std(v)
+    lo = v.amin((1, 2, 3), keepdim=True)
+    rng = v.amax((1, 2, 3), keepdim=True) - lo
+    y = (v - lo).div_(rng.clamp_min(_EPS)).pow_(g).mul_(rng).add_(lo)
+    y_mean, y_std = _mean_std(y)
+    y = y.sub_(y_mean).mul_(std / y_std.clamp_min(_EPS)).add_(mean)
     out = x.clone()
     out[b, c] = -y if invert else y
     return out

@@ -62,15 +62,11 @@ def mirror(t: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     flips = flip.cpu()
     if not flips.any():
         return t
-    out = t.clone()
     first = t.dim() - 3
-    for pattern in {tuple(f.tolist()) for f in flips}:
-        dims = [first + a for a in range(3) if pattern[a]]
-        if not dims:
-            continue
-        sel = (flips == torch.tensor(pattern)).all(dim=1).nonzero().flatten().to(t.device)
-        out[sel] = torch.flip(out[sel], dims=dims)
-    return out
+    dims = [[first - 1 + a for a in range(3) if f[a]] for f in flips.tolist()]  # per sample (dim 0 dropped)
+    if all(d == dims[0] for d in dims):
+        return torch.flip(t, [d + 1 for d in dims[0]])
+    return torch.stack([torch.flip(t[i], d) if d else t[i] for i, d in enumerate(dims)])
 
 
 def sampling_matrices(params: AugmentParams) -> torch.Tensor:
@@ -106,37 +102,56 @@ def _sampling_grid(m: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     return torch.stack(comps[::-1], dim=-1)
 
 
+def _label_values(labels: torch.Tensor) -> torch.Tensor:
+    """The sorted label values present in ``labels`` (a histogram when their range is small, else a sort)."""
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    if hi - lo < 1 << 16:
+        counts = torch.bincount((labels - lo).flatten(), minlength=hi - lo + 1)
+        return counts.nonzero().flatten().to(labels.dtype) + lo
+    return torch.unique(labels)
+
+
 def _resample_labels_linear(labels: torch.Tensor, grid: torch.Tensor, dt: torch.dtype,
-                            chunk: int = 4) -> torch.Tensor:
+                            chunk: int = 8) -> torch.Tensor:
     """Label maps (b, D, H, W) resampled at ``grid`` as nnU-Net (batchgeneratorsv2 0.3.6) does.
 
-    Every label's one-hot map and the outside of the patch (a label of its own, 1 outside) are resampled
-    trilinearly; the largest score wins, a tie goes to the nearest voxel's label when it is among the
-    tied ones (else to the lowest label), and a voxel won by the outside is 0. ``chunk`` labels per
-    ``grid_sample`` call bound the memory.
+    Every label's one-hot map and the outside of the patch (a label of its own, below all others, 1
+    outside) are resampled trilinearly; the largest score wins, a tie goes to the nearest voxel's label
+    when it is among the tied ones (else to the lowest label), and a voxel won by the outside is 0.
+    ``chunk`` labels per ``grid_sample`` call bound the memory.
     """
-    values = torch.unique(labels)  # sorted
-    inside = F.grid_sample(torch.ones_like(labels[:, None], dtype=dt), grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=True)[:, 0]
-    best = 1 - inside  # candidate 0, the outside
-    win = torch.zeros(labels.shape, dtype=torch.long, device=labels.device)
-    near = F.grid_sample(labels[:, None].to(dt) - values[0].to(dt) + 1, grid, mode="nearest", padding_mode="zeros",
-                         align_corners=True)[:, 0].round().long()  # 0 outside, else 1 + label - lowest label
-    near = torch.where(near > 0, torch.searchsorted(values, (near - 1 + values[0]).to(values.dtype)) + 1, near)
-    near_score = torch.where(near == 0, best, torch.full_like(best, -math.inf))
+    values = _label_values(labels).to(torch.int64)
+    lo = int(values[0])
+    work = labels.to(torch.int64) - (lo - 1)  # the outside is 0, labels 1 .. hi - lo + 1
+    # candidate index of each shifted value (0: the outside), and the label each candidate stands for
+    lut = torch.zeros(int(values[-1]) - lo + 2, dtype=torch.int64, device=labels.device)
+    lut[values - (lo - 1)] = torch.arange(1, values.numel() + 1, device=labels.device)
+    cand_label = torch.cat([torch.zeros(1, dtype=torch.int64, device=labels.device), values])
+    near = lut[F.grid_sample(work[:, None].to(dt), grid, mode="nearest", padding_mode="zeros",
+                             align_corners=True)[:, 0].round().to(torch.int64)]  # nearest voxel (outside: 0)
+    best = win = near_score = None
     for start in range(0, values.numel(), chunk):
-        vals = values[start:start + chunk]
-        onehot = (labels[:, None] == vals.view(1, -1, 1, 1, 1)).to(dt)
-        scores = F.grid_sample(onehot, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        for k in range(vals.numel()):
-            cand = start + k + 1
-            score = scores[:, k]
-            better = score > best  # strict: the lower label keeps a tie
-            best = torch.where(better, score, best)
-            win = torch.where(better, cand, win)
-            near_score = torch.where(near == cand, score, near_score)
+        shifted = values[start:start + chunk] - (lo - 1)
+        maps = (work[:, None] == shifted.view(1, -1, 1, 1, 1)).to(dt)
+        if start == 0:  # channel 0: ones, resampled to the share inside; the outside scores 1 - that
+            maps = torch.cat([torch.ones_like(maps[:, :1]), maps], dim=1)
+        scores = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        first = start + 1
+        if start == 0:
+            scores[:, 0] = 1 - scores[:, 0]
+            first = 0
+        top, arg = scores.max(dim=1)  # the first maximum: the lowest label of the chunk on ties
+        arg += first
+        in_chunk = (near >= first) & (near < first + scores.shape[1])
+        mine = scores.gather(1, (near - first).clamp(0, scores.shape[1] - 1)[:, None])[:, 0]
+        if best is None:
+            best, win, near_score = top, arg, torch.where(in_chunk, mine, -math.inf)
+            continue
+        better = top > best  # strict: the earlier (lower) labels keep a tie
+        best, win = torch.where(better, top, best), torch.where(better, arg, win)
+        near_score = torch.where(in_chunk, mine, near_score)
     win = torch.where(near_score == best, near, win)
-    return torch.where(win == 0, torch.zeros_like(labels), values[(win - 1).clamp_min(0)]).to(labels.dtype)
+    return cand_label[win].to(labels.dtype)
 
 
 def rotate_and_scale(x: torch.Tensor, params: AugmentParams, labels: torch.Tensor | None = None, *,
