@@ -3,14 +3,17 @@
 One coordinate convention, one config class, one parameter object:
 
 - :class:`AugmentConfig` holds every probability and range. ``AugmentConfig()`` is the fine-tuning
-  default (nnU-Net-like spatial and intensity transforms); :meth:`AugmentConfig.pretraining` is the
-  paper's light pre-training augmentation (rotation, scaling, mirroring only).
+  default, nnU-Net v2's training augmentation (rotation, scaling, Gaussian noise, Gaussian blur,
+  brightness, contrast, low-resolution simulation, inverted gamma, gamma, mirroring, in that order);
+  :meth:`AugmentConfig.pretraining` is the paper's light pre-training augmentation (rotation,
+  scaling, mirroring only).
 - :meth:`AugmentConfig.sample` draws an :class:`AugmentParams` for a batch from a CPU
   ``torch.Generator``: every random value a transform uses is in it, so a draw can be replayed
   exactly (and a spatial one inverted, :func:`~s3d.augment.spatial.sampling_matrices`).
 - :func:`apply` applies the parameters to images (B, C, D, H, W) and, if given, label maps
-  (B, D, H, W): the same spatial transform moves both (images trilinear, labels nearest), the same
-  flips mirror both, intensity transforms touch images only.
+  (B, D, H, W): the same spatial transform moves both (images trilinear, labels as one-hot maps
+  trilinearly then argmax, as nnU-Net, or nearest), the same flips mirror both, intensity transforms
+  touch images only.
 
 Geometry (:mod:`~s3d.augment.spatial`): spatial axes are the array's (D, H, W) voxel axes. An output
 voxel ``p`` reads the input at ``M (p - c) + c``, ``c`` the patch centre, ``M = scale * R^T``: a
@@ -26,7 +29,8 @@ Example:
 
 from __future__ import annotations
 
-from s3d.augment.config import AugmentConfig, AugmentParams
+from s3d.augment.config import AugmentConfig
+from s3d.augment.params import AugmentParams
 from s3d.augment.spatial import mirror, plane_rotation, sampling_matrices
 from s3d.augment.transform import Augment, apply
 

@@ -1,8 +1,9 @@
 """Spatial augmentation: rotation and isotropic scaling (one ``grid_sample``), mirroring (exact flips).
 
-All rotated or scaled samples of a batch go through ONE ``torch.nn.functional.grid_sample`` call
-(images trilinear, label maps nearest, zero padding) on the batch's device, so data-loading workers
-only cut crops. Voxels are taken as isotropic in index space (nnU-Net does the same).
+All rotated or scaled samples of a batch go through ONE ``torch.nn.functional.grid_sample`` call for
+the images (trilinear, zero padding) on the batch's device, so data-loading workers only cut crops;
+label maps are resampled at the same points (each label's one-hot map trilinearly and the largest
+wins, as in nnU-Net, or nearest). Voxels are taken as isotropic in index space (nnU-Net does the same).
 
 Convention: an output voxel ``p`` (index, D/H/W order) reads the input at ``M (p - c) + c`` with ``c``
 the patch centre and ``M = scale * R^T`` (:func:`sampling_matrices`): a rotation by +90 degrees about
@@ -11,10 +12,12 @@ axis 0 equals ``torch.rot90(x, 1, dims=(3, 4))``; a scale > 1 shows more of the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from s3d.augment.config import AugmentParams
+from s3d.augment.params import AugmentParams
 
 
 def plane_rotation(angle: torch.Tensor, i: int, j: int) -> torch.Tensor:
@@ -59,15 +62,11 @@ def mirror(t: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     flips = flip.cpu()
     if not flips.any():
         return t
-    out = t.clone()
     first = t.dim() - 3
-    for pattern in {tuple(f.tolist()) for f in flips}:
-        dims = [first + a for a in range(3) if pattern[a]]
-        if not dims:
-            continue
-        sel = (flips == torch.tensor(pattern)).all(dim=1).nonzero().flatten().to(t.device)
-        out[sel] = torch.flip(out[sel], dims=dims)
-    return out
+    dims = [[first - 1 + a for a in range(3) if f[a]] for f in flips.tolist()]  # per sample (dim 0 dropped)
+    if all(d == dims[0] for d in dims):
+        return torch.flip(t, [d + 1 for d in dims[0]])
+    return torch.stack([torch.flip(t[i], d) if d else t[i] for i, d in enumerate(dims)])
 
 
 def sampling_matrices(params: AugmentParams) -> torch.Tensor:
@@ -103,38 +102,95 @@ def _sampling_grid(m: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     return torch.stack(comps[::-1], dim=-1)
 
 
-def spatial_transform(x: torch.Tensor, params: AugmentParams, labels: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rotate/scale the samples that need it (one ``grid_sample``), then mirror; images and labels alike.
+def _label_values(labels: torch.Tensor) -> torch.Tensor:
+    """The sorted label values present in ``labels`` (a histogram when their range is small, else a sort)."""
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    if hi - lo < 1 << 16:
+        counts = torch.bincount((labels - lo).flatten(), minlength=hi - lo + 1)
+        return counts.nonzero().flatten().to(labels.dtype) + lo
+    return torch.unique(labels)
+
+
+def _resample_labels_linear(labels: torch.Tensor, grid: torch.Tensor, dt: torch.dtype,
+                            chunk: int = 8) -> torch.Tensor:
+    """Label maps (b, D, H, W) resampled at ``grid`` as nnU-Net (batchgeneratorsv2 0.3.6) does.
+
+    Every label's one-hot map and the outside of the patch (a label of its own, below all others, 1
+    outside) are resampled trilinearly; the largest score wins, a tie goes to the nearest voxel's label
+    when it is among the tied ones (else to the lowest label), and a voxel won by the outside is 0.
+    ``chunk`` labels per ``grid_sample`` call bound the memory.
+    """
+    values = _label_values(labels).to(torch.int64)
+    lo = int(values[0])
+    work = labels.to(torch.int64) - (lo - 1)  # the outside is 0, labels 1 .. hi - lo + 1
+    # candidate index of each shifted value (0: the outside), and the label each candidate stands for
+    lut = torch.zeros(int(values[-1]) - lo + 2, dtype=torch.int64, device=labels.device)
+    lut[values - (lo - 1)] = torch.arange(1, values.numel() + 1, device=labels.device)
+    cand_label = torch.cat([torch.zeros(1, dtype=torch.int64, device=labels.device), values])
+    near = lut[F.grid_sample(work[:, None].to(dt), grid, mode="nearest", padding_mode="zeros",
+                             align_corners=True)[:, 0].round().to(torch.int64)]  # nearest voxel (outside: 0)
+    best = win = near_score = None
+    for start in range(0, values.numel(), chunk):
+        shifted = values[start:start + chunk] - (lo - 1)
+        maps = (work[:, None] == shifted.view(1, -1, 1, 1, 1)).to(dt)
+        if start == 0:  # channel 0: ones, resampled to the share inside; the outside scores 1 - that
+            maps = torch.cat([torch.ones_like(maps[:, :1]), maps], dim=1)
+        scores = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        first = start + 1
+        if start == 0:
+            scores[:, 0] = 1 - scores[:, 0]
+            first = 0
+        top, arg = scores.max(dim=1)  # the first maximum: the lowest label of the chunk on ties
+        arg += first
+        in_chunk = (near >= first) & (near < first + scores.shape[1])
+        mine = scores.gather(1, (near - first).clamp(0, scores.shape[1] - 1)[:, None])[:, 0]
+        if best is None:
+            best, win, near_score = top, arg, torch.where(in_chunk, mine, -math.inf)
+            continue
+        better = top > best  # strict: the earlier (lower) labels keep a tie
+        best, win = torch.where(better, top, best), torch.where(better, arg, win)
+        near_score = torch.where(in_chunk, mine, near_score)
+    win = torch.where(near_score == best, near, win)
+    return cand_label[win].to(labels.dtype)
+
+
+def rotate_and_scale(x: torch.Tensor, params: AugmentParams, labels: torch.Tensor | None = None, *,
+                     label_interpolation: str = "linear") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate/scale the samples that need it (one ``grid_sample``); images and labels alike.
 
     Args:
         x: images (B, C, D, H, W), floating point, any device.
-        params: the batch's :class:`AugmentParams`.
-        labels: optional label maps (B, D, H, W), integer, same device: sampled at the same points
-            (nearest), flipped the same way.
+        params: the batch's :class:`AugmentParams` (``angles``, ``scale``).
+        labels: optional label maps (B, D, H, W), integer, same device: sampled at the same points.
+        label_interpolation: ``"linear"``: each label's one-hot map trilinearly, then the label of the
+            largest value (nnU-Net's default); ``"nearest"``: the nearest voxel's label.
 
     Returns:
-        ``(x, labels)`` with the same shapes and dtypes; voxels sampled from outside the input are 0.
+        ``(x, labels)`` with the same shapes and dtypes. Image voxels sampled from outside the input
+        interpolate with zeros. Label voxels are 0 where the outside of the patch outweighs every label
+        (``"linear"``: nnU-Net pads the label map with -1 and later sets -1 to 0) or lies nearest
+        (``"nearest"``).
     """
-    b = x.shape[0]
     m = sampling_matrices(params)
     moved = ((m - torch.eye(3, dtype=torch.float64)).abs().amax(dim=(1, 2)) > 0).nonzero().flatten()
-    if moved.numel():
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dev = x.device
-        grid = _sampling_grid(m[moved].to(device=dev, dtype=dt), tuple(x.shape[2:]))
-        idx = moved.to(dev)
-        x = x.clone()
-        x[idx] = F.grid_sample(x[idx].to(dt), grid, mode="bilinear", padding_mode="zeros",
-                               align_corners=True).to(x.dtype)
-        if labels is not None:
-            moved_labels = F.grid_sample(labels[idx][:, None].to(dt), grid, mode="nearest", padding_mode="zeros",
-                                         align_corners=True)[:, 0]
-            labels = labels.clone()
-            labels[idx] = moved_labels.round().to(labels.dtype)
-    if params.flip.shape != (b, 3):
-        raise ValueError(f"params: flip must be (B, 3) with B={b}, got {tuple(params.flip.shape)}")
-    x = mirror(x, params.flip)
+    if not moved.numel():
+        return x, labels
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dev = x.device
+    grid = _sampling_grid(m[moved].to(device=dev, dtype=dt), tuple(x.shape[2:]))
+    idx = moved.to(dev)
+    x = x.clone()
+    x[idx] = F.grid_sample(x[idx].to(dt), grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=True).to(x.dtype)
     if labels is not None:
-        labels = mirror(labels, params.flip)
+        sub = labels[idx]
+        if label_interpolation == "linear":
+            moved_labels = _resample_labels_linear(sub, grid, dt)
+        elif label_interpolation == "nearest":
+            moved_labels = F.grid_sample(sub[:, None].to(dt), grid, mode="nearest", padding_mode="zeros",
+                                         align_corners=True)[:, 0].round().to(labels.dtype)
+        else:
+            raise ValueError(f"label_interpolation: 'linear' or 'nearest', got {label_interpolation!r}")
+        labels = labels.clone()
+        labels[idx] = moved_labels
     return x, labels

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from s3d.augment.config import AugmentConfig, AugmentParams
+from s3d.augment.config import AugmentConfig
 from s3d.augment.intensity import intensity_transform
-from s3d.augment.spatial import spatial_transform
+from s3d.augment.params import AugmentParams
+from s3d.augment.spatial import mirror, rotate_and_scale
 
 
-def apply(x: torch.Tensor, params: AugmentParams, labels: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Spatial transform and mirroring of images and labels together, then intensity of the images.
+def apply(x: torch.Tensor, params: AugmentParams, labels: torch.Tensor | None = None, *,
+          label_interpolation: str = "linear") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """nnU-Net's order: rotation and scaling of images and labels, intensity transforms of the images,
+    then mirroring of both.
 
     Args:
         x: images (B, C, D, H, W), floating point, on any device.
         params: drawn for this batch (:meth:`AugmentConfig.sample`), B samples and C channels.
         labels: optional label maps (B, D, H, W), integer, on ``x``'s device.
+        label_interpolation: ``"linear"`` (one-hot, trilinear, argmax; nnU-Net's) or ``"nearest"``.
 
     Returns:
         ``(x, labels)`` augmented (``labels`` is ``None`` when not given); shapes and dtypes kept.
@@ -34,15 +37,16 @@ def apply(x: torch.Tensor, params: AugmentParams, labels: torch.Tensor | None = 
     if labels is not None and (labels.shape[0] != x.shape[0] or labels.shape[1:] != x.shape[2:]):
         raise ValueError(f"labels: expected (B, D, H, W) = {(x.shape[0], *x.shape[2:])}, got {tuple(labels.shape)}")
     params.check(x.shape[0], x.shape[1])
-    x, labels = spatial_transform(x, params, labels)
-    return intensity_transform(x, params), labels
+    x, labels = rotate_and_scale(x, params, labels, label_interpolation=label_interpolation)
+    x = mirror(intensity_transform(x, params), params.flip)
+    return x, (None if labels is None else mirror(labels, params.flip))
 
 
 class Augment:
     """Draw :class:`AugmentParams` from a CPU generator and apply them.
 
     Args:
-        config: probabilities and ranges; default :class:`AugmentConfig` () (fine-tuning).
+        config: probabilities and ranges; default :class:`AugmentConfig` () (fine-tuning, nnU-Net's).
 
     Example:
         >>> aug = Augment(AugmentConfig.pretraining())
@@ -60,5 +64,5 @@ class Augment:
             The images, or ``(images, labels)`` when ``labels`` is given.
         """
         params = self.config.sample(x.shape[0], generator, channels=x.shape[1])
-        out, lab = apply(x, params, labels)
+        out, lab = apply(x, params, labels, label_interpolation=self.config.label_interpolation)
         return out if labels is None else (out, lab)
