@@ -36,8 +36,11 @@ class DiceCELoss(nn.Module):
         self.batch_dice = batch_dice
 
     def _terms(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(CE mean, Dice intersections, Dice denominators) of one output; Dice sums (K-1,) or (B, K-1)."""
-        logits = logits.float()
+        """(CE mean, Dice intersections, Dice denominators) of one output; Dice sums (K-1,) or (B, K-1).
+
+        Half-precision logits are computed in fp32; fp32 and fp64 stay as they are."""
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         ce = F.cross_entropy(logits, target)
         k = logits.shape[1]
         probs = torch.softmax(logits, 1)[:, 1:]
