@@ -11,7 +11,8 @@
 #   OUT=/tmp/g DEVICE=cpu QUICK=1 bash benchmarks/gpu_session.sh   # dry run of the script itself
 #
 # Budget (seconds, upper limits, not measurements): tests 90, forward 60, pretrain_step 90,
-# pretrain_compile 90, sparse_engine 60, predict 45, dataloader 30, demo 120 => at most 585 s.
+# pretrain_compile 90, sparse_engine 60, predict 45, dataloader 30, finetune 60, demo 120 => at most 645 s
+# (more than one 600 s device call if every step ran to its limit).
 set -u
 OUT="${OUT:-gpu_results}"
 DEVICE="${DEVICE:-cuda}"
@@ -43,10 +44,12 @@ if [ "$QUICK" = "1" ]; then  # tiny sizes: checks that every step still starts a
     L=tiny; S=32; P=32; B=2; R=1; CASES="tiny:32:16:2"; PRED="--config tiny --size 48 --patch 32"
     DEMO="--quick"; BLOCK="--block-size 8"; FWD="fp32,channels_last"; PRE="fp32,channels_last"
     LOADER="--shape 40 40 40 --volumes 4 --batches 4 --workers 0"
+    FT="--config tiny --patch 32 --batch 2 --loader-steps 4 --repeats 2 --threads 1"
 else
     L=resenc_l; S=160; P=160; B=6; R=5; CASES=""; PRED="--config resenc_l --size 320 --patch 160 --amp bf16"
     DEMO="--minutes 1.5"; BLOCK=""; FWD="fp32,channels_last,bf16,fp16"; PRE="fp32,bf16,fp16,channels_last"
     LOADER="--batches 20 --workers 8"
+    FT="--config resenc_l --patch 160 --batch 2 --case-shape 192 224 192 --threads 4 --repeats 4"
 fi
 
 if [ "$DEVICE" = "cuda" ]; then
@@ -73,6 +76,9 @@ fi
 step predict 45 "$PY" benchmarks/predict.py $PRED --device "$DEVICE" --repeats "$R"
 # shellcheck disable=SC2086
 step dataloader 30 "$PY" benchmarks/dataloader.py $LOADER --patch "$P" --device "$DEVICE" --skip-storage
+# fine-tuning: ResEnc-L steps at 160^3 (fp32, bf16, channels_last) against the patch loader's rate
+# shellcheck disable=SC2086
+step finetune 60 "$PY" benchmarks/finetune_data.py $FT --device "$DEVICE"
 if "$PY" -c "import nibabel" 2> /dev/null; then
     # the demo end to end on the GPU (--minutes sizes the runs; the report lands in $OUT/demo)
     # shellcheck disable=SC2086

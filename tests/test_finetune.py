@@ -65,7 +65,7 @@ def test_schedules_scale_with_steps_and_table8() -> None:
     assert [p.name for p in get_schedule("no_warmup").plan(100)] == ["train"]
     assert lr_at(get_schedule("no_warmup").plan(100), 0) == pytest.approx(1e-2)
     assert [p.name for p in get_schedule("warmup_all").plan(100)] == ["warmup_all", "train"]
-    assert [p.trains for p in get_schedule("frozen_encoder").plan(100)] == ["decoder", "decoder"]
+    assert [(p.name, p.trains) for p in get_schedule("frozen_encoder").plan(100)] == [("train_decoder", "decoder")]
     assert {SCHEDULES[f"warmup_all{s}"].peak_lr for s in ("", "_lr1e-3", "_lr1e-4")} == {1e-2, 1e-3, 1e-4}
     assert get_schedule("scratch").transfer == "none"
     with pytest.raises(ValueError, match="unknown schedule"):
@@ -200,7 +200,10 @@ def test_decoder_only_warmup_leaves_encoder_bitwise_unchanged(tmp_path, sphere_d
     changed = [k for k in enc_keys if k.endswith("weight") and not torch.equal(after_w2[k], before[k])]
     assert "encoder.stem.convs.0.conv.weight" in changed
     assert len(changed) == len([k for k in enc_keys if k.endswith("weight")])
-    assert all(p.requires_grad for p in tr.model.parameters())
+    # everything trains at the end but the lowest-resolution head, whose deep-supervision weight is 0
+    frozen = {n for n, p in tr.model.named_parameters() if not p.requires_grad}
+    assert frozen == {"decoder.seg_layers.0.weight", "decoder.seg_layers.0.bias"}
+    assert DiceCELoss.deep_supervision_weights(len(tr.model.decoder.seg_layers))[-1] == 0
 
 
 def test_frozen_encoder_and_stem_in_warmup_options(tmp_path, sphere_ds) -> None:

@@ -29,11 +29,13 @@ def test_gpu_session_script_dry_run_on_cpu(tmp_path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     status = dict(re.findall(r"^(\w+) rc=(\d+)", (out / "status.txt").read_text(), re.M))
     assert status == {"forward": "0", "pretrain_step": "0", "sparse_engine": "0", "predict": "0",
-                      "dataloader": "0", "demo": "0"}, (out / "status.txt").read_text()
+                      "dataloader": "0", "finetune": "0", "demo": "0"}, (out / "status.txt").read_text()
     # each step printed its measurement, not only a header
     pre = [json.loads(line) for line in (out / "pretrain_step.txt").read_text().splitlines() if line.startswith("{")]
     assert [r["variant"] for r in pre[1:]] == ["fp32", "channels_last"]
     assert all(r["s_per_step"] > 0 for r in pre[1:]), pre
     assert "| fp32 |" in (out / "forward.txt").read_text()
+    ft = [json.loads(line) for line in (out / "finetune.txt").read_text().splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in ft[1:]] == ["loader", "fp32"] and ft[2]["s_per_step"] > 0, ft
     assert (out / "demo" / "report.md").exists()
     assert "torch" in (out / "env.txt").read_text()

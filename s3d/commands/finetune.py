@@ -14,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "finetune", help="fine-tune on an nnU-Net dataset with the paper's schedules",
         description="Validate and preprocess an nnU-Net v2 raw dataset (cached), transfer pretrained weights "
                     "and train with a schedule preset of the paper's Table 2. Writes split.json, "
-                    "metrics.jsonl, checkpoint_latest.pt and, at the end, OUT/model (for s3d predict -m).")
+                    "metrics.jsonl, checkpoint_latest.pt and, at the end, OUT/model (for s3d predict -m). "
+                    "Multi-GPU: torchrun --nproc_per_node N -m s3d finetune ... (--batch-size is the global "
+                    "batch).")
     p.add_argument("dataset", nargs="?", help="nnU-Net v2 raw dataset folder (holding dataset.json)")
     p.add_argument("-o", "--out", help="run folder (required)")
     p.add_argument("-p", "--pretrained", default=None,
@@ -49,6 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                    help="autocast: auto (bf16 on GPUs that support it, else fp16; off on CPU), bf16, fp16, off")
     p.add_argument("--channels-last", action="store_true", help="channels_last_3d on GPU")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep the preprocessing cache here instead of DATASET/.s3d_cache (default: "
+                        "$S3D_CACHE_DIR if set); needed for a read-only dataset")
+    p.add_argument("--loader-threads", type=int, default=2,
+                   help="background threads sampling the next steps' patches (default 2; 0 = none)")
+    p.add_argument("--val-tile-batch", type=int, default=4,
+                   help="tiles per forward pass in the periodic validations (default 4)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_latest.pt")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -57,12 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from s3d.data.nnunet import DatasetError
     from s3d.finetune import PAPER_STEPS, PAPER_WARMUP_STEPS, SCHEDULES, FinetuneConfig, Trainer
+    from s3d.runtime.checkpoint import CheckpointError
+    from s3d.runtime.distributed import cleanup
 
     if args.list_schedules:
         for name, s in SCHEDULES.items():
-            print(f"{name:24s} {s.description}")
+            print(f"{name:26s} {s.table2_row}")
         return 0
     if not args.dataset or not args.out:
         print("s3d finetune: DATASET and -o/--out are required", file=sys.stderr)
@@ -85,16 +95,17 @@ def run(args: argparse.Namespace) -> int:
         augment=not args.no_augment, val_fraction=args.val_fraction, n_train=args.n_train,
         val_every=args.val_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
         amp=args.amp, channels_last=args.channels_last, resume=args.resume, progress=not args.no_progress,
+        cache_dir=args.cache_dir, loader_threads=args.loader_threads, val_tile_batch=args.val_tile_batch,
     )
     try:
         trainer = Trainer(cfg)
         trainer.fit()
-    except DatasetError as e:
-        print(str(e), file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        print(f"s3d finetune: {e}", file=sys.stderr)
-        return 1
+    except CheckpointError as e:  # one line, whatever the loader's message held
+        raise CheckpointError(" ".join(str(e).split())) from None
+    finally:
+        cleanup()
+    if not trainer.main:
+        return 0
     if trainer.final_val is not None:
         dice = f"final validation Dice {trainer.final_val['final_dice']:.4f} (sliding window)"
     else:

@@ -10,8 +10,10 @@ The public face of fine-tuning (``from s3d import finetune``)::
 - :mod:`~s3d.finetune.schedules`: the schedule presets of the paper's Table 2 (:data:`SCHEDULES`);
 - :mod:`~s3d.finetune.config`: :class:`FinetuneConfig`, the split, the automatic patch size;
 - :mod:`~s3d.finetune.data`: the validated, cached dataset of a run;
-- :mod:`~s3d.finetune.patches`, :mod:`~s3d.finetune.losses`, :mod:`~s3d.finetune.validation`;
-- :mod:`~s3d.finetune.trainer`: :class:`Trainer` and :func:`run`.
+- :mod:`~s3d.finetune.patches`, :mod:`~s3d.finetune.loader` (per-step seeded batches, background
+  prefetch), :mod:`~s3d.finetune.losses` (also the global batch's loss under DDP),
+  :mod:`~s3d.finetune.phases` (what trains, the DDP wrapper), :mod:`~s3d.finetune.validation`;
+- :mod:`~s3d.finetune.trainer`: :class:`Trainer` and :func:`run` (one process, or N with ``torchrun``).
 
 Augmentation is :mod:`s3d.augment`; the dataset format is :mod:`s3d.data.nnunet`. See ``docs/finetuning.md``.
 """

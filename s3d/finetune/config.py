@@ -54,8 +54,16 @@ class FinetuneConfig:
             ``"val_mode": "sliding_window"``; the periodic validations (``val_dice``,
             ``"val_mode": "tiles"``) use cheap non-overlapping tiles. On cases much larger than the
             patch, overlap 0.5 means up to 2^3 = 8 times the forward passes of a tiled validation.
-        resume: continue from ``out_dir/checkpoint_latest.pt``.
+        resume: continue from ``out_dir/checkpoint_latest.pt`` (also with another number of processes;
+            the data stream then differs from an uninterrupted run, and a warning says so).
         progress: show a progress bar.
+        cache_dir: keep the preprocessing cache here instead of ``DATASET/.s3d_cache`` (``None``:
+            ``$S3D_CACHE_DIR`` if set), e.g. for a read-only dataset.
+        loader_threads: background threads that sample the next steps' patches while the network
+            trains (0: sample in the training thread). The batches do not depend on it.
+        val_tile_batch: tiles per forward pass in the periodic (tiled) validations.
+
+    Under ``torchrun`` (DDP) ``batch_size`` is the global batch, split evenly over the processes.
 
     Example:
         >>> FinetuneConfig("Dataset001_Brain", "runs/brain", pretrained="s3d-b", steps=1000).schedule
@@ -95,6 +103,9 @@ class FinetuneConfig:
     final_validation: bool = True
     resume: bool = False
     progress: bool = True
+    cache_dir: str | None = None
+    loader_threads: int = 2
+    val_tile_batch: int = 4
 
     #: fields that must match when resuming
     RESUME_KEYS = ("schedule", "steps", "warmup_steps", "peak_lr", "batch_size", "seed", "config", "strategy",
@@ -103,9 +114,11 @@ class FinetuneConfig:
                    "weight_decay", "poly_exponent", "grad_clip")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "val_every", "checkpoint_every"):
+        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "val_tile_batch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if int(self.loader_threads) < 0:
+            raise ValueError(f"loader_threads: must be >= 0, got {self.loader_threads}")
         if not 0 <= self.foreground_fraction <= 1 or not 0 < self.val_fraction < 1:
             raise ValueError(f"foreground_fraction must be in [0, 1] and val_fraction in (0, 1), got "
                              f"{self.foreground_fraction} and {self.val_fraction}")
@@ -114,7 +127,7 @@ class FinetuneConfig:
         if self.patch_size is not None:
             self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         self.target_spacing_mm = tuple(float(v) for v in self.target_spacing_mm)  # type: ignore[assignment]
-        get_schedule(self.schedule)
+        get_schedule(self.schedule).plan(self.steps, self.warmup_steps, self.peak_lr)  # too short: one line now
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict."""

@@ -33,13 +33,14 @@ class FinetuneData:
     labels: list[int]
 
 
-def _split(cfg: FinetuneConfig, out: Path, cases: Sequence[str], root: Path) -> dict[str, Any]:
+def _split(cfg: FinetuneConfig, out: Path, cases: Sequence[str], root: Path, write: bool = True) -> dict[str, Any]:
     """The run's split: ``out/split.json`` when it exists (checked against the dataset and the
-    settings), else a new seeded split written there."""
+    settings), else a new seeded split written there (when ``write``)."""
     path = out / "split.json"
     if not path.exists():
         split = make_split(cases, cfg.val_fraction, cfg.seed, cfg.n_train)
-        write_json_atomic(path, split)
+        if write:
+            write_json_atomic(path, split)
         return split
     split = json.loads(path.read_text())
     missing = sorted(set(split["train"] + split["val"]) - set(cases))
@@ -52,12 +53,38 @@ def _split(cfg: FinetuneConfig, out: Path, cases: Sequence[str], root: Path) -> 
     return split
 
 
-def load_finetune_data(cfg: FinetuneConfig, out: Path) -> FinetuneData:
+def _auto_patch_problem(ds: Any, cfg: FinetuneConfig, total_stride: Sequence[int]) -> str:
+    """The automatic patch size from the headers' resampled shapes, if it would leave a 1-voxel bottleneck."""
+    from s3d.data.preprocess import shape_for_spacing
+    from s3d.finetune.config import auto_patch_size
+    from s3d.nn.resenc_unet import check_spatial_size
+
+    shapes = [shape_for_spacing(ds.shapes[c], ds.spacings_mm[c], cfg.target_spacing_mm) for c in ds.cases]
+    ps = auto_patch_size(shapes, total_stride)
+    problem = check_spatial_size(ps, total_stride)
+    if not problem:
+        return ""
+    return (f"{ds.root}: the cases' median shape at {cfg.target_spacing_mm} mm gives the automatic patch size "
+            f"{ps} ({problem}); pass --patch-size with at least two bottleneck voxels or use a finer --spacing")
+
+
+def load_finetune_data(cfg: FinetuneConfig, out: Path, total_stride: Sequence[int] | None = None,
+                       write: bool = True) -> FinetuneData:
     """Validate and preprocess ``cfg.dataset`` (cached), then load the split's cases.
+
+    Args:
+        cfg: the run's settings (dataset, spacing, split, ``cache_dir``).
+        out: the run folder (``split.json``).
+        total_stride: the network's total stride (D, H, W): every case resampled to
+            ``cfg.target_spacing_mm`` must have at least this many voxels per axis (checked from the
+            headers, before any voxel is read) and, without ``cfg.patch_size``, the automatic patch size
+            must leave more than one bottleneck voxel.
+        write: write ``split.json`` when missing (``False`` on DDP ranks other than 0, which read it).
 
     Raises:
         s3d.data.nnunet.DatasetError: every problem of the dataset, each with its file.
         ValueError: a ``split.json`` that does not fit the dataset or the settings.
+        OSError: the cache cannot be written (names ``--cache-dir``).
 
     Example:
         >>> data = load_finetune_data(FinetuneConfig("Dataset001", "runs/a"), Path("runs/a"))
@@ -65,6 +92,7 @@ def load_finetune_data(cfg: FinetuneConfig, out: Path) -> FinetuneData:
         (8, [1, 2])
     """
     from s3d.data.nnunet import (
+        DatasetError,
         PreprocessingSpec,
         cached_cases,
         load_cached_case,
@@ -76,9 +104,14 @@ def load_finetune_data(cfg: FinetuneConfig, out: Path) -> FinetuneData:
     raw = read_dataset_json(cfg.dataset)
     spec = PreprocessingSpec.from_dataset(raw, target_spacing_mm=cfg.target_spacing_mm)
     # voxels of cases already in the cache (unchanged since) were checked when they were preprocessed
-    ds = validate_dataset(cfg.dataset, skip_voxels_for=cached_cases(raw, spec))
-    cache = preprocess_dataset(ds, spec, progress=cfg.progress)
-    split = _split(cfg, out, ds.cases, ds.root)
+    ds = validate_dataset(cfg.dataset, skip_voxels_for=cached_cases(raw, spec, cfg.cache_dir),
+                          target_spacing_mm=cfg.target_spacing_mm, min_shape=total_stride)
+    if total_stride is not None and cfg.patch_size is None:
+        problem = _auto_patch_problem(ds, cfg, total_stride)
+        if problem:
+            raise DatasetError(ds.root, [problem])
+    cache = preprocess_dataset(ds, spec, progress=cfg.progress, cache_dir=cfg.cache_dir)
+    split = _split(cfg, out, ds.cases, ds.root, write)
 
     def load(names: Sequence[str]) -> list[CachedCase]:
         out_cases = []

@@ -57,7 +57,10 @@ class Schedule:
         full_warmup: warm-up 2, all weights train, lr ramps 0 -> peak.
         frozen_encoder: the encoder never trains (the training stage is decoder-only too).
         peak_lr: maximal learning rate.
-        description: what the row is, with the paper's average DSC where quoted.
+        description: what the schedule does, in words.
+        table2_row: the row of Table 2 it reproduces (``"row 13: ..."``), or ``"not in Table 2: ..."``
+            for the few extra variants.
+        table2_dsc: the row's average DSC over D1-D5 (``None`` for the extra variants).
     """
 
     name: str
@@ -67,6 +70,34 @@ class Schedule:
     frozen_encoder: bool
     peak_lr: float
     description: str = ""
+    table2_row: str = ""
+    table2_dsc: float | None = None
+
+    @property
+    def n_warmups(self) -> int:
+        """Number of warm-up phases (0, 1 or 2)."""
+        return int(self.decoder_warmup) + int(self.full_warmup)
+
+    def min_steps(self, warmup_steps: int | None = None) -> int:
+        """The fewest total steps that leave a training stage (with ``warmup_steps`` or 5 % warm-ups).
+
+        Example:
+            >>> get_schedule("best").min_steps(), get_schedule("best").min_steps(100)
+            (11, 201)
+        """
+        if warmup_steps is not None:
+            return self.n_warmups * int(warmup_steps) + 1
+        n = 1
+        while self._warmup_len(n, None) < (1 if self.n_warmups else 0) or n - self.n_warmups * self._warmup_len(
+                n, None) < 1:
+            n += 1
+        return n
+
+    @staticmethod
+    def _warmup_len(total_steps: int, warmup_steps: int | None) -> int:
+        if warmup_steps is None:
+            return round(total_steps * PAPER_WARMUP_STEPS / PAPER_STEPS)
+        return int(warmup_steps)
 
     def plan(self, total_steps: int = PAPER_STEPS, warmup_steps: int | None = None,
              peak_lr: float | None = None) -> list[Phase]:
@@ -77,19 +108,19 @@ class Schedule:
             warmup_steps: steps of each warm-up phase; ``None`` = 5 % of ``total_steps`` (12.5k of 250k).
             peak_lr: override the row's peak lr.
 
+        Raises:
+            ValueError: the warm-ups leave no training stage; the message names ``--steps`` and
+                ``--warmup-steps`` with values that work.
+
         Example:
             >>> [(p.name, p.start, p.stop) for p in get_schedule("best").plan(1000)]
             [('warmup_decoder', 0, 50), ('warmup_all', 50, 100), ('train', 100, 1000)]
         """
         peak = float(self.peak_lr if peak_lr is None else peak_lr)
-        if warmup_steps is None:
-            w = round(total_steps * PAPER_WARMUP_STEPS / PAPER_STEPS)
-        else:
-            w = int(warmup_steps)
-        n_warm = int(self.decoder_warmup) + int(self.full_warmup)
+        w = self._warmup_len(total_steps, warmup_steps)
+        n_warm = self.n_warmups
         if total_steps < 1 or w < (1 if n_warm else 0) or total_steps - n_warm * w < 1:
-            raise ValueError(f"schedule {self.name!r}: total_steps={total_steps} leaves no training stage "
-                             f"after {n_warm} warm-up(s) of {w} steps; use more steps or fewer warm-up steps")
+            raise ValueError(self._too_short(total_steps, warmup_steps, w))
         phases, t = [], 0
         if self.decoder_warmup:
             phases.append(Phase("ramp", t, t + w, peak, name="warmup_decoder", trains="decoder"))
@@ -102,37 +133,84 @@ class Schedule:
         phases.append(Phase("poly", t, total_steps, peak, name=name, trains=trains))
         return phases
 
+    def _too_short(self, total_steps: int, warmup_steps: int | None, w: int) -> str:
+        """The one-line error of :meth:`plan` when the warm-ups leave no training stage."""
+        n = self.n_warmups
+        if total_steps < 1:
+            return f"--steps {total_steps}: must be >= 1"
+        if warmup_steps is not None and w < 1:
+            return f"--warmup-steps {w} with schedule {self.name!r}: a warm-up needs at least 1 step"
+        count = "one warm-up" if n == 1 else "two warm-ups"
+        if warmup_steps is None:
+            what = f"{count} of 5 % of --steps ({w} step(s) each)"
+            need = self.min_steps()
+        else:
+            what = f"{count} of --warmup-steps {w} ({n * w} step(s))"
+            need = self.min_steps(w)
+        largest = (total_steps - 1) // n
+        alt = f" or --warmup-steps <= {largest}" if largest >= 1 else ""
+        return (f"--steps {total_steps} with schedule {self.name!r}: {what} leave no training stage; "
+                f"use --steps >= {need}{alt}")
 
-def _row(name: str, transfer: str, dec: bool, full: bool, frozen: bool, lr: float, desc: str) -> Schedule:
-    return Schedule(name, transfer, dec, full, frozen, lr, desc)  # type: ignore[arg-type]
+
+def _row(name: str, transfer: str, dec: bool, full: bool, frozen: bool, lr: float, desc: str,
+         row: int | None = None, dsc: float | None = None, note: str = "") -> Schedule:
+    if row is None:
+        label = f"not in Table 2: {note}"
+    else:
+        cells = ["transfer " + {"all": "all", "encoder": "encoder", "none": "none (scratch)"}[transfer],
+                 "warm-up 1 " + ("decoder" if dec else "-"), "warm-up 2 " + ("all" if full else "-"),
+                 "train " + ("decoder" if frozen else "all"), f"lr {lr:.0e}".replace("e-0", "e-")]
+        label = f"row {row}: {' | '.join(cells)} ({dsc:.2f} DSC{note})"
+    return Schedule(name, transfer, dec, full, frozen, lr, desc, label, dsc)  # type: ignore[arg-type]
 
 
-#: Named presets covering the rows of the paper's Table 2 (average DSC over D1-D5 where quoted).
+#: The 14 rows of the paper's Table 2 in the table's order (average DSC over D1-D5), then the extra
+#: variants of earlier s3d versions. Our copy of the table lost its symbols (transfer and trained-weight
+#: icons); docs/finetuning.md ("Schedules") says how the rows were reconstructed.
 SCHEDULES: dict[str, Schedule] = {s.name: s for s in [
     _row("scratch", "none", False, False, False, 1e-2,
-         "nnU-Net default: from scratch, no warm-up, PolyLR from 1e-2 (Table 2 baseline, 69.93 DSC)"),
-    _row("no_warmup", "all", False, False, False, 1e-2, "transfer all, no warm-up, peak lr 1e-2"),
-    _row("no_warmup_lr1e-3", "all", False, False, False, 1e-3, "transfer all, no warm-up, peak lr 1e-3"),
-    _row("warmup_all", "all", False, True, False, 1e-2, "transfer all, warm-up of all weights, peak lr 1e-2"),
+         "from scratch, no warm-up, PolyLR from 1e-2 (nnU-Net's default schedule)", 1, 69.93,
+         "; the paper's row used nnU-Net's dataset-specific plans, s3d's preprocessing is fixed"),
+    _row("frozen_encoder", "all", False, False, True, 1e-2,
+         "transfer all, the encoder frozen for the whole run (only the decoder trains), PolyLR from 1e-2",
+         2, 69.87),
+    _row("no_warmup", "all", False, False, False, 1e-2, "transfer all, no warm-up, PolyLR from 1e-2", 3, 70.61),
+    _row("no_warmup_lr1e-3", "all", False, False, False, 1e-3, "transfer all, no warm-up, PolyLR from 1e-3",
+         4, 70.65),
+    _row("warmup_all", "all", False, True, False, 1e-2,
+         "transfer all, warm-up of all weights, then all weights, peak lr 1e-2", 5, 70.95),
     _row("warmup_all_lr1e-3", "all", False, True, False, 1e-3,
-         "transfer all, warm-up of all weights, peak lr 1e-3"),
+         "transfer all, warm-up of all weights, then all weights, peak lr 1e-3", 6, 71.58),
     _row("warmup_all_lr1e-4", "all", False, True, False, 1e-4,
-         "transfer all, warm-up of all weights, peak lr 1e-4"),
-    _row("decoder_warmup", "encoder", True, False, False, 1e-2,
-         "transfer encoder, decoder-only warm-up, then all weights, peak lr 1e-2"),
-    _row("decoder_warmup_lr1e-3", "encoder", True, False, False, 1e-3,
-         "transfer encoder, decoder-only warm-up, then all weights, peak lr 1e-3"),
-    _row("frozen_encoder", "all", True, False, True, 1e-2,
-         "transfer all, encoder frozen for the whole run (decoder warm-up, decoder training), peak lr 1e-2"),
-    _row("frozen_encoder_lr1e-3", "all", True, False, True, 1e-3,
-         "transfer all, encoder frozen for the whole run, peak lr 1e-3"),
+         "transfer all, warm-up of all weights, then all weights, peak lr 1e-4", 7, 71.43),
+    _row("encoder_no_warmup", "encoder", False, False, False, 1e-2,
+         "transfer the encoder (random decoder), no warm-up, PolyLR from 1e-2", 8, 69.87),
+    _row("encoder_no_warmup_lr1e-3", "encoder", False, False, False, 1e-3,
+         "transfer the encoder (random decoder), no warm-up, PolyLR from 1e-3", 9, 71.18),
+    _row("encoder_warmup_all", "encoder", False, True, False, 1e-2,
+         "transfer the encoder (random decoder), warm-up of all weights, then all weights, peak lr 1e-2",
+         10, 71.12),
+    _row("encoder_warmup_all_lr1e-3", "encoder", False, True, False, 1e-3,
+         "transfer the encoder (random decoder), warm-up of all weights, then all weights, peak lr 1e-3",
+         11, 71.34),
     _row("sawtooth_lr1e-2", "all", True, True, False, 1e-2,
-         "transfer all, decoder warm-up, warm-up of all weights, then all weights, peak lr 1e-2"),
+         "transfer all, decoder warm-up, warm-up of all weights, then all weights, peak lr 1e-2", 12, 71.02),
     _row("best", "all", True, True, False, 1e-3,
-         "the paper's best (71.76 DSC): transfer all, warm-up 1 decoder only (stem frozen), warm-up 2 "
-         "all weights, then all weights with PolyLR from peak lr 1e-3"),
+         "the paper's best: transfer all, warm-up 1 decoder only (stem frozen), warm-up 2 all weights, then "
+         "all weights with PolyLR from peak lr 1e-3", 13, 71.76, "; the best row"),
     _row("sawtooth_lr1e-4", "all", True, True, False, 1e-4,
-         "transfer all, decoder warm-up, warm-up of all weights, then all weights, peak lr 1e-4"),
+         "transfer all, decoder warm-up, warm-up of all weights, then all weights, peak lr 1e-4", 14, 70.95),
+    # extra variants (kept for existing runs and scripts; not rows of the table)
+    _row("decoder_warmup", "encoder", True, False, False, 1e-2,
+         "transfer encoder, decoder-only warm-up, then all weights, peak lr 1e-2",
+         note="transfer encoder, a decoder-only warm-up and no warm-up of all weights, lr 1e-2"),
+    _row("decoder_warmup_lr1e-3", "encoder", True, False, False, 1e-3,
+         "transfer encoder, decoder-only warm-up, then all weights, peak lr 1e-3",
+         note="as decoder_warmup with lr 1e-3"),
+    _row("frozen_encoder_lr1e-3", "all", False, False, True, 1e-3,
+         "transfer all, the encoder frozen for the whole run, PolyLR from 1e-3",
+         note="row 2 (frozen_encoder) with lr 1e-3"),
 ]}
 
 

@@ -3,7 +3,14 @@
 A :class:`Trainer` is one run folder: its constructor validates and preprocesses the dataset
 (cached), builds or resumes the model, and sets every piece of state; :meth:`Trainer.fit` runs the
 schedule's phases. It is built on :mod:`s3d.runtime` (device and AMP, checkpoints, metrics log, lr,
-optimiser step), as pre-training is.
+optimiser step, torchrun), as pre-training is.
+
+Under ``torchrun`` (DDP) the global batch ``cfg.batch_size`` is split over the processes, each rank
+draws its own patches (the batch of step ``t`` on rank ``r`` comes from seeds of ``(seed, r, t)``,
+:mod:`s3d.finetune.loader`), the loss is that of the global batch (:meth:`DiceCELoss.global_batch`),
+every rank switches phases at the same step (the model is re-wrapped in DDP whenever the trainable
+set changes, so no parameter that does not train is ever expected to get a gradient), and rank 0
+alone validates, logs, writes checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +30,16 @@ from torch import nn
 from s3d._fs import write_json_atomic
 from s3d.finetune.config import FinetuneConfig, auto_patch_size
 from s3d.finetune.data import load_finetune_data
+from s3d.finetune.loader import BatchStream, PatchPrefetcher
 from s3d.finetune.losses import DiceCELoss
-from s3d.finetune.patches import sample_patches
+from s3d.finetune.phases import trainable_parameters, wrap_ddp
 from s3d.finetune.schedules import Phase, get_schedule
-from s3d.finetune.transfer import decoder_parameters, prepare_model
-from s3d.finetune.validation import predict_sliding_window, predict_tiled, validation_dice
+from s3d.finetune.transfer import run_model
+from s3d.finetune.validation import sliding_window_validation, tiled_validation
 from s3d.nn.resenc_unet import ResEncUNet, build_resenc_unet
 from s3d.runtime.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
 from s3d.runtime.device import autocast, resolve_amp, resolve_device
+from s3d.runtime.distributed import barrier, cleanup, init_distributed
 from s3d.runtime.lr import lr_at, phase_at, set_lr
 from s3d.runtime.metrics import MetricsLog
 from s3d.runtime.optim import backward_and_step, grad_scaler, rng_state, set_rng_state, sgd
@@ -51,10 +61,10 @@ class StepRecord:
 class Trainer:
     """The fine-tuning loop: one object per run folder.
 
-    Files in ``cfg.out_dir``: ``finetune_config.json``, ``split.json``, ``metrics.jsonl`` (one JSON
-    object per step and per validation), ``checkpoint_latest.pt`` and ``checkpoint_previous.pt``
-    (model, optimiser, step, RNG; atomic), and at the end ``model/`` (:func:`s3d.hub.save_pretrained`
-    + ``preprocessing.json``).
+    Files in ``cfg.out_dir``: ``finetune_config.json`` (the settings and the ``world_size``),
+    ``split.json``, ``metrics.jsonl`` (one JSON object per step and per validation),
+    ``checkpoint_latest.pt`` and ``checkpoint_previous.pt`` (model, optimiser, step, RNG; atomic), and
+    at the end ``model/`` (:func:`s3d.hub.save_pretrained` + ``preprocessing.json``).
 
     Args:
         cfg: the run (``cfg.resume`` continues from the run folder's checkpoint).
@@ -65,6 +75,7 @@ class Trainer:
         FileExistsError: the run folder has a checkpoint and ``cfg.resume`` is off.
         ResumeError / CheckpointError: the checkpoint does not fit the settings or is damaged.
         s3d.data.nnunet.DatasetError: the dataset has problems (all listed, with their files).
+        OSError: the run folder (or the cache) cannot be written; the message names it.
 
     Example:
         >>> Trainer(FinetuneConfig("Dataset001", "runs/a", schedule="best", steps=1000)).fit()
@@ -72,34 +83,51 @@ class Trainer:
 
     def __init__(self, cfg: FinetuneConfig, model: ResEncUNet | None = None,
                  on_step: Callable[[Trainer, StepRecord], None] | None = None) -> None:
+        from s3d.data.nnunet import read_dataset_json
+
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
-        self.device = resolve_device(cfg.device)
+        self.info = init_distributed(cfg.device)
+        self.main = self.info.is_main
+        self.device = resolve_device(cfg.device, self.info.local_rank)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        world = self.info.world_size
+        if cfg.batch_size % world:
+            raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {world} "
+                             f"processes; use a multiple of {world}")
+        self.local_batch = cfg.batch_size // world
         self.schedule = get_schedule(cfg.schedule)
         self.phases: list[Phase] = self.schedule.plan(cfg.steps, cfg.warmup_steps, cfg.peak_lr)
         self.on_step = on_step
         self.metrics = MetricsLog.of_run(self.out)
         state = self._read_checkpoint()
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out / "finetune_config.json", cfg.to_dict())
-        self.data = load_finetune_data(cfg, self.out)
+        if self.main:
+            self._write_run_folder()
+        barrier(self.info)
+        raw = read_dataset_json(cfg.dataset)
+        self.model: ResEncUNet = run_model(cfg, self.schedule.transfer, raw, self.device, state, model,
+                                           announce=self.main)
+        self.data = self._load_data()
         self.train_cases, self.val_cases, self.labels = self.data.train_cases, self.data.val_cases, self.data.labels
-        self.model: ResEncUNet = self._build_model(state, model)
         self.patch_size = self._patch_size()
         self.spec = dataclasses.replace(self.data.spec, patch_size=self.patch_size)
         self.loss_fn = DiceCELoss()
         self.scaler = grad_scaler(self.amp_dtype, self.device)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.stream = BatchStream(self.train_cases, self.patch_size, self.device, seed=cfg.seed,
+                                  rank=self.info.rank, global_batch=cfg.batch_size, world_size=world,
+                                  foreground_fraction=cfg.foreground_fraction, augment=cfg.augment,
+                                  channels_last=cfg.channels_last)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.net: nn.Module = self.model  # the module the step runs: DDP around the model under torchrun
         self.phase_index = -1
         self.step = 0
         self.history: list[StepRecord] = []
         self.val_history: list[dict[str, Any]] = []
         self.final_val: dict[str, Any] | None = None
+        self._batches: PatchPrefetcher | None = None
         if state is not None:
             self._restore(state)
-        else:
+        elif self.main:
             self.metrics.clear()
 
     # -- construction ------------------------------------------------------------------------------
@@ -114,35 +142,22 @@ class Trainer:
         check_resume(state["resume_fields"], self.cfg.resume_fields(), path)
         return state
 
-    def _build_model(self, state: dict[str, Any] | None, given: ResEncUNet | None) -> ResEncUNet:
-        cfg, ds = self.cfg, self.data.dataset
-        if state is not None:
-            from s3d.nn.config import ResEncUNetConfig
+    def _write_run_folder(self) -> None:
+        """Rank 0: the run folder and ``finetune_config.json``; a folder that cannot be written is one line."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "finetune_config.json",
+                              {**self.cfg.to_dict(), "world_size": self.info.world_size})
+        except OSError as e:
+            raise OSError(f"{self.out}: cannot write the run folder ({e.strerror or e}); choose another "
+                          "-o/--out, make it writable or free disk space") from e
 
-            model = build_resenc_unet(ResEncUNetConfig.from_json(state["model_config"]))
-            model.load_state_dict(state["model"])
-        elif given is not None:
-            model = given
-        else:
-            transfer = cfg.strategy or self.schedule.transfer
-            source = None if transfer == "none" else cfg.pretrained
-            if transfer != "none" and cfg.pretrained is None:
-                print(f"schedule {self.schedule.name!r} transfers weights but no --pretrained was given: "
-                      "training from scratch")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)  # fresh weights (scratch, new head/decoder/stem) follow the seed
-                model = prepare_model(source, in_channels=ds.num_channels, num_classes=ds.num_classes,
-                                      strategy="all" if transfer == "none" else transfer,  # type: ignore[arg-type]
-                                      stem=cfg.stem, config=cfg.config)  # type: ignore[arg-type]
-        if model.config.in_channels != ds.num_channels or model.config.num_classes != ds.num_classes:
-            raise ValueError(f"model has {model.config.in_channels} input channel(s) and "
-                             f"{model.config.num_classes} classes; the dataset needs {ds.num_channels} and "
-                             f"{ds.num_classes}")
-        model.deep_supervision = cfg.deep_supervision
-        model.to(self.device).train()
-        if cfg.channels_last and self.device.type == "cuda":
-            model.to(memory_format=torch.channels_last_3d)
-        return model
+    def _load_data(self) -> Any:
+        """Validate and preprocess on rank 0 first (it writes the cache and split.json), then the others."""
+        stride = self.model.config.total_stride
+        data = load_finetune_data(self.cfg, self.out, stride, write=True) if self.main else None
+        barrier(self.info)
+        return data if data is not None else load_finetune_data(self.cfg, self.out, stride, write=False)
 
     def _patch_size(self) -> tuple[int, int, int]:
         from s3d.nn.resenc_unet import check_spatial_size
@@ -158,30 +173,22 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self._enter_phase(int(state["optimizer_phase"]), optimizer_state=state["optimizer"])
-        self.gen.set_state(state["generator"])
         set_rng_state(state["rng"])
         self.scaler.load_state_dict(state["scaler"])
-        self.metrics.truncate(self.step)
+        saved = state.get("data", {}).get("world_size", 1)
+        if self.main:
+            self.metrics.truncate(self.step)
+            if saved != self.info.world_size:
+                warnings.warn(f"{self.checkpoint_path}: written by {saved} process(es), resuming on "
+                              f"{self.info.world_size}: the data stream differs from an uninterrupted run",
+                              stacklevel=3)
 
-    # -- optimiser and phases ----------------------------------------------------------------------
-    def _trainable(self, phase: Phase) -> list[nn.Parameter]:
-        if phase.trains == "all":
-            params = list(self.model.parameters())
-        else:
-            params = decoder_parameters(self.model)
-            if phase.name == "warmup_decoder" and self.cfg.train_stem_in_decoder_warmup:
-                params += list(self.model.encoder.stem.parameters())
-        ids = {id(p) for p in params}
-        for p in self.model.parameters():
-            p.requires_grad_(id(p) in ids)
-            if id(p) not in ids:
-                p.grad = None
-        return params
-
+    # -- optimiser, phases, DDP --------------------------------------------------------------------
     def _enter_phase(self, index: int, optimizer_state: dict[str, Any] | None = None) -> None:
-        """Switch to phase ``index``; a new SGD when the trainable set changes, else keep momentum."""
+        """Switch to phase ``index``; a new SGD (and DDP wrapper) when the trainable set changes, else keep
+        momentum."""
         new, old = self.phases[index], (self.phases[self.phase_index] if self.phase_index >= 0 else None)
-        params = self._trainable(new)
+        params = trainable_parameters(self.model, new, self.cfg.train_stem_in_decoder_warmup)
         opt = self.optimizer
         current = {id(p) for g in opt.param_groups for p in g["params"]} if opt is not None else set()
         same = old is not None and current == {id(p) for p in params}
@@ -190,6 +197,8 @@ class Trainer:
                                  momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
             if optimizer_state is not None:
                 self.optimizer.load_state_dict(optimizer_state)
+            self.net = self.model  # free the old wrapper (and its gradient hooks) first
+            self.net = wrap_ddp(self.model, self.info, self.device)
         self.phase_index = index
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -199,7 +208,17 @@ class Trainer:
         return checkpoint_path(self.out)
 
     def save_checkpoint(self) -> None:
-        """Write model, optimiser (and its phase), step, RNG and scaler state atomically."""
+        """Rank 0 writes model, optimiser (and its phase), step, RNG and scaler state atomically."""
+        assert self.optimizer is not None
+        if not self.main:
+            return
+        try:
+            self._save_checkpoint()
+        except RuntimeError as e:  # torch.save reports a failed write (full disk, file size limit) this way
+            raise OSError(f"cannot write checkpoint {self.checkpoint_path} ({' '.join(str(e).split())}): free disk "
+                          f"space or make {self.out} writable (the previous checkpoint is kept)") from e
+
+    def _save_checkpoint(self) -> None:
         assert self.optimizer is not None
         save_checkpoint(self.out, {
             "step": self.step,
@@ -207,24 +226,19 @@ class Trainer:
             "model": self.model.state_dict(),
             "model_config": self.model.config.to_json(),
             "optimizer": self.optimizer.state_dict(),
-            "generator": self.gen.get_state(),
             "rng": rng_state(),
             "scaler": self.scaler.state_dict(),
             "config": self.cfg.to_dict(),
             "resume_fields": self.cfg.resume_fields(),
+            "data": {"seed": self.cfg.seed, "step": self.step, "world_size": self.info.world_size,
+                     "local_batch": self.local_batch},
         }, job=JOB)
 
     # -- validation --------------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
-        """Mean foreground Dice over the held-out cases (tiled prediction in preprocessed space)."""
-        self.model.eval()
-        try:
-            mean, per_label = validation_dice(
-                lambda data: predict_tiled(self.model, data, self.patch_size, self.device, self.amp_dtype),
-                self.val_cases, self.labels)
-        finally:
-            self.model.train()
-        rec = {"step": self.step, "val_dice": mean, "val_dice_per_label": per_label, "val_mode": "tiles"}
+        """Mean foreground Dice over the held-out cases (tiled prediction in preprocessed space); logged."""
+        rec = tiled_validation(self.model, self.val_cases, self.labels, self.patch_size, self.device,
+                               self.amp_dtype, tile_batch=self.cfg.val_tile_batch, step=self.step)
         self.val_history.append(rec)
         self.metrics.append(rec)
         return rec
@@ -232,27 +246,16 @@ class Trainer:
     def final_validate(self) -> dict[str, Any]:
         """Mean foreground Dice over the held-out cases as ``s3d predict`` predicts them (sliding windows).
 
-        Gaussian-weighted tiles overlapping by half a patch (:func:`s3d.infer.sliding_window_predict`'s
-        defaults), in preprocessed space, under the run's autocast dtype, from the full-resolution
-        output. Logs ``{"step", "final_dice", "final_dice_per_label", "val_mode": "sliding_window",
-        "val_time_s"}`` (``val_time_s``: seconds this validation took) and keeps it in ``self.final_val``.
+        See :func:`~s3d.finetune.validation.sliding_window_validation`; logged and kept in ``self.final_val``.
 
         Example:
             >>> trainer.final_validate()["final_dice"]
             0.91
         """
-        self.model.eval()
-        t0 = time.perf_counter()
         cases = progress(self.val_cases, desc="final validation", unit="case", enabled=self.cfg.progress,
                          leave=False)
-        try:
-            mean, per_label = validation_dice(
-                lambda data: predict_sliding_window(self.model, data, self.patch_size, self.device, self.amp_dtype),
-                cases, self.labels)
-        finally:
-            self.model.train()
-        rec = {"step": self.step, "final_dice": mean, "final_dice_per_label": per_label,
-               "val_mode": "sliding_window", "val_time_s": round(time.perf_counter() - t0, 3)}
+        rec = sliding_window_validation(self.model, cases, self.labels, self.patch_size, self.device,
+                                        self.amp_dtype, step=self.step)
         self.final_val = rec
         self.metrics.append(rec)
         return rec
@@ -263,10 +266,32 @@ class Trainer:
                      if rec.get("val_mode") == "sliding_window" and rec.get("step") == self.step), None)
 
     # -- the loop ----------------------------------------------------------------------------------
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch of ``step`` on this rank (augmented, on the training device).
+
+        A pure function of (seed, rank, step) (:class:`~s3d.finetune.loader.BatchStream`); while
+        :meth:`fit` runs, the patches come from the background prefetcher.
+
+        Example:
+            >>> x, y = trainer.batch(0)      # (B_local, C, *patch), (B_local, *patch)
+        """
+        return self.stream.batch(step, self._batches)
+
+    def _loss(self, out: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, the global batch's loss value)."""
+        if not self.info.enabled:
+            loss = self.loss_fn(out, y)
+            return loss, loss.detach()
+        import torch.distributed as dist
+
+        def sum_across(t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            return t
+
+        return self.loss_fn.global_batch(out, y, self.info.world_size, sum_across)
+
     def train_step(self) -> StepRecord:
         """One optimiser step at ``self.step`` (phase switch, lr, batch, forward, backward, clip, update)."""
-        from s3d.augment import Augment
-
         cfg = self.cfg
         index = phase_at(self.phases, self.step)
         if index != self.phase_index:
@@ -274,52 +299,57 @@ class Trainer:
         assert self.optimizer is not None
         lr = lr_at(self.phases, self.step, cfg.poly_exponent)
         set_lr(self.optimizer, lr)
-        x, y = sample_patches(self.train_cases, cfg.batch_size, self.patch_size, self.gen,
-                              cfg.foreground_fraction)
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if cfg.augment:
-            x, y = Augment()(x, self.gen, labels=y)
-        if cfg.channels_last and self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+        x, y = self.batch(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
-            out = self.model(x)
-        loss = self.loss_fn(out, y)
+            out = self.net(x)
+        loss, value = self._loss(out, y)
         backward_and_step(loss, self.optimizer, self.scaler, cfg.grad_clip)
         self.step += 1
-        return StepRecord(self.step, float(loss.detach()), lr, self.phases[index].name)
+        return StepRecord(self.step, float(value), lr, self.phases[index].name)
 
     def fit(self) -> ResEncUNet:
         """Run the schedule (from the checkpoint's step when resumed); returns the trained model.
 
-        The lr is a function of the step, so a resumed run continues exactly where the checkpoint left off.
+        The lr is a function of the step and each batch a function of (seed, rank, step), so a resumed
+        run continues exactly where the checkpoint left off. Under torchrun every rank calls this; rank 0
+        validates, logs, writes the checkpoints and the model.
         """
-        cfg = self.cfg
-        bar = progress(desc="finetune", unit="step", total=cfg.steps, initial=self.step, enabled=cfg.progress)
+        cfg, main = self.cfg, self.main
+        bar = progress(desc="finetune", unit="step", total=cfg.steps, initial=self.step,
+                       enabled=cfg.progress and main)
         t0 = time.perf_counter()
+        self._batches = PatchPrefetcher(self.stream.patches, self.step, cfg.steps, self.device,
+                                        cfg.loader_threads)
         try:
             while self.step < cfg.steps:
                 rec = self.train_step()
                 self.history.append(rec)
-                self.metrics.append({"step": rec.step, "loss": rec.loss, "lr": rec.lr, "phase": rec.phase,
-                                     "time_s": round(time.perf_counter() - t0, 3)})
+                if main:
+                    self.metrics.append({"step": rec.step, "loss": rec.loss, "lr": rec.lr, "phase": rec.phase,
+                                         "time_s": round(time.perf_counter() - t0, 3)})
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec.loss:.4f}", lr=f"{rec.lr:.2e}", phase=rec.phase)
-                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                if main and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
                     v = self.validate()
                     bar.write(f"step {self.step}: validation Dice {v['val_dice']:.4f}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
+                    barrier(self.info)
                 if self.on_step is not None:
                     self.on_step(self, rec)
         finally:
+            self._batches.close()
+            self._batches = None
             bar.close()
-        self.export(self.out / "model")
-        if cfg.final_validation and self.val_cases:
-            self.final_val = self._logged_final_validation()  # a finished run resumed: not twice
-            if self.final_val is None:
-                v = self.final_validate()
-                print(f"step {self.step}: final validation Dice (sliding window) {v['final_dice']:.4f}")
+        if main:
+            self.export(self.out / "model")
+            if cfg.final_validation and self.val_cases:
+                self.final_val = self._logged_final_validation()  # a finished run resumed: not twice
+                if self.final_val is None:
+                    v = self.final_validate()
+                    print(f"step {self.step}: final validation Dice (sliding window) {v['final_dice']:.4f}")
+        barrier(self.info)
         return self.model
 
     def export(self, directory: str | os.PathLike[str]) -> Path:
@@ -348,6 +378,9 @@ def run(config: FinetuneConfig | str | os.PathLike[str] | None = None, out_dir: 
     Returns:
         The trained model; ``out_dir/model`` holds it for ``s3d predict -m``.
 
+    Under ``torchrun`` every process calls this (``torchrun --nproc_per_node N -m s3d finetune ...``);
+    rank 0 writes the run folder, and the process group is left at the end.
+
     Example:
         >>> net = s3d.finetune.run("Dataset001_Brain", "runs/brain", pretrained="s3d-b", schedule="best",
         ...                        steps=37_500, warmup_steps=12_500)
@@ -358,4 +391,7 @@ def run(config: FinetuneConfig | str | os.PathLike[str] | None = None, out_dir: 
         if config is None or out_dir is None:
             raise TypeError("run: give a FinetuneConfig, or the dataset folder and the run folder")
         cfg = FinetuneConfig(dataset=str(config), out_dir=str(out_dir), **fields)
-    return Trainer(cfg, model=model).fit()
+    try:
+        return Trainer(cfg, model=model).fit()
+    finally:
+        cleanup()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from s3d.nn.resenc_unet import ResEncUNet, build_resenc_unet
@@ -80,6 +81,56 @@ def prepare_model(
         model.deep_supervision = deep_supervision
     model.transfer_report = report  # type: ignore[attr-defined]
     return model.train()
+
+
+def run_model(cfg: Any, transfer: str, ds: Any, device: torch.device, state: dict[str, Any] | None = None,
+              given: ResEncUNet | None = None, announce: bool = True) -> ResEncUNet:
+    """The network of a fine-tuning run, on ``device`` in train mode.
+
+    From the checkpoint ``state`` (resume), else ``given``, else :func:`prepare_model` from
+    ``cfg.pretrained`` with the weights ``transfer`` says (``cfg.strategy`` wins over the schedule's;
+    ``"none"``: from scratch), fresh weights seeded by ``cfg.seed``.
+
+    Args:
+        cfg: the :class:`~s3d.finetune.FinetuneConfig`.
+        transfer: the schedule's transfer (``"all"``, ``"encoder"``, ``"none"``).
+        ds: the dataset (``num_channels``, ``num_classes``).
+        device: where the model goes.
+        state: a checkpoint to resume from.
+        given: a network to use instead.
+        announce: print when a transferring schedule has no ``--pretrained`` (rank 0 only).
+
+    Raises:
+        ValueError: the model's channels or classes do not fit the dataset.
+
+    Example:
+        >>> net = run_model(cfg, "all", read_dataset_json(cfg.dataset), torch.device("cpu"))
+    """
+    if state is not None:
+        from s3d.nn.config import ResEncUNetConfig
+
+        model = build_resenc_unet(ResEncUNetConfig.from_json(state["model_config"]))
+        model.load_state_dict(state["model"])
+    elif given is not None:
+        model = given
+    else:
+        transfer = cfg.strategy or transfer
+        source = None if transfer == "none" else cfg.pretrained
+        if transfer != "none" and cfg.pretrained is None and announce:
+            print(f"schedule {cfg.schedule!r} transfers weights but no --pretrained was given: training from scratch")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # fresh weights (scratch, new head/decoder/stem) follow the seed
+            model = prepare_model(source, in_channels=ds.num_channels, num_classes=ds.num_classes,
+                                  strategy="all" if transfer == "none" else transfer,  # type: ignore[arg-type]
+                                  stem=cfg.stem, config=cfg.config)
+    if model.config.in_channels != ds.num_channels or model.config.num_classes != ds.num_classes:
+        raise ValueError(f"model has {model.config.in_channels} input channel(s) and {model.config.num_classes} "
+                         f"classes; the dataset needs {ds.num_channels} and {ds.num_classes}")
+    model.deep_supervision = cfg.deep_supervision
+    model.to(device).train()
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last_3d)
+    return model
 
 
 def encoder_parameters(model: ResEncUNet) -> list[nn.Parameter]:

@@ -16,9 +16,11 @@ Example:
 """
 
 from s3d.data.nnunet.cache import (
+    CACHE_DIR_ENV,
     CACHE_DIR_NAME,
     MAX_LOCATIONS_PER_LABEL,
     cache_dir_for,
+    cache_root,
     cached_cases,
     load_cached_case,
     preprocess_dataset,
@@ -33,12 +35,14 @@ from s3d.data.nnunet.preprocessing import (
 
 __all__ = [
     "AFFINE_ATOL_MM",
+    "CACHE_DIR_ENV",
     "CACHE_DIR_NAME",
     "MAX_LOCATIONS_PER_LABEL",
     "DatasetError",
     "NnUNetDataset",
     "PreprocessingSpec",
     "cache_dir_for",
+    "cache_root",
     "cached_cases",
     "load_cached_case",
     "preprocess_case",

@@ -2,13 +2,20 @@
 
 :func:`preprocess_dataset` caches every case as ``.npy`` arrays plus a properties JSON (atomic
 writes), so a second run reads the cache instead of redoing the work.
+
+The cache can live outside the dataset (a read-only dataset, a faster disk): pass ``cache_dir`` or
+set the environment variable ``S3D_CACHE_DIR``; the cases then go to
+``CACHE_DIR/<dataset folder name>-<hash of its absolute path>/<spec-hash>/``, so two datasets of the
+same name do not share a cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,8 @@ from s3d.data.nnunet.dataset import NnUNetDataset
 from s3d.data.nnunet.preprocessing import PreprocessingSpec, preprocess_training_case
 
 CACHE_DIR_NAME = ".s3d_cache"
+#: environment variable naming a folder for the caches of all datasets (``--cache-dir`` wins over it)
+CACHE_DIR_ENV = "S3D_CACHE_DIR"
 #: Foreground voxel coordinates kept per label in the cache (for foreground oversampling).
 MAX_LOCATIONS_PER_LABEL = 10_000
 
@@ -42,23 +51,72 @@ def _foreground_locations(seg: np.ndarray, seed: int = 1234) -> np.ndarray:
     return (np.concatenate(rows) if rows else np.zeros((0, 4))).astype(np.int32)
 
 
-def cache_dir_for(root: str | os.PathLike[str], spec: PreprocessingSpec) -> Path:
-    """``root/.s3d_cache/<spec hash>``: where :func:`preprocess_dataset` puts its arrays."""
-    return Path(root) / CACHE_DIR_NAME / spec.cache_key()
+def cache_root(root: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding a dataset's caches (one sub-folder per preprocessing).
+
+    ``root/.s3d_cache`` unless ``cache_dir`` (or else ``$S3D_CACHE_DIR``) names another place, then
+    ``cache_dir/<dataset folder name>-<8 hex digits of the absolute dataset path's sha256>``.
+
+    Example:
+        >>> cache_root("data/Dataset001_Brain", "/scratch/cache")
+        PosixPath('/scratch/cache/Dataset001_Brain-3f2a9c1e')
+    """
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_DIR_ENV) or None
+    if cache_dir is None:
+        return Path(root) / CACHE_DIR_NAME
+    absolute = Path(root).resolve()
+    return Path(cache_dir) / f"{absolute.name}-{hashlib.sha256(str(absolute).encode()).hexdigest()[:8]}"
+
+
+def cache_dir_for(root: str | os.PathLike[str], spec: PreprocessingSpec,
+                  cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_root(root, cache_dir)/<spec hash>``: where :func:`preprocess_dataset` puts its arrays."""
+    return cache_root(root, cache_dir) / spec.cache_key()
+
+
+@contextlib.contextmanager
+def _writing(ds: NnUNetDataset, out: Path, cache_dir: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Turn a failed cache write into one line naming the folder and what to do."""
+    try:
+        yield
+    except OSError as e:
+        why = e.strerror or str(e)
+        if cache_dir is None and not os.environ.get(CACHE_DIR_ENV):
+            msg = (f"{ds.root}: cannot write the preprocessing cache {out} ({why}); for a read-only dataset "
+                   f"pass --cache-dir DIR (or set {CACHE_DIR_ENV}=DIR) to keep the cache elsewhere")
+        else:
+            msg = (f"{out}: cannot write the preprocessing cache ({why}); choose a writable --cache-dir "
+                   f"(or {CACHE_DIR_ENV}) with free space")
+        raise OSError(msg) from e
 
 
 def preprocess_dataset(
-    ds: NnUNetDataset, spec: PreprocessingSpec, cases: Sequence[str] | None = None, progress: bool = True
+    ds: NnUNetDataset, spec: PreprocessingSpec, cases: Sequence[str] | None = None, progress: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Preprocess every case once into the cache; cases already there are skipped.
 
     A case is redone when its source files changed (size or modification time).
     Per case: ``{case}_data.npy`` (C, D, H, W) float32, ``{case}_seg.npy`` (D, H, W) int16,
     ``{case}_locs.npy`` (N, 4) foreground locations, then ``{case}.json`` (properties) written
-    last, all atomically: a case counts as cached only when its JSON exists.
+    last, all atomically: a case counts as cached only when its JSON exists. A complete cache is only
+    read (a read-only dataset with its cache works).
+
+    Args:
+        ds: the validated dataset.
+        spec: the preprocessing.
+        cases: only these cases (default all).
+        progress: show a progress bar.
+        cache_dir: keep the cache here instead of in the dataset (default ``$S3D_CACHE_DIR``, else
+            ``DATASET/.s3d_cache``; see :func:`cache_root`).
 
     Returns:
         The cache folder (:func:`cache_dir_for`).
+
+    Raises:
+        OSError: the cache cannot be written (read-only dataset, full disk); one line naming the
+            folder and ``--cache-dir``.
 
     Example:
         >>> cache = preprocess_dataset(validate_dataset("Dataset001_Brain"), spec)
@@ -66,19 +124,21 @@ def preprocess_dataset(
     """
     from tqdm.auto import tqdm
 
-    out = cache_dir_for(ds.root, spec)
-    out.mkdir(parents=True, exist_ok=True)
-    spec_path = out / "spec.json"
-    if not spec_path.exists():
-        write_json_atomic(spec_path, spec.to_dict())
+    out = cache_dir_for(ds.root, spec, cache_dir)
     todo = [c for c in (ds.cases if cases is None else cases) if not _is_cached(out, ds, c)]
+    spec_path = out / "spec.json"
+    with _writing(ds, out, cache_dir):
+        out.mkdir(parents=True, exist_ok=True)
+        if not spec_path.exists():
+            write_json_atomic(spec_path, spec.to_dict())
     for case in tqdm(todo, desc="preprocess", disable=not progress or not todo, unit="case"):
         data, seg, props = preprocess_training_case(ds.image_paths(case), ds.label_path(case), spec)
         props["source_stat"] = _source_stat(ds, case)
-        _save_npy(out / f"{case}_data.npy", data)
-        _save_npy(out / f"{case}_seg.npy", seg)
-        _save_npy(out / f"{case}_locs.npy", _foreground_locations(seg))
-        write_json_atomic(out / f"{case}.json", props)
+        with _writing(ds, out, cache_dir):
+            _save_npy(out / f"{case}_data.npy", data)
+            _save_npy(out / f"{case}_seg.npy", seg)
+            _save_npy(out / f"{case}_locs.npy", _foreground_locations(seg))
+            write_json_atomic(out / f"{case}.json", props)
     return out
 
 
@@ -97,9 +157,10 @@ def _is_cached(cache: Path, ds: NnUNetDataset, case: str) -> bool:
         return False
 
 
-def cached_cases(ds: NnUNetDataset, spec: PreprocessingSpec) -> list[str]:
+def cached_cases(ds: NnUNetDataset, spec: PreprocessingSpec,
+                 cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """Cases of ``ds`` whose cache entry for ``spec`` exists and matches the current source files."""
-    cache = cache_dir_for(ds.root, spec)
+    cache = cache_dir_for(ds.root, spec, cache_dir)
     return [c for c in ds.cases if _is_cached(cache, ds, c)] if cache.is_dir() else []
 
 

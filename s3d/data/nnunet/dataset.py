@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from s3d.data.io import read_header, read_nifti
+from s3d.data.preprocess import shape_for_spacing
 
 #: Affines of image channels and label may differ by this much (mm) and still count as equal.
 AFFINE_ATOL_MM = 1e-3
@@ -46,6 +47,8 @@ class NnUNetDataset:
         num_training: ``numTraining`` from dataset.json.
         file_ending: e.g. ``".nii.gz"``.
         cases: case identifiers found in ``labelsTr`` (sorted).
+        shapes: voxel shape of each case's label map (filled by :func:`validate_dataset`).
+        spacings_mm: voxel spacing of each case's label map, mm (filled by :func:`validate_dataset`).
     """
 
     root: Path
@@ -54,6 +57,8 @@ class NnUNetDataset:
     num_training: int
     file_ending: str
     cases: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    spacings_mm: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
     @property
     def num_channels(self) -> int:
@@ -136,21 +141,33 @@ def read_dataset_json(root: str | os.PathLike[str]) -> NnUNetDataset:
 
 
 def validate_dataset(
-    root: str | os.PathLike[str], check_voxels: bool = True, skip_voxels_for: Collection[str] = ()
+    root: str | os.PathLike[str], check_voxels: bool = True, skip_voxels_for: Collection[str] = (), *,
+    target_spacing_mm: Sequence[float] | None = None, min_shape: Sequence[int] | None = None,
 ) -> NnUNetDataset:
     """Check a dataset and raise one :class:`DatasetError` listing every problem with its file.
 
     Checks: dataset.json; ``labelsTr``/``imagesTr`` exist; ``numTraining`` equals the number of
-    label files; every case has all channel files; images without a label; channel/label shapes
-    and affines agree (within 1e-3 mm); with ``check_voxels``, label values are in ``labels`` and
-    images hold no NaN/inf (reading every voxel, except for the cases in ``skip_voxels_for``, e.g.
-    those already preprocessed into the cache).
+    label files; every case has all channel files; images without a label; every file is a 3D
+    volume (not 2D, not 1 voxel thick along an axis); channel/label shapes and affines agree (within
+    1e-3 mm); with ``min_shape`` and ``target_spacing_mm``, every case resampled to the target spacing
+    (shape computed from the header, no voxel read) has at least ``min_shape`` voxels per axis (e.g.
+    the network's total stride); with ``check_voxels``, label values are in ``labels`` and images
+    hold no NaN/inf (reading every voxel, except for the cases in ``skip_voxels_for``, e.g. those
+    already preprocessed into the cache).
+
+    Args:
+        root: the dataset folder.
+        check_voxels: read voxels (label values, NaN/inf).
+        skip_voxels_for: cases whose voxels need no reading.
+        target_spacing_mm: the spacing (mm) the cases will be resampled to (with ``min_shape``).
+        min_shape: fewest voxels per axis (D, H, W) after resampling.
 
     Returns:
-        The dataset (as :func:`read_dataset_json`) when there is no problem.
+        The dataset (as :func:`read_dataset_json`, with ``shapes`` and ``spacings_mm`` filled) when
+        there is no problem.
 
     Example:
-        >>> ds = validate_dataset("Dataset001_Brain")   # raises DatasetError listing all problems
+        >>> ds = validate_dataset("Dataset001_Brain", target_spacing_mm=(1, 1, 1), min_shape=(32, 32, 32))
     """
     ds = read_dataset_json(root)
     root = ds.root
@@ -177,20 +194,52 @@ def validate_dataset(
             problems.append(f"{p}: channel {int(idx)} but dataset.json lists {ds.num_channels} channel(s)")
     allowed = set(ds.labels.values())
     skip = set(skip_voxels_for)
+    size_rule = None
+    if min_shape is not None and target_spacing_mm is not None:
+        size_rule = (tuple(float(t) for t in target_spacing_mm), tuple(int(m) for m in min_shape))
     for case in ds.cases:
-        problems.extend(_case_problems(ds, case, allowed, check_voxels and case not in skip))
+        problems.extend(_case_problems(ds, case, allowed, check_voxels and case not in skip, size_rule))
     if problems:
         raise DatasetError(root, problems)
     return ds
 
 
-def _case_problems(ds: NnUNetDataset, case: str, allowed: set[int], check_voxels: bool) -> list[str]:
+def _shape_problems(path: os.PathLike[str], shape: tuple[int, ...], spacing: Sequence[float],
+                    size_rule: tuple[tuple[float, ...], tuple[int, ...]] | None) -> list[str]:
+    """A file that is not a 3D volume, or too small for the network after resampling."""
+    if len(shape) != 3:
+        return [f"{path}: shape {shape} is {len(shape)}D; s3d finetune trains 3D networks on 3D volumes "
+                "(one 3D file per channel)"]
+    thin = [a for a, n in enumerate(shape) if n == 1]
+    if thin:
+        return [f"{path}: shape {shape} is 1 voxel thick along axis {thin[0]} (D, H, W): a 2D slice, not a "
+                "3D volume; s3d finetune needs at least 2 voxels along every axis"]
+    if size_rule is None:
+        return []
+    target, need = size_rule
+    new = shape_for_spacing(shape, spacing, target)
+    small = [a for a in range(3) if new[a] < need[a]]
+    if not small:
+        return []
+    a = small[0]
+    return [f"{path}: {shape} voxels at {tuple(round(s, 4) for s in spacing)} mm become {new} at the target "
+            f"spacing {target} mm, {new[a]} < {need[a]} voxels along axis {a} (the network's total stride); "
+            "use a finer --spacing or leave the case out"]
+
+
+def _case_problems(ds: NnUNetDataset, case: str, allowed: set[int], check_voxels: bool,
+                   size_rule: tuple[tuple[float, ...], tuple[int, ...]] | None = None) -> list[str]:
     problems = []
     lab_path = ds.label_path(case)
     try:
         lab = read_header(lab_path)
     except (OSError, ValueError) as e:
         return [str(e)]
+    shape_problems = _shape_problems(lab_path, lab.shape, lab.spacing_mm, size_rule)
+    if shape_problems:
+        return shape_problems  # the rest (voxels, channel agreement) cannot be trained on anyway
+    ds.shapes[case] = tuple(lab.shape)
+    ds.spacings_mm[case] = lab.spacing_mm
     for p in ds.image_paths(case):
         if not p.is_file():
             problems.append(f"{p}: missing channel file of case {case!r}")
