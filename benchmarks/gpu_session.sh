@@ -11,8 +11,8 @@
 #   OUT=/tmp/g DEVICE=cpu QUICK=1 bash benchmarks/gpu_session.sh   # dry run of the script itself
 #
 # Budget (seconds, upper limits, not measurements): tests 90, forward 60, pretrain_step 90,
-# pretrain_compile 90, sparse_engine 60, predict 45, dataloader 30, finetune 60, demo 120 => at most 645 s
-# (more than one 600 s device call if every step ran to its limit).
+# pretrain_compile 75, sparse_engine 60, predict 45, dataloader 30, finetune 60, demo 70 => at most 580 s,
+# inside one 600 s device call.
 set -u
 OUT="${OUT:-gpu_results}"
 DEVICE="${DEVICE:-cuda}"
@@ -47,7 +47,7 @@ if [ "$QUICK" = "1" ]; then  # tiny sizes: checks that every step still starts a
     FT="--config tiny --patch 32 --batch 2 --loader-steps 4 --repeats 2 --threads 1"
 else
     L=resenc_l; S=160; P=160; B=6; R=5; CASES=""; PRED="--config resenc_l --size 320 --patch 160 --amp bf16"
-    DEMO="--minutes 1.5"; BLOCK=""; FWD="fp32,channels_last,bf16,fp16"; PRE="fp32,bf16,fp16,channels_last"
+    DEMO="--minutes 1"; BLOCK=""; FWD="fp32,channels_last,bf16,fp16"; PRE="fp32,bf16,fp16,channels_last"
     LOADER="--batches 20 --workers 8"
     FT="--config resenc_l --patch 160 --batch 2 --case-shape 192 224 192 --threads 4 --repeats 4"
 fi
@@ -64,7 +64,7 @@ step pretrain_step 90 "$PY" benchmarks/pretrain_step.py --recipe s3d-b --config 
     --batch "$B" --device "$DEVICE" --repeats "$R" --variants "$PRE"
 if [ "$DEVICE" = "cuda" ]; then  # compiling takes minutes on a CPU; on the GPU it gets its own limit
     # shellcheck disable=SC2086
-    step pretrain_compile 90 "$PY" benchmarks/pretrain_step.py --recipe s3d-b --config "$L" --patch "$P" $BLOCK \
+    step pretrain_compile 75 "$PY" benchmarks/pretrain_step.py --recipe s3d-b --config "$L" --patch "$P" $BLOCK \
         --batch "$B" --device "$DEVICE" --repeats "$R" --variants fp32,compile
 fi
 if [ -n "$CASES" ]; then
@@ -82,7 +82,7 @@ step finetune 60 "$PY" benchmarks/finetune_data.py $FT --device "$DEVICE"
 if "$PY" -c "import nibabel" 2> /dev/null; then
     # the demo end to end on the GPU (--minutes sizes the runs; the report lands in $OUT/demo)
     # shellcheck disable=SC2086
-    step demo 120 "$PY" -m s3d demo $DEMO --out "$OUT/demo" --no-progress --device "$DEVICE"
+    step demo 70 "$PY" -m s3d demo $DEMO --out "$OUT/demo" --no-progress --device "$DEVICE"
 else
     echo "demo skipped: nibabel is not installed" | tee -a "$OUT/status.txt"
 fi

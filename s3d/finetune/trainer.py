@@ -212,14 +212,6 @@ class Trainer:
         assert self.optimizer is not None
         if not self.main:
             return
-        try:
-            self._save_checkpoint()
-        except RuntimeError as e:  # torch.save reports a failed write (full disk, file size limit) this way
-            raise OSError(f"cannot write checkpoint {self.checkpoint_path} ({' '.join(str(e).split())}): free disk "
-                          f"space or make {self.out} writable (the previous checkpoint is kept)") from e
-
-    def _save_checkpoint(self) -> None:
-        assert self.optimizer is not None
         save_checkpoint(self.out, {
             "step": self.step,
             "optimizer_phase": self.phase_index,

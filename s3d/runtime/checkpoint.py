@@ -82,9 +82,10 @@ def save_checkpoint(run_dir: str | os.PathLike[str], state: dict[str, Any], *, j
             torch.save(payload, tmp)
             if latest.exists():  # keep the last good one; the new one is complete before the rename
                 os.replace(latest, previous)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write checkpoint {latest}: {e.strerror or e}; free disk space or make "
-                               f"{run_dir} writable (the previous checkpoint is kept)") from e
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (full disk, size limit) as RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+        raise OSError(getattr(e, "errno", None), f"cannot write checkpoint {latest} ({reason}): free disk space "
+                      f"or make {run_dir} writable (the previous checkpoint is kept)") from e
     return latest
 
 
