@@ -143,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data)
     prepared = data if (data / MANIFEST_NAME).is_file() else None
     if prepared is None:
+        from s3d.data.scan.manifest import read_manifest, shard_manifests
+
+        if shard_manifests(data) and not args.shard:
+            read_manifest(data)  # a sharded preparation not merged yet: raises with what to do
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print(f"error: {data} is not a prepared directory; under torchrun, prepare it first with "
                   f"`s3d pretrain --data {data} --out PREP --prepare-only`", file=sys.stderr)

@@ -88,6 +88,13 @@ class _VolumeCache:
         return vol
 
 
+def _damaged(path: str, e: Exception) -> ValueError:
+    """The error for a stored volume that cannot be read: names the file and how to redo it."""
+    text = str(e) if str(path) in str(e) else f"{path}: {type(e).__name__}: {e}"
+    return ValueError(f"{text}; the prepared volume is damaged: delete it (and its .json) and run "
+                      f"`s3d pretrain --prepare-only` on the raw data again to redo it")
+
+
 class RandomCropDataset(Dataset):
     """Index ``i`` -> a random (C, *patch_size) float32 crop of a uniformly drawn image.
 
@@ -118,12 +125,19 @@ class RandomCropDataset(Dataset):
         """(file index, crop corner) of stream position ``index``."""
         rng = np.random.default_rng([self.seed, self.rank, int(index)])
         k = int(rng.integers(len(self.files)))
-        shape = self._cache(self.files[k]).shape[1:]
+        try:
+            shape = self._cache(self.files[k]).shape[1:]
+        except Exception as e:
+            raise _damaged(self.files[k], e) from e
         return k, random_crop_start(shape, self.patch_size, rng)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         k, start = self.locate(index)
-        return torch.from_numpy(read_crop(self._cache(self.files[k]), start, self.patch_size))
+        try:
+            crop = read_crop(self._cache(self.files[k]), start, self.patch_size)
+        except Exception as e:
+            raise _damaged(self.files[k], e) from e
+        return torch.from_numpy(crop)
 
 
 class CenterCropDataset(Dataset):
@@ -189,6 +203,20 @@ def build_pretrain_loader(
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, **kwargs)
 
 
+def _from_worker(e: Exception) -> Exception:
+    """A DataLoader worker's exception re-raised by torch carries the worker's traceback in its text;
+    keep the original message only (a user error is one line)."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = text.strip().splitlines()[-1]
+    msg = last.split(": ", 1)[1] if ": " in last else last
+    try:
+        return type(e)(msg)
+    except Exception:  # noqa: BLE001 - an exception type with another signature
+        return RuntimeError(msg)
+
+
 def _ready_batches(it: Any) -> int | None:
     """Batches a multi-process DataLoader iterator holds ready (received, or waiting in its result
     queue) when the next one is asked for; ``None`` where that cannot be seen (no workers)."""
@@ -226,6 +254,8 @@ class LoaderStats:
                 batch = next(it)
             except StopIteration:
                 return
+            except Exception as e:
+                raise _from_worker(e) from None
             self._wait += time.perf_counter() - t
             if depth is not None:
                 self._depth, self._asked = self._depth + depth, self._asked + 1
