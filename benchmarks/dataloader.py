@@ -14,9 +14,9 @@ background, z-scored, 1 x 192 x 224 x 192 float32 by default), with ONE thread e
 2. **data path, one core each, same interpolation order (trilinear), same run**: s3d = crop read
    (``RandomCropDataset``) + ``s3d.augment.Augment(AugmentConfig.pretraining())`` on the CPU, vs
    batchgenerators = the same crop read + ``SpatialTransform`` (order 1, the paper's probabilities)
-   + ``MirrorTransform`` (``SingleThreadedAugmenter``). Rounds alternate between the pipelines so
-   that load from other jobs hits both alike; the median of the per-round rates is reported and
-   the ratio printed.
+   + ``MirrorTransform`` (``SingleThreadedAugmenter``). The pipelines take turns batch by batch so
+   that load from other jobs hits them alike; rates are crops over the summed time of each, the
+   ratio is printed with its per-round spread.
 3. **profile** of s3d's per-crop time: read, float16 -> float32 conversion, augmentation parameters,
    sampling grid, ``grid_sample``, mirroring, and the expected augmentation cost per crop.
 4. **node extrapolation**: DataLoader workers a 16-core node needs for 24 crops/s (ResEnc-L,
@@ -151,13 +151,12 @@ def bench_stores(vols: list[np.ndarray], tmp: Path, patch: int, reads: int) -> l
 
 
 # ---- 2. data path ------------------------------------------------------------------------------------
-def _s3d_round(ds: RandomCropDataset, aug: Augment, batch: int, batches: int, first: int) -> float:
+def _s3d_batch(ds: RandomCropDataset, aug: Augment, batch: int, first: int) -> float:
+    """Seconds for one batch: read ``batch`` crops, augment them on the CPU."""
     t = time.perf_counter()
-    for b in range(batches):
-        idx = first + b * batch
-        x = torch.stack([ds[idx + j] for j in range(batch)])
-        aug(x, torch.Generator().manual_seed(idx))
-    return batches * batch / (time.perf_counter() - t)
+    x = torch.stack([ds[first + j] for j in range(batch)])
+    aug(x, torch.Generator().manual_seed(first))
+    return time.perf_counter() - t
 
 
 def _bg_pipeline(files: list[str], patch: int, batch: int, order: int):
@@ -192,39 +191,44 @@ def _bg_pipeline(files: list[str], patch: int, batch: int, order: int):
     return SingleThreadedAugmenter(CropLoader(), transform)
 
 
-def _bg_round(gen, batches: int, batch: int) -> float:
-    t = time.perf_counter()
-    for _ in range(batches):
-        next(gen)
-    return batches * batch / (time.perf_counter() - t)
-
-
 def bench_data_path(files: dict[str, list[str]], patch: int, batch: int, batches: int, rounds: int,
                     order: int) -> dict:
-    """crops/s on one core: s3d (each store) and batchgenerators (default store), alternating rounds."""
+    """crops/s on one core: s3d (each store) and batchgenerators (default store). The pipelines take turns
+    batch by batch, so that load from other jobs hits them alike; rates are crops over summed time."""
     aug = Augment(AugmentConfig.pretraining())
     np.random.seed(0)  # batchgenerators draws from NumPy's global generator
     gen = _bg_pipeline(files["b2nd"], patch, batch, order)
-    rates: dict[str, list[float]] = {f"s3d {k}": [] for k in files}
-    if gen is not None:
-        rates["batchgenerators b2nd"] = []
-        next(gen)
     dss = {k: RandomCropDataset(v, (patch,) * 3, seed=1) for k, v in files.items()}
+    names = [f"s3d {k}" for k in files] + (["batchgenerators b2nd"] if gen is not None else [])
     for k in files:
-        _s3d_round(dss[k], aug, batch, 1, 10**6)  # warm-up (opens the volumes)
-    for r in range(rounds):
-        for k in files:
-            rates[f"s3d {k}"].append(_s3d_round(dss[k], aug, batch, batches, r * batches * batch))
-        if gen is not None:
-            rates["batchgenerators b2nd"].append(_bg_round(gen, batches, batch))
-        print("round", r, json.dumps({k: round(v[-1], 2) for k, v in rates.items()}), flush=True)
-    out = {k: {"crops_per_s": float(np.median(v)), "rounds": v} for k, v in rates.items()}
+        _s3d_batch(dss[k], aug, batch, 10**6)  # warm-up (opens the volumes)
     if gen is not None:
-        for k in files:
-            out[f"ratio s3d {k} / batchgenerators"] = out[f"s3d {k}"]["crops_per_s"] / \
-                out["batchgenerators b2nd"]["crops_per_s"]
-    else:
+        next(gen)
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    total = {n: 0.0 for n in names}
+    for r in range(rounds):
+        spent = {n: 0.0 for n in names}
+        for b in range(batches):
+            first = (r * batches + b) * batch
+            for k in files:
+                spent[f"s3d {k}"] += _s3d_batch(dss[k], aug, batch, first)
+            if gen is not None:
+                t = time.perf_counter()
+                next(gen)
+                spent["batchgenerators b2nd"] += time.perf_counter() - t
+        for n in names:
+            per_round[n].append(batches * batch / spent[n])
+            total[n] += spent[n]
+        print("round", r, json.dumps({n: round(v[-1], 2) for n, v in per_round.items()}), flush=True)
+    out: dict = {n: {"crops_per_s": rounds * batches * batch / total[n], "rounds": per_round[n]} for n in names}
+    if gen is None:
         out["batchgenerators"] = "not installed (pip install batchgenerators)"
+        return out
+    bg = "batchgenerators b2nd"
+    for k in files:
+        out[f"ratio s3d {k} / batchgenerators"] = out[f"s3d {k}"]["crops_per_s"] / out[bg]["crops_per_s"]
+        out[f"ratio s3d {k} / batchgenerators per round"] = [a / b for a, b in zip(per_round[f"s3d {k}"],
+                                                                                    per_round[bg], strict=True)]
     return out
 
 
@@ -287,18 +291,20 @@ def bench_workers(files: list[str], patch: int, batch: int, batches: int, worker
     return n / (time.perf_counter() - t)
 
 
-def extrapolate(stores: list[dict] | None, path: dict, prof: dict, loader_rate: float | None, workers: int) -> dict:
-    """Workers a 16-core node needs for 24 crops/s, from per-worker rates (crops/s of one core)."""
-    out = {}
-    read_rate = 1000 / prof["read b2nd ms"]
-    out["b2nd read-only crops/s per worker (profile)"] = read_rate
-    out["workers for 24 crops/s, augmentation on the GPU (b2nd)"] = math.ceil(NEED_CROPS_PER_S / read_rate)
-    cpu_rate = path["s3d b2nd"]["crops_per_s"]
-    out["workers for 24 crops/s, augmentation on the CPU workers (b2nd)"] = math.ceil(NEED_CROPS_PER_S / cpu_rate)
+def extrapolate(path: dict, prof: dict, loader_rate: float | None, workers: int) -> dict:
+    """Workers a 16-core node needs for 24 crops/s: ``ceil(24 / r)`` for a per-worker rate ``r`` (crops/s
+    of one worker on one core), from three rates measured here: the bare crop read (best of 3), the
+    DataLoader's rate per worker (read + collate + hand-over to the main process, on this shared
+    machine), and the whole data path on one core (read + augmentation on the CPU, for a node without
+    a GPU doing the augmentation)."""
+    out: dict = {"need crops/s": NEED_CROPS_PER_S, "node cores": NODE_CORES}
+    rates = {"bare b2nd read": 1000 / prof["read b2nd ms"]}
     if loader_rate is not None:
-        out[f"DataLoader {workers} workers, read only, crops/s (measured)"] = loader_rate
-        out[f"scaling efficiency of {workers} workers vs 1"] = loader_rate / (workers * read_rate)
-    out["node cores"] = NODE_CORES
+        rates[f"DataLoader b2nd per worker ({workers} workers)"] = loader_rate / workers
+    rates["read + augmentation on the CPU (b2nd)"] = path["s3d b2nd"]["crops_per_s"]
+    for name, r in rates.items():
+        out[f"{name}: crops/s per worker"] = r
+        out[f"{name}: workers for 24 crops/s"] = math.ceil(NEED_CROPS_PER_S / r)
     return out
 
 
@@ -331,7 +337,7 @@ def main() -> None:
         print("profile", json.dumps({k: round(v, 3) for k, v in prof.items()}), flush=True)
         rate = bench_workers(files["b2nd"], args.patch, args.batch, 4 * args.batches, args.workers) \
             if args.workers > 0 else None
-        res["node"] = extrapolate(res.get("stores"), path, prof, rate, args.workers)
+        res["node"] = extrapolate(path, prof, rate, args.workers)
         print("node", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res["node"].items()}))
     res["load_avg_end"] = os.getloadavg()
     if "batchgenerators b2nd" in path:
@@ -339,7 +345,8 @@ def main() -> None:
             print(f"data path, one thread each, trilinear, same run: s3d ({k} store) "
                   f"{path[f's3d {k}']['crops_per_s']:.2f} crops/s vs batchgenerators "
                   f"{path['batchgenerators b2nd']['crops_per_s']:.2f} crops/s: "
-                  f"ratio {path[f'ratio s3d {k} / batchgenerators']:.2f}x")
+                  f"ratio {path[f'ratio s3d {k} / batchgenerators']:.2f}x (per round: "
+                  f"{', '.join(f'{r:.2f}' for r in path[f'ratio s3d {k} / batchgenerators per round'])})")
     if args.json:
         write_json_atomic(args.json, res)
 
