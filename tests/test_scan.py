@@ -128,6 +128,35 @@ def test_csv_source_with_modality_column(raw_folder: Path, tmp_path: Path) -> No
     assert entries["B"].status == "ok"
 
 
+def test_list_file_paths_are_relative_to_the_list_folder(raw_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    from s3d.data.scan import list_source
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "raw").symlink_to(raw_folder)
+    listing = lists / "files.txt"
+    listing.write_text("# relative to this file's folder\nraw/sub-01/anat/sub-01_T1w.nii.gz\n"
+                       f"../lists/raw/sub-02/anat/sub-02_T2w.nii.gz\n{raw_folder / 'bad/thick_T1w.nii.gz'}\n"
+                       "raw/sub-09/missing_T1w.nii.gz\n")
+    monkeypatch.chdir(raw_folder / "bad")  # the working directory plays no part
+    rows = list_source(listing)
+    assert [r["path"] for r in rows] == [str(lists / "raw/sub-01/anat/sub-01_T1w.nii.gz"),
+                                         str(lists / "raw/sub-02/anat/sub-02_T2w.nii.gz"),
+                                         str(raw_folder / "bad/thick_T1w.nii.gz"),
+                                         str(lists / "raw/sub-09/missing_T1w.nii.gz")]
+    assert [r["dataset"] for r in rows] == ["raw", "raw", ".", "raw"]
+    entries = scan(listing, SMALL)
+    assert entries[0].case_id == "raw__sub-01__anat__sub-01_T1w" and entries[0].status == "ok"
+    assert entries[2].case_id.endswith("bad__thick_T1w") and entries[2].rule == "spacing"
+    assert (entries[3].status, entries[3].rule) == ("failed", "missing")
+    csv_path = lists / "files.csv"  # a CSV 'dataset' column wins
+    csv_path.write_text("path,dataset\nraw/sub-01/anat/sub-01_T1w.nii.gz,OpenNeuro-1\n")
+    assert list_source(csv_path)[0]["dataset"] == "OpenNeuro-1"
+    listing.write_text("sub-01/anat/sub-01_T1w.nii.gz\n")  # relative to the CWD: not found from the list
+    with pytest.raises(ValueError, match="none of its 1 path.*resolved against the list file's folder"):
+        list_source(listing)
+
+
 def test_check_header_paper_thresholds() -> None:
     f = ScanFilters()
     assert check_header((50, 100, 100), (1.0, 1.0, 1.0), f) == ""

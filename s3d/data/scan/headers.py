@@ -173,16 +173,23 @@ def _list_file_rows(src: Path) -> list[dict[str, Any]]:
     if not rows:
         raise ValueError(f"{src}: the list holds no path (one path per line, or a CSV 'path' column)")
     base = src.parent.resolve()
+    outside = []
     for r in rows:
         p = Path(r["path"].strip()).expanduser()
-        if not p.is_absolute():
-            p = base / p
+        p = Path(os.path.normpath(p if p.is_absolute() else base / p))  # "../x" -> the folder above the list's
+        given = (r.get("dataset") or "").strip()
         try:
             rel = p.relative_to(base)
         except ValueError:
             rel = Path(*p.parts[1:])
+            if not given:
+                outside.append(r)
         r["path"], r["rel"] = str(p), str(rel)
-        r["dataset"] = (r.get("dataset") or "").strip() or _dataset_of(rel)
+        r["dataset"] = given or _dataset_of(rel)
+    if outside:  # dataset of paths outside the list's folder: the first folder under their common folder
+        common = Path(os.path.commonpath([str(Path(r["path"]).parent) for r in outside]))
+        for r in outside:
+            r["dataset"] = _dataset_of(Path(r["path"]).relative_to(common))
     if not any(Path(r["path"]).exists() for r in rows):
         shown = ", ".join(r["path"] for r in rows[:3]) + (", ..." if len(rows) > 3 else "")
         raise ValueError(f"{src}: none of its {len(rows)} path(s) exists ({shown}); relative paths in a list "
