@@ -26,6 +26,7 @@ Run::
 
     OMP_NUM_THREADS=1 python benchmarks/dataloader.py                     # everything, ~3 min on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/dataloader.py --skip-storage --rounds 2   # data path only
+    python benchmarks/dataloader.py --patch 160 --batches 20 --workers 8 --device cuda --skip-storage  # GPU path
 """
 
 from __future__ import annotations
@@ -279,6 +280,30 @@ def profile(files: dict[str, list[str]], f16_file: str, patch: int) -> dict:
     return out
 
 
+# ---- device path (augmentation on --device, as s3d pretrain does) ----------------------------------
+def bench_device_path(files: list[str], patch: int, batch: int, batches: int, workers: int, device: str) -> dict:
+    """crops/s of the training data path: DataLoader workers read crops, the batch is augmented on ``device``;
+    with ``loader_wait`` (fraction of the time spent waiting for the next batch)."""
+    from s3d.data.pretrain_dataset import LoaderStats
+
+    warm = 2
+    loader = LoaderStats(build_pretrain_loader(files, (patch,) * 3, batch, 0, batches + warm, seed=0,
+                                               workers=workers, pin_memory=device.startswith("cuda")))
+    aug = Augment(AugmentConfig.pretraining())
+    t0 = None
+    for i, x in enumerate(loader):
+        if i == warm:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            loader.take()
+            t0 = time.perf_counter()
+        y = aug(x.to(device, non_blocking=True), torch.Generator().manual_seed(i))
+        float(y.view(-1)[0])  # wait for the device
+    dt = time.perf_counter() - t0
+    return {"pipeline": f"s3d b2nd, {workers} workers, augmentation on {device}", "crops_per_s": batches * batch / dt,
+            **loader.take()}
+
+
 # ---- 4. extrapolation --------------------------------------------------------------------------------
 def bench_workers(files: list[str], patch: int, batch: int, batches: int, workers: int) -> float:
     """crops/s of a DataLoader with ``workers`` processes that only read crops (augmentation on the GPU)."""
@@ -320,6 +345,10 @@ def main() -> None:
     ap.add_argument("--order", type=int, default=1, help="batchgenerators spline order (1 = trilinear, as s3d)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for the scaling measurement")
     ap.add_argument("--skip-storage", action="store_true")
+    ap.add_argument("--device", default=None,
+                    help="also measure the training data path with the augmentation on this device (cuda, cpu); "
+                         "with a device other than cpu the per-core CPU comparison is skipped unless --cpu-path")
+    ap.add_argument("--cpu-path", action="store_true", help="run the per-core comparison with --device too")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -332,15 +361,23 @@ def main() -> None:
             res["stores"] = bench_stores(vols, tmp, args.patch, args.reads)
         files = {k: [str(save_volume(tmp / f"v{i}.{k}", v)) for i, v in enumerate(vols)] for k in ("b2nd", "npy")}
         f16 = str(save_volume(tmp / "v16.b2nd", vols[0], "float16"))
-        res["data_path"] = path = bench_data_path(files, args.patch, args.batch, args.batches, args.rounds, args.order)
-        res["profile"] = prof = profile(files, f16, args.patch)
-        print("profile", json.dumps({k: round(v, 3) for k, v in prof.items()}), flush=True)
-        rate = bench_workers(files["b2nd"], args.patch, args.batch, 4 * args.batches, args.workers) \
-            if args.workers > 0 else None
-        res["node"] = extrapolate(path, prof, rate, args.workers)
-        print("node", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res["node"].items()}))
+        if args.device is not None:
+            res["device_path"] = bench_device_path(files["b2nd"], args.patch, args.batch, args.batches,
+                                                   args.workers, args.device)
+            print("device_path", json.dumps(res["device_path"]), flush=True)
+        path = None
+        if args.device in (None, "cpu") or args.cpu_path:
+            res["data_path"] = path = bench_data_path(files, args.patch, args.batch, args.batches, args.rounds,
+                                                      args.order)
+            res["profile"] = prof = profile(files, f16, args.patch)
+            print("profile", json.dumps({k: round(v, 3) for k, v in prof.items()}), flush=True)
+            rate = bench_workers(files["b2nd"], args.patch, args.batch, 4 * args.batches, args.workers) \
+                if args.workers > 0 else None
+            res["node"] = extrapolate(path, prof, rate, args.workers)
+            print("node", json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                                      for k, v in res["node"].items()}))
     res["load_avg_end"] = os.getloadavg()
-    if "batchgenerators b2nd" in path:
+    if path is not None and "batchgenerators b2nd" in path:
         for k in ("b2nd", "npy"):
             print(f"data path, one thread each, trilinear, same run: s3d ({k} store) "
                   f"{path[f's3d {k}']['crops_per_s']:.2f} crops/s vs batchgenerators "

@@ -1,7 +1,8 @@
 """Scan and preparation throughput (files/s per worker) on a synthetic archive of many small NIfTI files.
 
-Writes ``--files`` small T1-like images (default 2,000 of 40 x 40 x 32 voxels at 1.2 x 1.2 x 1.5 mm, so
-that every one is cropped, z-scored and resampled; 5 % have a 10 mm field of view and are rejected)
+Writes ``--files`` small T1-like images (default 2,000 of 48 x 48 x 40 voxels at 1.2 x 1.2 x 1.5 mm, a
+57.6 x 57.6 x 60 mm field of view, so that every one is cropped, z-scored and resampled; 5 % have a 15 mm
+field of view and are rejected)
 in ``--datasets`` top-level folders, then measures with one thread per process:
 
 - listing (``list_source``: directory walk) and header scan (``scan``) in one process, files/s;
@@ -59,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--datasets", type=int, default=8)
-    ap.add_argument("--shape", type=int, nargs=3, default=[40, 40, 32])
+    ap.add_argument("--shape", type=int, nargs=3, default=[48, 48, 40])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--store", default="b2nd", choices=("b2nd", "npy"))
@@ -89,6 +90,9 @@ def main() -> None:
         single = prepare(raw, tmp / "one", FILTERS, workers=0, progress=False, store=args.store)
         report("prepare, 1 process", time.perf_counter() - t, len(single["entries"]))
         res["counts"] = single["counts"]
+        print("counts", json.dumps(single["counts"]), flush=True)
+        if single["counts"]["ok"] < 0.9 * args.files:
+            raise SystemExit(f"only {single['counts']['ok']} of {args.files} files accepted: fix --shape")
         if args.workers > 0:
             t = time.perf_counter()
             prepare(raw, tmp / "pool", FILTERS, workers=args.workers, progress=False, store=args.store)
