@@ -105,7 +105,7 @@ def test_torchrun_two_processes_then_single_process_resume(prepared: Path, tmp_p
 
 
 def test_crop_stream_is_a_function_of_the_index(prepared: Path) -> None:
-    files = sorted(str(p) for p in (prepared / "cases").glob("*.npy"))
+    files = sorted(str(p) for p in (prepared / "cases").glob("*.b2nd"))  # the default store
     ds = RandomCropDataset(files, (32, 32, 32), seed=7)
     a = torch.stack([ds[i] for i in range(6, 12)])
     loader = build_pretrain_loader(files, (32, 32, 32), batch_size=3, start_step=2, stop_step=4, seed=7,

@@ -54,16 +54,16 @@ def raw_folder(tmp_path_factory) -> Path:
     return root
 
 
-EXPECTED_REASONS = {
-    "bad__tinyfov_T1w": ("rejected", "field of view 10.0 mm < 30.0 mm on axis 2"),
-    "bad__thick_T1w": ("rejected", "spacing 8 mm > 6.5 mm on axis 2"),
-    "bad__fourd_T1w": ("rejected", "4D image with 3 volumes"),
-    "bad__nan_T1w": ("rejected", "NaN or inf"),
-    "bad__const_T1w": ("rejected", "constant"),
-    "bad__sub-09_bold": ("rejected", "modality 'bold' not in the allow-list"),
-    "bad__trunc_T1w": ("failed", "cannot read voxel data"),
-    "bad__notes_T1w.txt": ("rejected", "not a NIfTI file"),
-    "bad__brain_T1w.mha": ("rejected", "not a NIfTI file"),
+EXPECTED_REASONS = {  # case id: (status, rule, reason)
+    "bad__tinyfov_T1w": ("rejected", "fov", "field of view 10.0 mm < 30.0 mm on axis 2"),
+    "bad__thick_T1w": ("rejected", "spacing", "spacing 8 mm > 6.5 mm on axis 2"),
+    "bad__fourd_T1w": ("rejected", "4d", "4D image with 3 volumes"),
+    "bad__nan_T1w": ("rejected", "nonfinite", "NaN or inf"),
+    "bad__const_T1w": ("rejected", "constant", "constant"),
+    "bad__sub-09_bold": ("rejected", "modality", "modality 'bold' not in the allow-list"),
+    "bad__trunc_T1w": ("failed", "unreadable", "cannot read voxel data"),
+    "bad__notes_T1w.txt": ("rejected", "format", "not a NIfTI file"),
+    "bad__brain_T1w.mha": ("rejected", "format", "not a NIfTI file"),
 }
 
 
@@ -72,9 +72,13 @@ def test_prepare_manifest_reasons_and_resume(raw_folder: Path, tmp_path: Path) -
     m = prepare(raw_folder, out, SMALL, workers=0, progress=False)
     by_id = {e["case_id"]: e for e in m["entries"]}
     assert len(by_id) == 3 + len(EXPECTED_REASONS)
-    for cid, (status, reason) in EXPECTED_REASONS.items():
+    for cid, (status, rule, reason) in EXPECTED_REASONS.items():
         assert by_id[cid]["status"] == status, (cid, by_id[cid])
+        assert by_id[cid]["rule"] == rule, (cid, by_id[cid])
         assert reason in by_id[cid]["reason"], (cid, by_id[cid]["reason"])
+    assert {by_id[c]["dataset"] for c in EXPECTED_REASONS} == {"bad"}  # the top-level folder
+    assert by_id["sub-01__anat__sub-01_T1w"]["dataset"] == "sub-01"
+    assert all(e["rule"] == "" for e in m["entries"] if e["status"] == "ok")
     ok = {e["case_id"] for e in m["entries"] if e["status"] == "ok"}
     assert ok == {"sub-01__anat__sub-01_T1w", "sub-02__anat__sub-02_T2w", "sub-03__anat__sub-03_FLAIR"}
     assert m["counts"] == {"ok": 3, "rejected": 8, "failed": 1, "processed": 3, "skipped": 0}
@@ -91,15 +95,17 @@ def test_prepare_manifest_reasons_and_resume(raw_folder: Path, tmp_path: Path) -
     assert {p: p.stat().st_mtime_ns for p in (out / "cases").iterdir()} == mtimes
 
 
-def test_preprocessed_values_match_numpy_reference(raw_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["b2nd", "npy"])
+def test_preprocessed_values_match_numpy_reference(raw_folder: Path, tmp_path: Path, store: str) -> None:
     out = tmp_path / "prep"
-    prepare(raw_folder, out, SMALL, workers=0, progress=False)
+    prepare(raw_folder, out, SMALL, workers=0, progress=False, store=store)
     data = np.asarray(nib.load(str(raw_folder / "sub-01/anat/sub-01_T1w.nii.gz")).dataobj, np.float64)
     crop = data[3:-3, 3:-3, 3:-3]  # the nonzero box (1 mm already: no resampling)
     ref = (crop - crop.mean()) / crop.std()
-    vol = open_volume(out / "cases" / "sub-01__anat__sub-01_T1w.npy")
-    assert isinstance(vol, np.memmap)
-    np.testing.assert_allclose(vol[0], ref, rtol=0, atol=2e-5)
+    vol = open_volume(out / "cases" / f"sub-01__anat__sub-01_T1w.{store}")
+    assert isinstance(vol, np.memmap) == (store == "npy")
+    # float32 z-score vs the float64 formula: max error measured 6.3e-7 on this input; tolerance 4e-6 (~6x)
+    np.testing.assert_allclose(vol[0], ref, rtol=0, atol=4e-6)
 
 
 def test_split_4d_and_size_filter(raw_folder: Path) -> None:
@@ -120,6 +126,35 @@ def test_csv_source_with_modality_column(raw_folder: Path, tmp_path: Path) -> No
     entries = {e.subject: e for e in scan(csv_path, SMALL)}
     assert entries["A"].status == "rejected" and "dwi" in entries["A"].reason
     assert entries["B"].status == "ok"
+
+
+def test_list_file_paths_are_relative_to_the_list_folder(raw_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    from s3d.data.scan import list_source
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "raw").symlink_to(raw_folder)
+    listing = lists / "files.txt"
+    listing.write_text("# relative to this file's folder\nraw/sub-01/anat/sub-01_T1w.nii.gz\n"
+                       f"../lists/raw/sub-02/anat/sub-02_T2w.nii.gz\n{raw_folder / 'bad/thick_T1w.nii.gz'}\n"
+                       "raw/sub-09/missing_T1w.nii.gz\n")
+    monkeypatch.chdir(raw_folder / "bad")  # the working directory plays no part
+    rows = list_source(listing)
+    assert [r["path"] for r in rows] == [str(lists / "raw/sub-01/anat/sub-01_T1w.nii.gz"),
+                                         str(lists / "raw/sub-02/anat/sub-02_T2w.nii.gz"),
+                                         str(raw_folder / "bad/thick_T1w.nii.gz"),
+                                         str(lists / "raw/sub-09/missing_T1w.nii.gz")]
+    assert [r["dataset"] for r in rows] == ["raw", "raw", ".", "raw"]
+    entries = scan(listing, SMALL)
+    assert entries[0].case_id == "raw__sub-01__anat__sub-01_T1w" and entries[0].status == "ok"
+    assert entries[2].case_id.endswith("bad__thick_T1w") and entries[2].rule == "spacing"
+    assert (entries[3].status, entries[3].rule) == ("failed", "missing")
+    csv_path = lists / "files.csv"  # a CSV 'dataset' column wins
+    csv_path.write_text("path,dataset\nraw/sub-01/anat/sub-01_T1w.nii.gz,OpenNeuro-1\n")
+    assert list_source(csv_path)[0]["dataset"] == "OpenNeuro-1"
+    listing.write_text("sub-01/anat/sub-01_T1w.nii.gz\n")  # relative to the CWD: not found from the list
+    with pytest.raises(ValueError, match="none of its 1 path.*resolved against the list file's folder"):
+        list_source(listing)
 
 
 def test_check_header_paper_thresholds() -> None:
@@ -153,8 +188,9 @@ def test_crop_equals_region_of_full_array(tmp_path: Path) -> None:
 def test_store_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="expected a \\(C, D, H, W\\)"):
         save_volume(tmp_path / "a.npy", np.zeros((4, 4, 4)))
-    with pytest.raises(ValueError, match="stored as .npy"):
+    with pytest.raises(ValueError, match="stored as .b2nd or .npy"):
         save_volume(tmp_path / "a.npz", np.zeros((1, 4, 4, 4)))
-    (tmp_path / "broken.npy").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="broken.npy"):
-        open_volume(tmp_path / "broken.npy")
+    for name in ("broken.npy", "broken.b2nd"):
+        (tmp_path / name).write_bytes(b"garbage")
+        with pytest.raises(ValueError, match=name):
+            open_volume(tmp_path / name)

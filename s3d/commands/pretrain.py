@@ -3,6 +3,9 @@
 Examples::
 
     s3d pretrain --data raw_mri/ --out runs/prep --prepare-only --prep-workers 16
+    s3d pretrain --data raw_mri/ --out /shared/prep --prepare-only --shard $SLURM_ARRAY_TASK_ID/16
+    s3d pretrain --merge /shared/prep          # (automatic when the last shard finishes)
+    s3d pretrain --report runs/prep            # what was used: counts per rule and per dataset
     s3d pretrain --data runs/prep --recipe s3d-b --out runs/s3d-b
     torchrun --nproc_per_node 4 -m s3d pretrain --data runs/prep --recipe s3d-l --out runs/s3d-l
     s3d pretrain --data runs/prep --recipe s3d-b --out runs/s3d-b --resume
@@ -64,6 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--spacing-mm", type=float, default=1.0, help="isotropic target spacing (mm)")
     g.add_argument("--store-dtype", choices=("float32", "float16"), default="float32",
                    help="stored dtype of preprocessed volumes")
+    g.add_argument("--store", choices=("b2nd", "npy"), default="b2nd",
+                   help="volume store: b2nd (blosc2, ~3x smaller, default) or npy (uncompressed, memory-mapped)")
+    g.add_argument("--shard", default=None, metavar="I/N",
+                   help="with --prepare-only: prepare shard I of N (0 <= I < N) into the shared --out; the "
+                        "shard manifests merge into manifest.json when the last one finishes")
+    g.add_argument("--merge", default=None, metavar="PREPARED_DIR",
+                   help="merge the shard manifests of PREPARED_DIR into manifest.json, then stop")
+    g.add_argument("--report", default=None, metavar="PREPARED_DIR",
+                   help="print what PREPARED_DIR's manifest used and rejected, per rule and per dataset, then stop")
     t = p.add_argument_group("training")
     t.add_argument("--recipe", default=None,
                    help="recipe name (s3d-b, s3d-l, t1a-*, t1b-*, mg, vf, voco; `s3d pretrain --list-recipes`); "
@@ -110,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
             r = get_recipe(name)
             print(f"{name:18s} {r.method:5s} {r.description}")
         return 0
+    if args.report or args.merge:
+        return _report_or_merge(args)
     if not args.data or not args.out:
         print("error: s3d pretrain needs --data and --out", file=sys.stderr)
         return 2
@@ -119,11 +133,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from s3d.data.scan import MANIFEST_NAME, ScanFilters, prepare
+    from s3d.data.scan import MANIFEST_NAME, ScanFilters, parse_shard, prepare
 
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    if shard is not None and not args.prepare_only:
+        print("error: --shard prepares one slice of the data and needs --prepare-only; train on the merged "
+              "directory afterwards", file=sys.stderr)
+        return 2
     data = Path(args.data)
     prepared = data if (data / MANIFEST_NAME).is_file() else None
     if prepared is None:
+        from s3d.data.scan.manifest import read_manifest, shard_manifests
+
+        if shard_manifests(data) and not args.shard:
+            read_manifest(data)  # a sharded preparation not merged yet: raises with what to do
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print(f"error: {data} is not a prepared directory; under torchrun, prepare it first with "
                   f"`s3d pretrain --data {data} --out PREP --prepare-only`", file=sys.stderr)
@@ -141,10 +164,27 @@ def run(args: argparse.Namespace) -> int:
         target = Path(args.out) if args.prepare_only else Path(args.prepared or Path(args.out) / "data")
         manifest = prepare(data, target, filters, workers=args.prep_workers,
                            target_spacing_mm=args.spacing_mm, dtype=args.store_dtype,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, store=args.store, shard=shard)
         c = manifest["counts"]
-        print(f"prepared {target}: {c['ok']} ok ({c['processed']} processed, {c['skipped']} already done), "
-              f"{c['rejected']} rejected, {c['failed']} failed; reasons in {target / MANIFEST_NAME}")
+        where = target / MANIFEST_NAME
+        if shard is not None:
+            from s3d.data.scan.manifest import shard_manifest_name
+
+            where = target / shard_manifest_name(*shard)
+        print(f"prepared {target}{f' shard {shard[0]}/{shard[1]}' if shard else ''}: {c['ok']} ok "
+              f"({c['processed']} processed, {c['skipped']} already done), {c['rejected']} rejected, "
+              f"{c['failed']} failed; reasons in {where} (summary: s3d pretrain --report {target})")
+        if shard is not None:
+            if "merge_error" in manifest:
+                print(f"all {shard[1]} shard manifests are there but do not merge yet: {manifest['merge_error']}")
+            elif (target / MANIFEST_NAME).is_file() and _merged_now(target, shard[1]):
+                print(f"all {shard[1]} shards done: merged into {target / MANIFEST_NAME}")
+            else:
+                print(f"waiting for the other shards; the last one merges them (or: s3d pretrain --merge {target})")
+            return 0
+        if c["ok"] == 0:
+            raise ValueError(f"{data}: no image was accepted ({c['rejected']} rejected, {c['failed']} failed); "
+                             f"see `s3d pretrain --report {target}` for the rules that rejected them")
         if args.prepare_only:
             return 0
         prepared = target
@@ -169,4 +209,28 @@ def run(args: argparse.Namespace) -> int:
     result = pretrain(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
+    return 0
+
+
+def _merged_now(target, count: int) -> bool:
+    import json
+
+    from s3d.data.scan import MANIFEST_NAME
+
+    try:
+        return json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8")).get("shards") == count
+    except (OSError, ValueError):
+        return False
+
+
+def _report_or_merge(args: argparse.Namespace) -> int:
+    from s3d.data.scan import MANIFEST_NAME, format_report, merge_shards, read_manifest
+
+    if args.merge:
+        m = merge_shards(args.merge)
+        c = m["counts"]
+        print(f"merged {m['shards']} shards into {os.path.join(args.merge, MANIFEST_NAME)}: {c['ok']} ok, "
+              f"{c['rejected']} rejected, {c['failed']} failed of {m['listed']} listed file(s)")
+    if args.report:
+        print(format_report(read_manifest(args.report), name=os.path.join(args.report, MANIFEST_NAME)))
     return 0

@@ -6,13 +6,15 @@ NumPy generator seeded by those three numbers. So the "sampler position" of a ru
 step it is at: resuming at step ``s`` starts the index stream at ``s * local_batch`` and yields
 the same crops as an uninterrupted run, whatever the number of DataLoader workers.
 
-Workers only read crops from memory-mapped ``.npy`` volumes; augmentation runs batched on the
-training device (:mod:`s3d.data.augment`).
+Workers only read crops from the stored volumes (``.b2nd`` or ``.npy``, :mod:`s3d.data.store`);
+augmentation runs batched on the training device (:mod:`s3d.augment`). :class:`LoaderStats` measures
+whether the training step waits for data (``loader_wait`` and ``loader_queue`` in ``metrics.jsonl``).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -65,10 +67,16 @@ def split_subjects(
 
 
 class _VolumeCache:
-    """A small per-process LRU of memory maps (opening is cheap, but not free on network disks)."""
+    """A small per-process LRU of open volumes (opening is cheap, but not free on network disks).
+
+    Open volumes are not pickled: a DataLoader worker starts with an empty cache of its own.
+    """
 
     def __init__(self, size: int = 64) -> None:
         self.size, self.maps = size, OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"size": self.size, "maps": OrderedDict()}
 
     def __call__(self, path: str) -> np.ndarray:
         vol = self.maps.pop(path, None)
@@ -80,17 +88,24 @@ class _VolumeCache:
         return vol
 
 
+def _damaged(path: str, e: Exception) -> ValueError:
+    """The error for a stored volume that cannot be read: names the file and how to redo it."""
+    text = str(e) if str(path) in str(e) else f"{path}: {type(e).__name__}: {e}"
+    return ValueError(f"{text}; the prepared volume is damaged: delete it (and its .json) and run "
+                      f"`s3d pretrain --prepare-only` on the raw data again to redo it")
+
+
 class RandomCropDataset(Dataset):
     """Index ``i`` -> a random (C, *patch_size) float32 crop of a uniformly drawn image.
 
     Args:
-        files: ``.npy`` volumes (C, D, H, W) of this rank (see :func:`shard_cases`).
+        files: stored volumes (C, D, H, W), ``.b2nd`` or ``.npy``, of this rank (see :func:`shard_cases`).
         patch_size: crop size (D, H, W), voxels; smaller images are zero-padded at a random offset.
         seed: run seed.
         rank: process rank (makes the streams of different ranks independent).
 
     Example:
-        >>> ds = RandomCropDataset(["prep/cases/a.npy"], (64, 64, 64))
+        >>> ds = RandomCropDataset(["prep/cases/a.b2nd"], (64, 64, 64))
         >>> ds[0].shape
         torch.Size([1, 64, 64, 64])
     """
@@ -110,12 +125,19 @@ class RandomCropDataset(Dataset):
         """(file index, crop corner) of stream position ``index``."""
         rng = np.random.default_rng([self.seed, self.rank, int(index)])
         k = int(rng.integers(len(self.files)))
-        shape = self._cache(self.files[k]).shape[1:]
+        try:
+            shape = self._cache(self.files[k]).shape[1:]
+        except Exception as e:
+            raise _damaged(self.files[k], e) from e
         return k, random_crop_start(shape, self.patch_size, rng)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         k, start = self.locate(index)
-        return torch.from_numpy(read_crop(self._cache(self.files[k]), start, self.patch_size))
+        try:
+            crop = read_crop(self._cache(self.files[k]), start, self.patch_size)
+        except Exception as e:
+            raise _damaged(self.files[k], e) from e
+        return torch.from_numpy(crop)
 
 
 class CenterCropDataset(Dataset):
@@ -179,3 +201,71 @@ def build_pretrain_loader(
     return DataLoader(ds, batch_size=batch_size, sampler=StepSampler(batch_size, start_step, stop_step),
                       num_workers=workers, drop_last=True,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, **kwargs)
+
+
+def _from_worker(e: Exception) -> Exception:
+    """A DataLoader worker's exception re-raised by torch carries the worker's traceback in its text;
+    keep the original message only (a user error is one line)."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = text.strip().splitlines()[-1]
+    msg = last.split(": ", 1)[1] if ": " in last else last
+    try:
+        return type(e)(msg)
+    except Exception:  # noqa: BLE001 - an exception type with another signature
+        return RuntimeError(msg)
+
+
+def _ready_batches(it: Any) -> int | None:
+    """Batches a multi-process DataLoader iterator holds ready (received, or waiting in its result
+    queue) when the next one is asked for; ``None`` where that cannot be seen (no workers)."""
+    try:
+        held = sum(1 for v in it._task_info.values() if len(v) == 2)
+        return held + it._data_queue.qsize()
+    except (AttributeError, NotImplementedError, TypeError):  # workers=0, or a platform without qsize
+        return None
+
+
+class LoaderStats:
+    """Wrap a loader to measure how long the consumer waits for each batch, and the queue depth.
+
+    Iterate over it instead of the loader; :meth:`take` returns the figures since its last call:
+    ``loader_wait`` (fraction of the elapsed wall time spent waiting in ``next(loader)``; near 0 means
+    the data keeps up, near 1 that the GPU waits for data) and ``loader_queue`` (mean number of
+    batches ready when one was asked for; absent without worker processes).
+
+    Example:
+        >>> stats = LoaderStats(build_pretrain_loader(files, (160,) * 3, 6, 0, 100, workers=8))
+        >>> for step, batch in enumerate(stats):
+        ...     if step % 10 == 0: print(stats.take())
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self._wait, self._depth, self._asked, self._since = 0.0, 0, 0, time.perf_counter()
+
+    def __iter__(self) -> Iterator[Any]:
+        it = iter(self.loader)
+        while True:
+            depth = _ready_batches(it)
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise _from_worker(e) from None
+            self._wait += time.perf_counter() - t
+            if depth is not None:
+                self._depth, self._asked = self._depth + depth, self._asked + 1
+            yield batch
+
+    def take(self) -> dict[str, float]:
+        """``{"loader_wait": fraction, "loader_queue": batches}`` since the last call (then reset)."""
+        now = time.perf_counter()
+        out = {"loader_wait": self._wait / max(now - self._since, 1e-9)}
+        if self._asked:
+            out["loader_queue"] = self._depth / self._asked
+        self._wait, self._depth, self._asked, self._since = 0.0, 0, 0, now
+        return out

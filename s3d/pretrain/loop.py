@@ -256,7 +256,7 @@ class PretrainRun:
     def train(self) -> dict[str, Any]:
         """Run the remaining steps; returns ``{"step", "loss", "run", "finished", "backbone", "nnssl"}``."""
         from s3d.augment import Augment, AugmentConfig
-        from s3d.data.pretrain_dataset import build_pretrain_loader
+        from s3d.data.pretrain_dataset import LoaderStats, build_pretrain_loader
 
         cfg, info, recipe = self.cfg, self.info, self.recipe
         main = info.is_main
@@ -270,6 +270,7 @@ class PretrainRun:
                                        stop, seed=cfg.seed, rank=info.rank, workers=cfg.workers,
                                        pin_memory=self.device.type == "cuda",
                                        prefetch_factor=cfg.prefetch_factor)
+        loader = LoaderStats(loader)  # loader_wait / loader_queue in metrics.jsonl: does the step wait for data?
         augment = Augment(AugmentConfig.pretraining()) if cfg.augment else None
         bar = progress(desc="pretrain", unit="step", total=recipe.steps, initial=self.start_step,
                        enabled=main and cfg.progress)
@@ -305,7 +306,8 @@ class PretrainRun:
                     rate = (step - step_last) / max(now - t_last, 1e-9)
                     t_last, step_last = now, step
                     record = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
-                              "steps_per_s": rate, "patches_per_s": rate * recipe.batch_size, "time": time.time()}
+                              "steps_per_s": rate, "patches_per_s": rate * recipe.batch_size, "time": time.time(),
+                              **loader.take()}
                     if self.device.type == "cuda":
                         record["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     self.metrics.append(record)

@@ -51,13 +51,34 @@ class ScanFilters:
     split_4d: bool = False
 
 
+#: Rules a file can be rejected (or fail) by, as recorded in each manifest entry's ``rule``
+#: (``""`` for accepted files): see ``s3d pretrain --report``.
+RULES: dict[str, str] = {
+    "format": "not a NIfTI file (extension)",
+    "missing": "listed path does not exist",
+    "unreadable": "header or voxel data cannot be read (corrupt, truncated, no permission)",
+    "size": "file smaller than min_file_bytes",
+    "modality": "modality not in the allow-list, or unknown with allow_unknown_modality off",
+    "dims": "not a 3D or 4D image",
+    "spacing": "spacing above max_spacing_mm on an axis",
+    "fov": "field of view below min_fov_mm on an axis",
+    "4d": "4D image and split_4d off",
+    "duplicate": "case id already taken by an earlier file",
+    "nonfinite": "NaN or inf voxels",
+    "constant": "constant image (cannot z-score)",
+    "error": "any other preprocessing error",
+}
+
+
 @dataclass
 class ScanEntry:
     """One row of the manifest.
 
     ``status`` is ``"ok"`` (accepted by the scan; after :func:`prepare`: preprocessed, ``file`` set),
-    ``"rejected"`` (a filter or the preprocessing refused it; ``reason`` says why) or ``"failed"``
-    (unreadable or corrupt; ``reason`` holds the error).
+    ``"rejected"`` (a filter or the preprocessing refused it) or ``"failed"`` (missing, unreadable or
+    corrupt); ``rule`` names the rule (a key of :data:`RULES`) and ``reason`` says why in words.
+    ``dataset`` is the source dataset (the top-level folder under the raw root, or the CSV's
+    ``dataset`` column); ``listing_index`` the file's position in the source listing.
     """
 
     path: str
@@ -71,6 +92,14 @@ class ScanEntry:
     volume_index: int | None = None
     file: str | None = None
     preprocessed_shape: list[int] | None = None
+    rule: str = ""
+    dataset: str = ""
+    listing_index: int | None = None
+
+    def reject(self, rule: str, reason: str, status: str = "rejected") -> ScanEntry:
+        """Mark this entry rejected (or ``status="failed"``) by ``rule`` (a :data:`RULES` key)."""
+        self.status, self.rule, self.reason = status, rule, reason
+        return self
 
 
 # ---- inputs ------------------------------------------------------------------------------------------
@@ -90,30 +119,81 @@ def _subject_from_path(path: Path, fallback: str) -> str:
     return fallback
 
 
-def _list_source(source: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Rows {path, modality?, subject?} from a directory, a ``.txt`` file list or a ``.csv``."""
+def _dataset_of(rel: Path) -> str:
+    return rel.parts[0] if len(rel.parts) > 1 else "."
+
+
+def list_source(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The files of a source, in listing order: dicts with ``path`` (absolute or as resolved), ``rel``
+    (the path the case id is made of), ``dataset``, ``listing_index`` and the CSV's optional
+    ``modality`` / ``subject`` columns.
+
+    Path rules: a directory is searched recursively (sorted, hidden files skipped); ``rel`` is the
+    path under it. In a ``.txt`` list (one path per line, ``#`` comments) or a ``.csv`` (``path``
+    column), a relative path is resolved against **the list file's folder** (not the working
+    directory), ``~`` is expanded, and ``rel`` is the path under the list's folder (else the
+    absolute path without its root), so equal file names in different folders get different ids.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: a CSV without a ``path`` column, an empty list, or a list none of whose paths
+            exists (the message names the list file and how its paths were resolved).
+
+    Example:
+        >>> [r["rel"] for r in list_source("raw_mri/")][:1]
+        ['ds001/sub-01/anat/sub-01_T1w.nii.gz']
+    """
     src = Path(source)
     if src.is_dir():
         files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
-        return [{"path": str(p), "rel": str(p.relative_to(src))} for p in files]
-    if not src.is_file():
+        rows: list[dict[str, Any]] = []
+        for p in files:
+            rel = p.relative_to(src)
+            rows.append({"path": str(p), "rel": str(rel), "dataset": _dataset_of(rel)})
+    elif not src.is_file():
         raise FileNotFoundError(f"{src}: no such directory, file list or CSV")
+    else:
+        rows = _list_file_rows(src)
+    for k, r in enumerate(rows):
+        r["listing_index"] = k
+    return rows
+
+
+def _list_file_rows(src: Path) -> list[dict[str, Any]]:
     if src.suffix.lower() == ".csv":
         with open(src, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise ValueError(f"{src}: a CSV source needs a 'path' column (optional: modality, subject); "
-                                 f"found columns {reader.fieldnames}")
-            rows = [dict(r) for r in reader]
+                raise ValueError(f"{src}: a CSV source needs a 'path' column (optional: modality, subject, "
+                                 f"dataset); found columns {reader.fieldnames}")
+            rows = [dict(r) for r in reader if (r.get("path") or "").strip()]
     else:
         lines = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()]
         rows = [{"path": ln} for ln in lines if ln and not ln.startswith("#")]
+    if not rows:
+        raise ValueError(f"{src}: the list holds no path (one path per line, or a CSV 'path' column)")
+    base = src.parent.resolve()
+    outside = []
     for r in rows:
-        p = Path(r["path"])
-        if not p.is_absolute():
-            p = src.parent / p
-        r["path"] = str(p)
-        r.setdefault("rel", str(Path(r["path"]).name))
+        p = Path(r["path"].strip()).expanduser()
+        p = Path(os.path.normpath(p if p.is_absolute() else base / p))  # "../x" -> the folder above the list's
+        given = (r.get("dataset") or "").strip()
+        try:
+            rel = p.relative_to(base)
+        except ValueError:
+            rel = Path(*p.parts[1:])
+            if not given:
+                outside.append(r)
+        r["path"], r["rel"] = str(p), str(rel)
+        r["dataset"] = given or _dataset_of(rel)
+    if outside:  # dataset of paths outside the list's folder: the first folder under their common folder
+        common = Path(os.path.commonpath([str(Path(r["path"]).parent) for r in outside]))
+        for r in outside:
+            r["dataset"] = _dataset_of(Path(r["path"]).relative_to(common))
+    if not any(Path(r["path"]).exists() for r in rows):
+        shown = ", ".join(r["path"] for r in rows[:3]) + (", ..." if len(rows) > 3 else "")
+        raise ValueError(f"{src}: none of its {len(rows)} path(s) exists ({shown}); relative paths in a list "
+                         f"file are resolved against the list file's folder {base}, not the working directory")
     return rows
 
 
@@ -123,7 +203,29 @@ def _unique_id(rel: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", "__".join(parts))
 
 
+def source_key(row: dict[str, Any]) -> str:
+    """The key a listed file is identified by across runs and machines: its case id before any 4D split
+    (made of the path under the raw root, so independent of where the archive is mounted)."""
+    return _unique_id(row["rel"])
+
+
 # ---- scan --------------------------------------------------------------------------------------------
+def header_rule(shape: Sequence[int], spacing_mm: Sequence[float], filters: ScanFilters) -> tuple[str, str]:
+    """The first geometry filter that rejects an image: ``(rule, reason)``, ``("", "")`` if accepted.
+
+    Example:
+        >>> header_rule((100, 100, 100), (8.0, 1.0, 1.0), ScanFilters())
+        ('spacing', 'spacing 8.0 mm > 6.5 mm on axis 0')
+    """
+    for axis, s in enumerate(spacing_mm[:3]):
+        if s > filters.max_spacing_mm:
+            return "spacing", f"spacing {s:.3g} mm > {filters.max_spacing_mm:.3g} mm on axis {axis}"
+    for axis, (n, s) in enumerate(zip(shape[:3], spacing_mm[:3], strict=True)):
+        if n * s < filters.min_fov_mm:
+            return "fov", f"field of view {n * s:.1f} mm < {filters.min_fov_mm:.1f} mm on axis {axis}"
+    return "", ""
+
+
 def check_header(shape: Sequence[int], spacing_mm: Sequence[float], filters: ScanFilters) -> str:
     """The first filter that rejects an image of this geometry, as a reason string ("" = accepted).
 
@@ -131,13 +233,7 @@ def check_header(shape: Sequence[int], spacing_mm: Sequence[float], filters: Sca
         >>> check_header((100, 100, 100), (8.0, 1.0, 1.0), ScanFilters())
         'spacing 8.0 mm > 6.5 mm on axis 0'
     """
-    for axis, s in enumerate(spacing_mm[:3]):
-        if s > filters.max_spacing_mm:
-            return f"spacing {s:.3g} mm > {filters.max_spacing_mm:.3g} mm on axis {axis}"
-    for axis, (n, s) in enumerate(zip(shape[:3], spacing_mm[:3], strict=True)):
-        if n * s < filters.min_fov_mm:
-            return f"field of view {n * s:.1f} mm < {filters.min_fov_mm:.1f} mm on axis {axis}"
-    return ""
+    return header_rule(shape, spacing_mm, filters)[1]
 
 
 def scan(source: str | os.PathLike[str], filters: ScanFilters | None = None) -> list[ScanEntry]:
@@ -146,73 +242,72 @@ def scan(source: str | os.PathLike[str], filters: ScanFilters | None = None) -> 
     Args:
         source: a directory (searched recursively; every non-hidden file is listed, so files with a
             wrong extension appear as rejected), a ``.txt`` file with one path per line, or a ``.csv``
-            with a ``path`` column and optional ``modality`` and ``subject`` columns.
+            with a ``path`` column and optional ``modality``, ``subject`` and ``dataset`` columns
+            (path rules: :func:`list_source`).
         filters: :class:`ScanFilters` (paper defaults when ``None``).
 
     Returns:
         One :class:`ScanEntry` per image (per volume when 4D images are split), status ``"ok"``,
-        ``"rejected"`` or ``"failed"``.
+        ``"rejected"`` or ``"failed"``, with the ``rule`` that rejected it.
 
     Example:
         >>> entries = scan("raw_mri/", ScanFilters(min_file_bytes=0))
         >>> sum(e.status == "ok" for e in entries)
         42
     """
+    return scan_rows(list_source(source), filters)
+
+
+def scan_rows(rows: Sequence[dict[str, Any]], filters: ScanFilters | None = None) -> list[ScanEntry]:
+    """:func:`scan` of some rows of :func:`list_source` (e.g. one shard's)."""
     filters = filters or ScanFilters()
-    allow = None if filters.modalities is None else {m.lower() for m in filters.modalities}
     entries: list[ScanEntry] = []
-    for row in _list_source(source):
-        path = Path(row["path"])
-        cid = _unique_id(row["rel"])
-        subject = row.get("subject") or _subject_from_path(Path(row["rel"]), cid)
-        modality = (row.get("modality") or "").strip().lower() or _modality_from_name(path.name)
-        entry = ScanEntry(path=str(path), case_id=cid, subject=subject, modality=modality)
-        entries.append(entry)
-        if not str(path).endswith(NIFTI_SUFFIXES):
-            entry.status = "rejected"
-            entry.reason = f"not a NIfTI file (expected {' or '.join(NIFTI_SUFFIXES)})"
-            continue
-        try:
-            size = path.stat().st_size
-        except OSError as e:
-            entry.status, entry.reason = "failed", f"cannot stat ({e})"
-            continue
-        if size < filters.min_file_bytes:
-            entry.status, entry.reason = "rejected", f"file size {size} B < {filters.min_file_bytes} B"
-            continue
-        if allow is not None:
-            if modality is None and not filters.allow_unknown_modality:
-                entry.status, entry.reason = "rejected", "modality unknown (not in CSV or file name)"
-                continue
-            if modality is not None and modality not in allow:
-                entry.status, entry.reason = "rejected", f"modality {modality!r} not in the allow-list"
-                continue
-        try:
-            hdr = read_header(path)
-        except Exception as e:  # noqa: BLE001 - any corrupt header is a reported failure
-            entry.status, entry.reason = "failed", str(e)
-            continue
-        shape = [int(s) for s in hdr.shape]
-        entry.shape, entry.spacing_mm = shape, [float(s) for s in hdr.spacing_mm]
-        extra_dims = [n for n in shape[3:] if n != 1]
-        if len(shape) < 3 or len(shape) > 3 and len(extra_dims) > 1:
-            entry.status, entry.reason = "rejected", f"expected a 3D or 4D image, got shape {tuple(shape)}"
-            continue
-        reason = check_header(shape, entry.spacing_mm, filters)
-        if reason:
-            entry.status, entry.reason = "rejected", reason
-            continue
-        if extra_dims:
-            if not filters.split_4d:
-                entry.status = "rejected"
-                entry.reason = f"4D image with {extra_dims[0]} volumes (split_4d off)"
-                continue
-            entries.pop()
-            for t in range(extra_dims[0]):
-                row = {**asdict(entry), "case_id": f"{cid}_t{t:03d}", "volume_index": t}
-                entries.append(ScanEntry(**row))
+    for row in rows:
+        entries.extend(_scan_one(row, filters))
     return entries
 
+
+def _scan_one(row: dict[str, Any], filters: ScanFilters) -> list[ScanEntry]:
+    allow = None if filters.modalities is None else {m.lower() for m in filters.modalities}
+    path = Path(row["path"])
+    cid = source_key(row)
+    subject = (row.get("subject") or "").strip() or _subject_from_path(Path(row["rel"]), cid)
+    modality = (row.get("modality") or "").strip().lower() or _modality_from_name(path.name)
+    entry = ScanEntry(path=str(path), case_id=cid, subject=subject, modality=modality,
+                      dataset=row.get("dataset", ""), listing_index=row.get("listing_index"))
+    if not str(path).endswith(NIFTI_SUFFIXES):
+        return [entry.reject("format", f"not a NIfTI file (expected {' or '.join(NIFTI_SUFFIXES)})")]
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return [entry.reject("missing", "no such file", "failed")]
+    except OSError as e:
+        return [entry.reject("unreadable", f"cannot stat ({e})", "failed")]
+    if size < filters.min_file_bytes:
+        return [entry.reject("size", f"file size {size} B < {filters.min_file_bytes} B")]
+    if allow is not None:
+        if modality is None and not filters.allow_unknown_modality:
+            return [entry.reject("modality", "modality unknown (not in CSV or file name)")]
+        if modality is not None and modality not in allow:
+            return [entry.reject("modality", f"modality {modality!r} not in the allow-list")]
+    try:
+        hdr = read_header(path)
+    except Exception as e:  # noqa: BLE001 - any corrupt header is a reported failure
+        return [entry.reject("unreadable", str(e), "failed")]
+    shape = [int(s) for s in hdr.shape]
+    entry.shape, entry.spacing_mm = shape, [float(s) for s in hdr.spacing_mm]
+    extra_dims = [n for n in shape[3:] if n != 1]
+    if len(shape) < 3 or len(shape) > 3 and len(extra_dims) > 1:
+        return [entry.reject("dims", f"expected a 3D or 4D image, got shape {tuple(shape)}")]
+    rule, reason = header_rule(shape, entry.spacing_mm, filters)
+    if rule:
+        return [entry.reject(rule, reason)]
+    if not extra_dims:
+        return [entry]
+    if not filters.split_4d:
+        return [entry.reject("4d", f"4D image with {extra_dims[0]} volumes (split_4d off)")]
+    return [ScanEntry(**{**asdict(entry), "case_id": f"{cid}_t{t:03d}", "volume_index": t})
+            for t in range(extra_dims[0])]
 
 
 def filters_from_dict(d: Iterable[tuple[str, Any]] | dict[str, Any]) -> ScanFilters:

@@ -3,15 +3,19 @@
 :func:`prepare` preprocesses every image :func:`~s3d.data.scan.scan` accepted, in worker processes:
 crop to nonzero, z-score (NaN/inf or constant images are rejected with the reason), resample to 1 mm
 isotropic (third-order; nnU-Net's separate-axis rule for anisotropic images), and stores the result
-with :func:`s3d.data.store.save_volume`. Finished cases (``cases/<id>.npy`` + ``cases/<id>.json``) are
-skipped on a re-run; every file is written atomically; ``manifest.json`` lists every file with its
-status and reason.
+with :func:`s3d.data.store.save_volume` (``.b2nd`` by default, or ``.npy``). Finished cases
+(``cases/<id>.b2nd`` + ``cases/<id>.json``) are skipped on a re-run; every file is written atomically;
+``manifest.json`` lists every file with its status, rule and reason. ``shard=(i, n)`` prepares one
+of ``n`` disjoint slices (for N machines or a cluster array) and merges the manifests when all are
+there (:mod:`s3d.data.scan.manifest`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,12 +26,21 @@ import numpy as np
 from s3d._fs import write_json_atomic
 from s3d.data.io import read_nifti
 from s3d.data.preprocess import anisotropic_axis, crop_to_nonzero, resample_image, shape_for_spacing, zscore
-from s3d.data.scan.headers import ScanFilters, scan
-from s3d.data.store import save_volume
+from s3d.data.scan.headers import ScanFilters, list_source, scan_rows, source_key
+from s3d.data.scan.manifest import (
+    CASES_DIR,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    merge_shards,
+    shard_manifest_name,
+    shard_manifests,
+    shard_of,
+)
+from s3d.data.store import DEFAULT_STORE, STORE_DTYPES, save_volume, store_suffix
 
-MANIFEST_NAME = "manifest.json"
-CASES_DIR = "cases"
-MANIFEST_VERSION = 1
+#: Version of what a prepared volume holds (resampling, normalisation); a re-run prepares volumes of
+#: another version again. 2: nnU-Net's resampling rules (range clipping, label argmax, anisotropy).
+PREPROCESSING_VERSION = 2
 
 
 def preprocess_image(
@@ -63,14 +76,25 @@ def preprocess_image(
     return out, props
 
 
-def _case_paths(out_dir: Path, cid: str) -> tuple[Path, Path]:
-    return out_dir / CASES_DIR / f"{cid}.npy", out_dir / CASES_DIR / f"{cid}.json"
+def _case_paths(out_dir: Path, cid: str, store: str) -> tuple[Path, Path]:
+    return out_dir / CASES_DIR / f"{cid}{store_suffix(store)}", out_dir / CASES_DIR / f"{cid}.json"
 
 
-def _process_one(args: tuple[dict[str, Any], str, float, str]) -> dict[str, Any]:
+def _preprocess_rule(msg: str) -> tuple[str, str]:
+    """(status, rule) of a preprocessing ``ValueError`` message."""
+    if "cannot read" in msg:
+        return "failed", "unreadable"
+    if "NaN or inf" in msg:
+        return "rejected", "nonfinite"
+    if "constant" in msg:
+        return "rejected", "constant"
+    return "rejected", "error"
+
+
+def _process_one(args: tuple[dict[str, Any], str, float, str, str]) -> dict[str, Any]:
     """Worker: preprocess one accepted entry; returns the updated entry dict (never raises)."""
-    entry, out_dir, target_spacing_mm, dtype = args
-    npy, meta = _case_paths(Path(out_dir), entry["case_id"])
+    entry, out_dir, target_spacing_mm, dtype, store = args
+    data_path, meta = _case_paths(Path(out_dir), entry["case_id"], store)
     try:
         data, hdr = read_nifti(entry["path"])
         if entry.get("volume_index") is not None:
@@ -79,30 +103,82 @@ def _process_one(args: tuple[dict[str, Any], str, float, str]) -> dict[str, Any]
             data = data.reshape(data.shape[:3])
         out, props = preprocess_image(data[None], hdr.spacing_mm, target_spacing_mm)
     except ValueError as e:
-        msg = str(e)
-        status = "failed" if "cannot read" in msg else "rejected"
-        return {**entry, "status": status, "reason": msg}
+        status, rule = _preprocess_rule(str(e))
+        return {**entry, "status": status, "rule": rule, "reason": str(e)}
     except Exception as e:  # noqa: BLE001 - a worker must report, not crash the pool
-        return {**entry, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
-    save_volume(npy, out, dtype=dtype)
-    props = {**props, "source": entry["path"], "case_id": entry["case_id"], "dtype": dtype}
+        return {**entry, "status": "failed", "rule": "error", "reason": f"{type(e).__name__}: {e}"}
+    save_volume(data_path, out, dtype=dtype)
+    props = {**props, "source": entry["path"], "case_id": entry["case_id"], "dtype": dtype, "store": store,
+             "preprocessing_version": PREPROCESSING_VERSION}
     write_json_atomic(meta, props)
-    return {**entry, "file": f"{CASES_DIR}/{npy.name}", "preprocessed_shape": props["preprocessed_shape"]}
+    return {**entry, "file": f"{CASES_DIR}/{data_path.name}", "preprocessed_shape": props["preprocessed_shape"]}
 
 
-def _finished(out_dir: Path, entry: dict[str, Any]) -> dict[str, Any] | None:
-    npy, meta = _case_paths(out_dir, entry["case_id"])
-    if not (npy.exists() and meta.exists()):
+def _finished(out_dir: Path, entry: dict[str, Any], store: str) -> dict[str, Any] | None:
+    data_path, meta = _case_paths(out_dir, entry["case_id"], store)
+    if not (data_path.exists() and meta.exists()):
         return None
     try:
         props = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if props.get("source") != entry["path"]:
-        return None
-    return {**entry, "file": f"{CASES_DIR}/{npy.name}", "preprocessed_shape": props["preprocessed_shape"]}
+    if props.get("source") != entry["path"] or props.get("preprocessing_version") != PREPROCESSING_VERSION:
+        return None  # another file, or made by an older resampling/normalisation: prepare it again
+    return {**entry, "file": f"{CASES_DIR}/{data_path.name}", "preprocessed_shape": props["preprocessed_shape"]}
 
 
+# ---- worker processes end with their parent ------------------------------------------------------------
+def _exit_with_parent(parent_pid: int) -> None:
+    """Pool initializer: end this worker when the preparing process dies (even by SIGKILL).
+
+    On Linux the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``), which works even
+    while the worker is inside C code holding the GIL; elsewhere a thread polls ``os.getppid()``.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above ran
+        os._exit(1)
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="s3d-parent-watch", daemon=True).start()
+
+
+def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc="preprocess", unit="img", disable=not progress)
+    results: list[dict[str, Any]] = []
+    if workers > 0 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                                 initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+            for res in pool.map(_process_one, jobs, chunksize=1):
+                results.append(res)
+                bar.update()
+    else:
+        for job in jobs:
+            results.append(_process_one(job))
+            bar.update()
+    bar.close()
+    return results
+
+
+# ---- prepare -----------------------------------------------------------------------------------------
 def prepare(
     source: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -111,67 +187,69 @@ def prepare(
     target_spacing_mm: float = 1.0,
     dtype: str = "float32",
     progress: bool = True,
+    store: str = DEFAULT_STORE,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Scan ``source``, preprocess every accepted image into ``out_dir``, write ``manifest.json``.
 
-    Resumable: a case whose ``cases/<id>.npy`` and ``cases/<id>.json`` exist (from the same source
-    path) is not processed again. Rejected and failed files are listed with their reason.
+    Resumable: a case whose ``cases/<id>.<store>`` and ``cases/<id>.json`` exist (from the same
+    source path) is not processed again. Rejected and failed files are listed with their rule and
+    reason. With ``shard=(i, n)`` only the files of shard ``i`` of ``n`` are scanned and prepared
+    (:func:`~s3d.data.scan.manifest.shard_of` of the file's path under the raw root) and the manifest
+    is ``manifest.shard-<i>-of-<n>.json``; when all ``n`` shard manifests are in ``out_dir`` they are
+    merged into ``manifest.json`` (:func:`~s3d.data.scan.manifest.merge_shards`).
 
     Args:
-        source: directory, ``.txt`` file list or ``.csv`` (see :func:`scan`).
-        out_dir: output directory (``manifest.json`` and ``cases/``).
+        source: directory, ``.txt`` file list or ``.csv`` (see :func:`~s3d.data.scan.list_source`).
+        out_dir: output directory (``manifest.json`` and ``cases/``), shared by all shards.
         filters: :class:`ScanFilters` (paper defaults when ``None``).
-        workers: worker processes (0 = in this process).
+        workers: worker processes (0 = in this process); they end when this process dies.
         target_spacing_mm: isotropic output spacing, mm.
         dtype: stored dtype, ``"float32"`` or ``"float16"``.
         progress: show a tqdm progress bar.
+        store: ``"b2nd"`` (blosc2, compressed; default) or ``"npy"`` (see :mod:`s3d.data.store`).
+        shard: ``(index, count)``, ``0 <= index < count``, or ``None`` for all files.
 
     Returns:
-        The manifest dict: ``entries`` (one per file/volume), ``counts`` (ok/rejected/failed and
-        ``processed``/``skipped`` in this run), the filters and settings used.
+        The manifest dict (of this shard): ``entries`` (one per file/volume), ``counts``
+        (ok/rejected/failed and ``processed``/``skipped`` in this run), the settings used.
 
     Example:
         >>> m = prepare("raw/", "prep/", ScanFilters(min_file_bytes=0), workers=4)
         >>> m["counts"]["ok"]
         40
     """
-    from tqdm.auto import tqdm
-
     filters = filters or ScanFilters()
+    store_suffix(store)
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype: expected one of {STORE_DTYPES}, got {dtype!r}")
     out = Path(out_dir)
     (out / CASES_DIR).mkdir(parents=True, exist_ok=True)
-    entries = [asdict(e) for e in scan(source, filters)]
+    rows = list_source(source)
+    listed = len(rows)
+    if shard is not None:
+        index, count = shard
+        rows = [r for r in rows if shard_of(source_key(r), count) == index]
+    entries = [asdict(e) for e in scan_rows(rows, filters)]
     seen: dict[str, str] = {}
     for e in entries:
         if e["status"] == "ok" and e["case_id"] in seen:
-            e["status"] = "rejected"
-            e["reason"] = f"duplicate case id {e['case_id']!r} (also {seen[e['case_id']]})"
+            e.update(status="rejected", rule="duplicate",
+                     reason=f"duplicate case id {e['case_id']!r} (also {seen[e['case_id']]})")
         elif e["status"] == "ok":
             seen[e["case_id"]] = e["path"]
     todo, skipped = [], 0
     for i, e in enumerate(entries):
         if e["status"] != "ok":
             continue
-        done = _finished(out, e)
+        done = _finished(out, e, store)
         if done is not None:
             entries[i], skipped = done, skipped + 1
         else:
             todo.append(i)
-    jobs = [(entries[i], str(out), float(target_spacing_mm), dtype) for i in todo]
-    bar = tqdm(total=len(jobs), desc="preprocess", unit="img", disable=not progress)
-    if workers > 0 and len(jobs) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            for i, res in zip(todo, pool.map(_process_one, jobs, chunksize=1), strict=True):
-                entries[i] = res
-                bar.update()
-    else:
-        for i, job in zip(todo, jobs, strict=True):
-            entries[i] = _process_one(job)
-            bar.update()
-    bar.close()
+    jobs = [(entries[i], str(out), float(target_spacing_mm), dtype, store) for i in todo]
+    for i, res in zip(todo, _run_jobs(jobs, workers, progress), strict=True):
+        entries[i] = res
     counts = {s: sum(e["status"] == s for e in entries) for s in ("ok", "rejected", "failed")}
     counts.update(processed=sum(entries[i]["status"] == "ok" for i in todo), skipped=skipped)
     manifest = {
@@ -179,26 +257,21 @@ def prepare(
         "source": str(source),
         "target_spacing_mm": float(target_spacing_mm),
         "dtype": dtype,
+        "store": store,
         "filters": asdict(filters),
+        "listed": listed,
         "counts": counts,
         "entries": entries,
     }
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    if shard is None:
+        manifest["shards"] = 1
+        write_json_atomic(out / MANIFEST_NAME, manifest)
+        return manifest
+    manifest["shard"] = list(shard)
+    write_json_atomic(out / shard_manifest_name(*shard), manifest)
+    if len(shard_manifests(out).get(shard[1], {})) == shard[1]:
+        try:
+            merge_shards(out, shard[1])
+        except ValueError as e:  # e.g. other shards not re-run yet after files were added: not this shard's fault
+            return {**manifest, "merge_error": str(e)}
     return manifest
-
-
-def read_manifest(prepared_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load ``manifest.json`` of a prepared directory (clear error if it is not one)."""
-    path = Path(prepared_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{prepared_dir}: no {MANIFEST_NAME}; run `s3d pretrain --prepare-only` "
-                                f"(or s3d.data.scan.prepare) on the raw folder first")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def training_cases(manifest: dict[str, Any], prepared_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The preprocessed cases of a manifest: dicts with ``case_id``, ``subject``, ``file`` (absolute)."""
-    base = Path(prepared_dir)
-    return [{"case_id": e["case_id"], "subject": e["subject"], "file": str(base / e["file"]),
-             "shape": e.get("preprocessed_shape")}
-            for e in manifest["entries"] if e["status"] == "ok" and e.get("file")]
