@@ -51,7 +51,7 @@ def test_best_schedule_lr_at_phase_boundaries() -> None:
         249_999: peak * (1 / n) ** 0.9,
     }
     for step, lr in expected.items():
-        assert lr_at(phases, step) == pytest.approx(lr, rel=1e-9, abs=1e-15), step
+        assert lr_at(phases, step) == pytest.approx(lr, rel=1e-9, abs=1e-15), step  # float64: measured <= 9e-20
 
 
 def test_schedules_scale_with_steps_and_table8() -> None:
@@ -120,13 +120,13 @@ def test_dice_ce_loss_against_explicit_reference() -> None:
     for c in (1, 2):
         inter = (p[:, c] * (t == c)).sum()
         dices.append((2 * inter + 1e-5) / (p[:, c].sum() + (t == c).sum() + 1e-5))
-    assert float(got) == pytest.approx(ce + 1 - np.mean(dices), rel=1e-6)  # float32 inside
+    assert float(got) == pytest.approx(ce + 1 - np.mean(dices), rel=1e-6)  # float32 inside; measured 1.8e-8
     assert DiceCELoss.deep_supervision_weights(4) == pytest.approx([1 / 1.75, 0.5 / 1.75, 0.25 / 1.75, 0.0])
     # deep supervision: weighted sum over nearest-downsampled targets
     outs = [logits, logits[:, :, ::2, ::2, ::2].contiguous(), logits[:, :, ::4, ::4, ::4].contiguous()]
     y_half = F.interpolate(y[:, None].double(), size=outs[1].shape[2:], mode="nearest")[:, 0].long()
     ref = (DiceCELoss().single(outs[0], y) * 1 + DiceCELoss().single(outs[1], y_half) * 0.5) / 1.5
-    assert float(DiceCELoss()(outs, y)) == pytest.approx(float(ref), rel=1e-6)
+    assert float(DiceCELoss()(outs, y)) == pytest.approx(float(ref), rel=1e-6)  # measured 0 (the same sums)
 
 
 def test_foreground_oversampling_and_padding() -> None:
@@ -167,7 +167,7 @@ def test_augmentation_identity_mirror_and_label_consistency() -> None:
     yb[:, 4:12, 3:13, 5:11] = 1
     xa, ya = augment_batch(yb[:, None].float(), yb, torch.Generator().manual_seed(3), spatial)
     assert not torch.equal(ya, yb)
-    assert ((xa[:, 0] > 0.5).long() == ya).float().mean() > 0.97
+    assert ((xa[:, 0] > 0.5).long() == ya).float().mean() > 0.97  # measured 0.998 (border voxels differ)
     # reproducible from the generator
     full = augment_batch(x, y, torch.Generator().manual_seed(7))
     again = augment_batch(x, y, torch.Generator().manual_seed(7))
@@ -397,7 +397,7 @@ def test_rotation_of_a_non_cubic_patch_is_rigid_in_voxels() -> None:
     # a rigid map keeps distances between any two output voxels' source points
     d_in = (vox[a] - vox[b]).norm()
     d_out = (out_idx[a] - out_idx[b]).norm()
-    assert abs(d_in.item() - d_out.item()) < 1e-9
+    assert abs(d_in.item() - d_out.item()) < 1e-9  # float64, distances ~17 voxels: measured 0
     # and for a cube it is the plain normalised-coordinate rotation
     torch.testing.assert_close(voxel_space_theta(m, (32, 32, 32)), m, rtol=0, atol=1e-15)
 

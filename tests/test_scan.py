@@ -99,7 +99,7 @@ def test_preprocessed_values_match_numpy_reference(raw_folder: Path, tmp_path: P
     ref = (crop - crop.mean()) / crop.std()
     vol = open_volume(out / "cases" / "sub-01__anat__sub-01_T1w.npy")
     assert isinstance(vol, np.memmap)
-    np.testing.assert_allclose(vol[0], ref, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(vol[0], ref, rtol=0, atol=2e-5)  # fp32 store vs float64: measured 6.3e-7
 
 
 def test_split_4d_and_size_filter(raw_folder: Path) -> None:
