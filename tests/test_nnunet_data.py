@@ -145,12 +145,14 @@ def test_preprocess_and_restore_geometry(tmp_path) -> None:
     assert props["original_shape"] == list(shape)
     assert x.shape == (1, 36, 30, round(26 * 0.8))
     assert x.dtype == np.float32
-    assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05
+    # z-scored, then cubic resampling moves the statistics: measured |mean| 9.3e-5, |std - 1| 3.0e-5
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3
     # without resampling the result is exactly the z-scored crop (numpy reference)
     write_nifti(tmp_path / "iso_0000.nii.gz", img, np.eye(4))
     xi, _ = preprocess_case([tmp_path / "iso_0000.nii.gz"], spec)
     crop = img[box].astype(np.float64)
-    np.testing.assert_allclose(xi[0], (crop - crop.mean()) / crop.std(), rtol=1e-4, atol=1e-4)
+    # fp32 vs this float64 reference: measured 3.1e-7 abs; tolerance 3e-6 (~10x)
+    np.testing.assert_allclose(xi[0], (crop - crop.mean()) / crop.std(), rtol=0, atol=3e-6)
     x2, s2, props2 = preprocess_training_case([tmp_path / "c_0000.nii.gz"], tmp_path / "c.nii.gz", spec)
     np.testing.assert_array_equal(x, x2)
     assert s2.shape == x.shape[1:]

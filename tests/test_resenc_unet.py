@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -14,6 +15,22 @@ from s3d.nn import ResEncUNetConfig, get_config
 pytest.importorskip("dynamic_network_architectures")
 
 from dna_reference import build_dna, canonical, load_into_dna  # noqa: E402
+
+#: ours vs DNA, same weights and input: measured bitwise equal (the same kernels in the same order);
+#: each is <= 2.1e-6 x max |output| from a float64 run (tiny 8.2e-7 / 1.2e-6, resenc_l 64^3 2.1e-6,
+#: anisotropic 7.6e-7), so 2e-5 x max |output| (~10x) allows another CPU's op order; a mis-wired
+#: layer is off by O(1).
+DNA_REL = 2e-5
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _assert_close_rel(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
+    """Max abs difference at most ``rel`` x max |b|."""
+    err = float((a - b).abs().max() / b.abs().max())
+    assert err <= rel, f"max abs difference {err:.2e} of max |reference|, allowed {rel:.0e}"
 
 
 def test_resenc_l_state_dict_matches_dna_canonical_keys() -> None:
@@ -50,7 +67,7 @@ def test_resenc_l_parameter_counts() -> None:
 def test_outputs_equal_dna_both_directions(config: str, size, deep_supervision: bool, train: bool) -> None:
     ours = s3d.build_resenc_unet(config, in_channels=2, num_classes=3, deep_supervision=deep_supervision)
     dna = build_dna(ours.config)
-    x = torch.randn(1, 2, *size)
+    x = torch.randn(1, 2, *size, generator=_gen(0))
     # ours -> DNA
     load_into_dna(dna, ours.state_dict())
     ours.train(train)
@@ -62,7 +79,7 @@ def test_outputs_equal_dna_both_directions(config: str, size, deep_supervision: 
     assert len(a) == len(b)
     for ya, yb in zip(a, b):
         assert ya.shape == yb.shape
-        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        _assert_close_rel(ya, yb, DNA_REL)
     # DNA -> ours (fresh random weights on the DNA side)
     dna2 = build_dna(ours.config).train(train)
     ours2 = s3d.build_resenc_unet(ours.config).train(train)
@@ -70,7 +87,7 @@ def test_outputs_equal_dna_both_directions(config: str, size, deep_supervision: 
     with torch.no_grad():
         ya, yb = ours2(x), dna2(x)
     ya, yb = (ya[0], yb[0]) if deep_supervision else (ya, yb)
-    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    _assert_close_rel(ya, yb, DNA_REL)
 
 
 def test_anisotropic_config_matches_dna() -> None:
@@ -80,9 +97,9 @@ def test_anisotropic_config_matches_dna() -> None:
     ours = s3d.build_resenc_unet(cfg)
     dna = build_dna(ours.config)
     load_into_dna(dna, ours.state_dict())
-    x = torch.randn(2, 1, 16, 32, 32)
+    x = torch.randn(2, 1, 16, 32, 32, generator=_gen(1))
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), dna(x), rtol=1e-5, atol=1e-5)
+        _assert_close_rel(ours(x), dna(x), DNA_REL)
 
 
 def test_config_json_round_trip_rebuilds_identical_network() -> None:
@@ -93,7 +110,7 @@ def test_config_json_round_trip_rebuilds_identical_network() -> None:
     assert json.loads(text)["strides"][2] == [1, 2, 2]
     twin = s3d.build_resenc_unet(cfg)
     twin.load_state_dict(net.state_dict(), strict=True)
-    x = torch.randn(1, 3, 32, 32, 32)
+    x = torch.randn(1, 3, 32, 32, 32, generator=_gen(3))
     with torch.no_grad():
         assert torch.equal(net(x), twin(x))
 
@@ -130,18 +147,24 @@ def test_invalid_input_raises_with_a_size_that_works(shape, match: str) -> None:
 
 def test_bf16_autocast_and_channels_last_match_fp32() -> None:
     net = s3d.build_resenc_unet("tiny", num_classes=2).eval()
-    x = torch.randn(2, 1, 32, 32, 32)
+    x = torch.randn(2, 1, 32, 32, 32, generator=_gen(2))
     with torch.no_grad():
+        ref64 = copy.deepcopy(net).double()(x.double())
         ref = net(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = net(x)
         net_cl = net.to(memory_format=torch.channels_last_3d)
         cl = net_cl(x.to(memory_format=torch.channels_last_3d))
     assert low.dtype == torch.bfloat16
-    # bf16 has an 8-bit mantissa: logits agree to a few percent of their spread
-    err = (low.float() - ref).abs().max() / ref.std()
-    assert err < 0.1, err
-    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-4)
+    # bf16 has an 8-bit mantissa: vs a float64 run the logits' relative error (norm-wise) measured
+    # 8.5e-3 - 1.0e-2 over 3 weight seeds; tolerance 5e-2 (~5x). (The max-abs error reaches 9.4e-2
+    # of the logits' std, a tail statistic too close to any fixed bound.)
+    err = float((low.double() - ref64).norm() / ref64.norm())
+    assert err < 5e-2, err
+    # channels_last_3d vs contiguous fp32: each 9.5e-7 x max |logit| from float64, 7.0e-7 apart;
+    # tolerance 1e-5 x max (~10x)
+    _assert_close_rel(cl.double(), ref64, 1e-5)
+    _assert_close_rel(ref.double(), ref64, 1e-5)
 
 
 def test_gradient_checkpointing_gives_identical_gradients() -> None:
@@ -150,7 +173,7 @@ def test_gradient_checkpointing_gives_identical_gradients() -> None:
     b = s3d.build_resenc_unet(a.config, checkpointing=True)
     b.load_state_dict(a.state_dict())
     assert b.checkpointing and not a.checkpointing
-    x = torch.randn(2, 1, 32, 32, 32)
+    x = torch.randn(2, 1, 32, 32, 32, generator=_gen(4))
     for net in (a, b):
         net(x).square().mean().backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
@@ -159,10 +182,10 @@ def test_gradient_checkpointing_gives_identical_gradients() -> None:
 
 def test_deep_supervision_outputs_highest_resolution_first() -> None:
     net = s3d.build_resenc_unet("tiny", num_classes=2, deep_supervision=True)
-    outs = net(torch.randn(1, 1, 32, 32, 32))
+    outs = net(torch.zeros(1, 1, 32, 32, 32))
     assert [tuple(o.shape[2:]) for o in outs] == [(32,) * 3, (16,) * 3, (8,) * 3, (4,) * 3]
     net.deep_supervision = False
-    single = net(torch.randn(1, 1, 32, 32, 32))
+    single = net(torch.zeros(1, 1, 32, 32, 32))
     assert single.shape == (1, 2, 32, 32, 32)
 
 
@@ -171,7 +194,9 @@ def test_he_initialisation() -> None:
     w = net.encoder.stages[3].blocks[2].conv1.conv.weight
     fan_in = w.shape[1] * 27
     expected_std = (2.0 / (1 + 0.01**2) / fan_in) ** 0.5
-    assert abs(w.std().item() / expected_std - 1) < 0.02
+    # the sample std of n = 1.77 M weights has relative standard error 1 / sqrt(2 n) = 5.3e-4;
+    # measured |ratio - 1| <= 1.1e-3 over 3 seeds; tolerance 5e-3 (~9 standard errors)
+    assert abs(w.std().item() / expected_std - 1) < 5e-3
     assert net.encoder.stages[3].blocks[2].conv1.conv.bias.abs().max() == 0
 
 
@@ -184,4 +209,4 @@ def test_resenc_l_forward_flops_at_160_match_the_design_figure() -> None:
         x = torch.empty(1, 1, 160, 160, 160)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(x)
-    assert abs(counter.get_total_flops() / 2.80e12 - 1) < 0.005
+    assert abs(counter.get_total_flops() / 2.80e12 - 1) < 0.005  # the design figure has 3 digits

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
+from engine_probe import forward_and_engine
 
 import s3d
+import s3d.sparse.block_engine as block_engine_mod
 from s3d.sparse.wrapper import AUTO_ENGINE, resolve_engine
 
 
@@ -15,17 +20,67 @@ def test_auto_engine_per_device() -> None:
     assert s3d.SparseMAEWrapper(s3d.build_resenc_unet("tiny", num_classes=1)).engine == "auto"
 
 
-def test_blocks_engine_takes_masks_on_any_grid_that_tiles_the_input() -> None:
-    net = s3d.build_resenc_unet("tiny", num_classes=1)
-    x = torch.randn(2, 1, 32, 32, 32)
+@pytest.mark.parametrize(
+    ("grid", "min_edge"),
+    [
+        (2, None),  # 16^3 cells: stem and stages 0-2 in blocks at the CPU default (edge 4)
+        (4, None),  # 8^3 cells: stem and stages 0-1 in blocks
+        (32, 1),  # 1-voxel cells: only with the crossover lowered to 1 (stem and stage 0 in blocks)
+    ],
+)
+def test_blocks_engine_takes_masks_on_any_grid_that_tiles_the_input(grid: int, min_edge: int | None) -> None:
+    """A wrapper built for 16^3 blocks takes a keep grid of another cell size; blocks == dense.
+
+    Each engine is judged against a float64 run of the dense engine: max error / max |reconstruction|
+    measured 1.07e-6 / 1.02e-6 (grid 2), 8.9e-7 / 9.2e-7 (grid 4) and 6.1e-7 / 1.8e-6 (grid 32) for
+    dense / blocks; tolerance 1e-5 (~5x the largest).
+    """
+    torch.manual_seed(0)
+    net = s3d.build_resenc_unet("tiny", num_classes=1).eval()
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(3)
-    for grid in (2, 4, 32):  # 16^3, 8^3 and 1-voxel cells on a wrapper built for 16^3 blocks
-        keep = torch.rand(2, 1, grid, grid, grid, generator=gen) > 0.5
-        keep[:, :, 0, 0, 0] = True
-        outs = {}
-        mae = s3d.SparseMAEWrapper(net, block_size=16)
+    keep = torch.rand(2, 1, grid, grid, grid, generator=gen) > 0.5
+    keep[:, :, 0, 0, 0] = True
+    mae = s3d.SparseMAEWrapper(net, block_size=16)
+    mae64 = copy.deepcopy(mae).double()
+    mae64.engine = "dense"
+    outs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        if min_edge is not None:
+            mp.setitem(block_engine_mod.DEFAULT_MIN_BLOCK_EDGE, "cpu", min_edge)
         for engine in ("dense", "blocks"):
             mae.engine = engine  # same wrapper: same mask tokens and densify convs
             with torch.no_grad():
-                outs[engine] = mae(x, mask=keep).reconstruction
-        torch.testing.assert_close(outs["blocks"], outs["dense"], rtol=1e-4, atol=1e-4)
+                out, ran = forward_and_engine(mae, x, mask=keep)
+            assert ran == engine
+            outs[engine] = out.reconstruction
+    with torch.no_grad():
+        ref = mae64(x.double(), mask=keep).reconstruction
+    scale = float(ref.abs().max())
+    for engine, rec in outs.items():
+        err = float((rec.double() - ref).abs().max()) / scale
+        assert err <= 1e-5, f"{engine}: error {err:.2e} relative to float64"
+
+
+def test_one_voxel_cells_run_masked_dense_at_the_cpu_default() -> None:
+    """Why the grid-32 case above lowers the crossover: at the default, "blocks" IS the dense forward.
+
+    A 1-voxel cell is below the measured CPU crossover edge (4 voxels, docs/block_engine.md), so
+    :func:`block_plan` puts no layer in block layout and the blocks engine calls the encoder's own
+    masked-dense forward: the two engines then give bitwise equal results.
+    """
+    torch.manual_seed(0)
+    net = s3d.build_resenc_unet("tiny", num_classes=1).eval()
+    edge = block_engine_mod.default_min_block_edge("cpu")
+    assert edge > 1 and block_engine_mod.block_plan(net.encoder, 1, edge) == [False] * 6
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    keep = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2)) > 0.5
+    mae = s3d.SparseMAEWrapper(net, block_size=16)
+    outs = {}
+    for engine in ("dense", "blocks"):
+        mae.engine = engine
+        with torch.no_grad():
+            out, ran = forward_and_engine(mae, x, mask=keep)
+        assert ran == "dense"
+        outs[engine] = out.reconstruction
+    assert torch.equal(outs["blocks"], outs["dense"])

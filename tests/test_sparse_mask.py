@@ -52,6 +52,8 @@ def test_positions_are_uniform() -> None:
     g = torch.Generator().manual_seed(0)
     keep = sample_block_mask(4000, (64, 64, 64), 32, 0.75, generator=g)  # 8 cells, 6 masked each
     p = (~keep).float().mean(0).flatten()
+    # each cell is masked with probability 0.75: the mean of 4000 draws has standard deviation
+    # sqrt(0.75 * 0.25 / 4000) = 6.8e-3; 0.03 is ~4.4 of them (a fixed pattern is off by 0.25)
     assert torch.allclose(p, torch.full_like(p, 0.75), atol=0.03)
 
 
@@ -99,4 +101,5 @@ def test_stage_keeps_block32_aligned() -> None:
     strides = [(1,) * 3] + [(2**i,) * 3 for i in range(1, 6)]
     keeps = stage_keeps(keep, (160, 160, 160), strides, "ones")
     assert torch.equal(keeps[-1], keep.float())  # 32^3 cells == bottleneck voxels, never "ones"
+    # a mean of 0/1 values: exact sum, one fp32 rounding (<= 6e-8 relative); approx's rel=1e-6
     assert all(float(1 - k.mean()) == pytest.approx(94 / 125) for k in keeps)

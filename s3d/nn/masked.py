@@ -23,7 +23,8 @@ def masked_instance_norm(
 
     Computed from masked sums (no ``nonzero()`` gathers), so samples may have different
     visible counts and the function traces under ``torch.compile``. Statistics are taken in
-    fp32 whatever the input dtype (as autocast does for ``instance_norm``).
+    fp32 for half, bfloat16 and fp32 inputs (as autocast does for ``instance_norm``) and in fp64
+    for fp64 inputs.
 
     Args:
         x: features, shape (B, C, D, H, W).
@@ -33,13 +34,20 @@ def masked_instance_norm(
 
     Returns:
         Normalised features of ``x``'s shape and dtype, exactly 0 at masked voxels.
+
+    Example:
+        >>> x = torch.tensor([1.0, 3.0, 100.0, 5.0], dtype=torch.float64).view(1, 1, 1, 1, 4)
+        >>> keep = torch.tensor([1, 1, 0, 1]).view(1, 1, 1, 1, 4)  # the 100 is masked
+        >>> masked_instance_norm(x, keep, eps=0.0).flatten().tolist()
+        [-1.224744871391589, 0.0, 0.0, 1.224744871391589]
     """
     if x.dim() != 5 or keep.dim() != 5 or keep.shape[1] != 1:
         raise ValueError(f"expected x (B, C, D, H, W) and keep (B, 1, D, H, W), got {tuple(x.shape)} and "
                          f"{tuple(keep.shape)}")
     dtype = x.dtype
-    xf = x.float()
-    k = keep.to(torch.float32)
+    acc = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 input
+    xf = x.to(acc)
+    k = keep.to(acc)
     dims = (2, 3, 4)
     n = k.sum(dim=dims, keepdim=True).clamp_min(1.0)
     mean = (xf * k).sum(dim=dims, keepdim=True) / n
@@ -47,9 +55,9 @@ def masked_instance_norm(
     var = (centred * centred).sum(dim=dims, keepdim=True) / n
     y = centred * torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.float().view(1, -1, 1, 1, 1)
+        y = y * weight.to(acc).view(1, -1, 1, 1, 1)
     if bias is not None:
-        y = y + bias.float().view(1, -1, 1, 1, 1)
+        y = y + bias.to(acc).view(1, -1, 1, 1, 1)
     return (y * k).to(dtype)
 
 
