@@ -223,7 +223,7 @@ def sliding_window_predict(
             for gi, group in enumerate(groups):
                 where = f"tile group {gi + 1} of {len(groups)}"
                 slices = [tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True)) for st in group]
-                x = torch.stack([images[b][(slice(None), *sl)] for sl in slices]).to(device, non_blocking=True)
+                x = sums.retry(where, _gather, images[b], slices, device)
                 tiles = sums.retry(where, _weighted_logits, model, x, flips, weight, patch, device, autocast_dtype)
                 sums.retry(where, sums.allocate, images.shape[0], tiles.shape[1], padded)
                 sums.retry(where, sums.add, b, tiles, slices, weight, [0])
@@ -233,6 +233,11 @@ def sliding_window_predict(
         out = sums.retry("cropping the result", sums.result, crop if padded != spatial else None,
                          output == "probabilities")
     return out if batched else out[0]
+
+
+def _gather(image: torch.Tensor, slices: list[tuple[slice, ...]], device: torch.device) -> torch.Tensor:
+    """Tiles (N, C, d, h, w) of a (C, D, H, W) image, on ``device``."""
+    return torch.stack([image[(slice(None), *sl)] for sl in slices]).to(device, non_blocking=True)
 
 
 def _weighted_logits(model: Model, x: torch.Tensor, flips: list[tuple[int, ...]], weight: torch.Tensor,
