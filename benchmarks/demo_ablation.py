@@ -83,7 +83,7 @@ def finetune_arm(out: Path, root: Path, name: str, pretrained: Path | None, sche
              warmup_steps=max(1, steps // 20), config=ARCH, batch_size=BATCH, patch_size=PATCH,
              target_spacing_mm=(SPACING,) * 3, n_train=n, val_fraction=0.2, val_every=steps,
              checkpoint_every=steps, num_val_cases=2, seed=seed, device="cpu", progress=False)
-    predict_folder(ds / "imagesTs", run / "pred", run / "model", device="cpu", progress=False)
+    predict_folder(ds / "imagesTs", run / "pred", run / "model", device="cpu", mirror=False, progress=False)
     ev = evaluate_folder(run / "pred", ds / "labelsTs", ds / "dataset.json", tau_mm=SPACING, progress=False)
     res = {"dice": ev.summary["foreground_mean"]["dice"],
            "per_class": {k: v["dice"] for k, v in ev.summary["mean"].items()}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -213,6 +214,74 @@ def test_plain_function_model_and_bf16_autocast(net) -> None:
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()  # bf16: measured 1.4e-2 x max |logit|
 
 
+class Counting(torch.nn.Module):
+    """The network, counting its forward passes; pass number ``oom_at`` raises ``torch.OutOfMemoryError``
+    (the exception CUDA raises when activations do not fit), as a full device would mid-image."""
+
+    def __init__(self, net: torch.nn.Module, oom_at: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.net, self.oom_at, self.calls = net, oom_at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls in self.oom_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net(x)
+
+
+@pytest.fixture(scope="module")
+def conv() -> torch.nn.Module:
+    """A one-layer network: the fallback logic does not depend on the model, and this one is fast."""
+    torch.manual_seed(1)
+    return torch.nn.Conv3d(2, 3, 3, padding=1).eval()
+
+
+def test_accumulate_limit_moves_only_the_sums_and_keeps_finished_tiles(conv) -> None:
+    image = torch.randn(2, 2, 24, 16, 24, generator=torch.Generator().manual_seed(3))  # batch of 2
+    ref = sliding_window_predict(conv, image, 16, tile_batch=1, accumulate_device="cpu")  # no fallback possible
+    groups = 2 * 1 * 2  # tile starts per axis: [0, 8], [0], [0, 8]
+    weights, logits = 24 * 16 * 24 * 4, 2 * 3 * 24 * 16 * 24 * 4  # bytes of the sums (D, H, W), (B, K, D, H, W)
+
+    # the weight sums fit, the logit sums do not: they go to the host after the first forward pass,
+    # whose output is kept (no tile is run twice) and the result is bitwise the no-fallback one
+    counted = Counting(conv)
+    with pytest.warns(RuntimeWarning, match=r"exceed accumulate_limit_bytes.*tile group 1 of 4.*on the CPU"):
+        out = sliding_window_predict(counted, image, 16, tile_batch=1, accumulate_limit_bytes=weights + logits - 1)
+    assert counted.calls == 2 * groups
+    assert torch.equal(out, ref)
+    # not even the weight sums fit: on the host from the start, tiles still run
+    counted = Counting(conv)
+    with pytest.warns(RuntimeWarning, match="allocating the sums"):
+        out = sliding_window_predict(counted, image, 16, tile_batch=1, accumulate_limit_bytes=weights - 1,
+                                     mirror=(0,), output="probabilities")
+    assert counted.calls == 2 * groups * 2
+    ref_m = sliding_window_predict(conv, image, 16, tile_batch=1, accumulate_device="cpu", mirror=(0,),
+                                   output="probabilities")
+    assert torch.equal(out, ref_m)
+    # everything fits: no warning, same result
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(sliding_window_predict(conv, image, 16, tile_batch=1,
+                                                  accumulate_limit_bytes=weights + logits), ref)
+    with pytest.raises(ValueError, match="accumulate_limit_bytes"):
+        sliding_window_predict(conv, image, 16, accumulate_limit_bytes=-1)
+
+
+def test_oom_mid_image_continues_from_the_failed_tile_group(conv) -> None:
+    image = torch.randn(2, 24, 16, 24, generator=torch.Generator().manual_seed(4))
+    ref = sliding_window_predict(conv, image, 16, tile_batch=1, accumulate_device="cpu")
+    counted = Counting(conv, oom_at=(3,))  # the third tile group's forward pass fails
+    with pytest.warns(RuntimeWarning, match=r"CUDA out of memory.*tile group 3 of 4.*tiles still run on the device"):
+        out = sliding_window_predict(counted, image, 16, tile_batch=1)
+    assert counted.calls == 4 + 1  # groups 1-2 kept, group 3 run again, group 4: nothing recomputed
+    assert torch.equal(out, ref)
+    # with the sums pinned to a device an OOM is the model's own: raised
+    with pytest.raises(torch.OutOfMemoryError):
+        sliding_window_predict(Counting(conv, oom_at=(2,)), image, 16, tile_batch=1, accumulate_device="cpu")
+    with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError):  # fails again after the move
+        sliding_window_predict(Counting(conv, oom_at=(2, 3)), image, 16, tile_batch=1)
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu_and_oom_falls_back_to_cpu_accumulation(net) -> None:
     image = torch.randn(2, 48, 48, 48, generator=torch.Generator().manual_seed(8))
@@ -222,11 +291,16 @@ def test_cuda_matches_cpu_and_oom_falls_back_to_cpu_accumulation(net) -> None:
         out = sliding_window_predict(gpu, image, 32)
         assert out.device.type == "cuda"
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
+        # a limit below the sums: tiles on the GPU, sums on the host, the same numbers as on the GPU
+        with pytest.warns(RuntimeWarning, match="accumulate_limit_bytes"):
+            host = sliding_window_predict(gpu, image, 32, accumulate_limit_bytes=1)
+        assert host.device.type == "cpu"
+        torch.testing.assert_close(host, out.cpu(), rtol=1e-6, atol=1e-6)
         big = torch.randn(2, 160, 160, 160, generator=torch.Generator().manual_seed(9))
         free, _ = torch.cuda.mem_get_info()
         # reserve all but ~100 MiB so a 3 x 160^3 fp32 accumulator (49 MiB) plus tiles cannot fit
         hog = torch.empty(max(0, free - 100 * 2**20), dtype=torch.uint8, device="cuda")
-        with pytest.warns(RuntimeWarning, match="accumulating on the CPU"):
+        with pytest.warns(RuntimeWarning, match="sliding-window sums on the CPU"):
             out = sliding_window_predict(gpu, big, 32, tile_batch=8)
         del hog
         assert out.device.type == "cpu" and out.shape == (3, 160, 160, 160)

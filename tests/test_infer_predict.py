@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +14,15 @@ import s3d
 from s3d.cli import main as cli_main
 from s3d.data.nnunet import PreprocessingSpec, preprocess_case, restore_geometry
 from s3d.hub import save_pretrained
-from s3d.infer import find_cases, predict_case, predict_folder, sliding_window_predict
+from s3d.infer import (
+    CaseError,
+    check_case_files,
+    find_cases,
+    predict_case,
+    predict_folder,
+    scan_input_folder,
+    sliding_window_predict,
+)
 
 pytest.importorskip("scipy")  # resampling in preprocess_case
 
@@ -95,16 +104,100 @@ def test_find_cases_reports_every_problem(tmp_path: Path) -> None:
     img = np.ones((4, 4, 4))
     for name in ["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "noindex.nii.gz", "c_0002.nii.gz"]:
         _write(tmp_path / name, img, np.eye(4))
-    with pytest.raises(ValueError, match="3 problem") as err:
+    with pytest.raises(ValueError, match="5 problem") as err:
         find_cases(tmp_path, num_channels=2)
     msg = str(err.value)
     assert "b_0001.nii.gz: missing channel file" in msg
     assert "noindex.nii.gz: name must be" in msg
     assert "c_0002.nii.gz: channel 2" in msg
+    assert "c_0000.nii.gz: missing channel file" in msg and "c_0001.nii.gz: missing channel file" in msg
+    # per case: the usable case is kept, each bad one is listed under its case
+    scan = scan_input_folder(tmp_path, 2)
+    assert scan.cases == {"a": [tmp_path / "a_0000.nii.gz", tmp_path / "a_0001.nii.gz"]}
+    assert sorted((f.case or "", Path(f.file).name) for f in scan.problems) == [
+        ("", "noindex.nii.gz"), ("b", "b_0001.nii.gz"), ("c", "c_0000.nii.gz"), ("c", "c_0001.nii.gz"),
+        ("c", "c_0002.nii.gz")]
     (tmp_path / "noindex.nii.gz").unlink()
     (tmp_path / "c_0002.nii.gz").unlink()
     (tmp_path / "b_0000.nii.gz").unlink()
     assert find_cases(tmp_path, 2) == {"a": [tmp_path / "a_0000.nii.gz", tmp_path / "a_0001.nii.gz"]}
+    # .nii is read next to .nii.gz; other files are listed as ignored, hidden ones skipped
+    _write(tmp_path / "d_0000.nii", img, np.eye(4))
+    _write(tmp_path / "d_0001.nii.gz", img, np.eye(4))
+    (tmp_path / "README.md").write_text("x")
+    (tmp_path / ".DS_Store").write_text("x")
+    scan = scan_input_folder(tmp_path, 2)
+    assert scan.cases["d"] == [tmp_path / "d_0000.nii", tmp_path / "d_0001.nii.gz"]
+    assert scan.ignored == [tmp_path / "README.md"] and scan.problems == []
+    (tmp_path / "a_0000.nii.gz").unlink()
+    (tmp_path / "a_0001.nii.gz").unlink()
+    (tmp_path / "d_0001.nii.gz").unlink()
+    with pytest.raises(ValueError, match=r"(?s)no usable case.*d_0001\.nii\.gz: missing channel file"):
+        scan_input_folder(tmp_path, 2)
+    with pytest.raises(FileNotFoundError, match="input folder not found"):
+        scan_input_folder(tmp_path / "nope", 2)
+
+
+def test_check_case_files_names_the_file_and_the_header_problem(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    good = tmp_path / "g_0000.nii.gz"
+    _write(good, rng.random((6, 7, 8)), _affine((1.0, 2.0, 3.0)))
+    (h,) = check_case_files([good])
+    assert h.shape == (6, 7, 8) and h.spacing_mm == pytest.approx((1.0, 2.0, 3.0))
+    other = tmp_path / "g_0001.nii.gz"
+    _write(other, rng.random((6, 7, 9)), _affine((1.0, 2.0, 3.0)))
+    with pytest.raises(CaseError, match=r"shape \(6, 7, 9\) differs from g_0000\.nii\.gz's \(6, 7, 8\)") as err:
+        check_case_files([good, other])
+    assert err.value.file == str(other)
+    four = tmp_path / "f_0000.nii.gz"
+    _write(four, rng.random((6, 7, 8, 1)), np.eye(4))
+    with pytest.raises(CaseError, match="is a 4D image"):
+        check_case_files([four])
+
+
+@pytest.mark.parametrize("value", [0.0, 3.3, 1000.0])
+def test_constant_channel_becomes_zero_with_a_note(tmp_path: Path, model_dir: Path, value: float) -> None:
+    # before: value 0 and 1000 raised mid-batch (std exactly 0), 3.3 was z-scored with its float32
+    # rounding std (5e-7) into a channel of 1.0 everywhere; now every constant channel is 0, as documented
+    rng = np.random.default_rng(3)
+    ch0 = rng.normal(size=(20, 24, 28)) + 4.0  # nonzero everywhere: no crop
+    paths = [tmp_path / "k_0000.nii.gz", tmp_path / "k_0001.nii.gz"]
+    _write(paths[0], ch0, np.eye(4))
+    _write(paths[1], np.full(ch0.shape, value), np.eye(4))
+    model = s3d.hub.load_pretrained(model_dir, in_channels=None, num_classes=None).eval()
+    spec = PreprocessingSpec(target_spacing_mm=(1.0, 1.0, 1.0), channel_names=("t1", "t2"),
+                             labels={"background": 0, "a": 1, "b": 2}, patch_size=(32, 32, 32))
+    pred = predict_case(paths, model, spec, mirror=False)
+    assert pred.notes == ["channel 1 (t2, k_0001.nii.gz) is constant inside the nonzero crop: set to 0 (the "
+                          "z-scored mean) instead of z-scored"]
+    # reference: channel 0 z-scored in float64 by hand, channel 1 zeros; same grid (1 mm in and out)
+    c0 = ch0.astype(np.float32).astype(np.float64)
+    x = np.stack([(c0 - c0.mean()) / c0.std(), np.zeros_like(c0)]).astype(np.float32)
+    ref = sliding_window_predict(model, torch.from_numpy(x), (32, 32, 32), output="probabilities").numpy()
+    # float32 z-score (s3d) vs float64 (here): measured max |prob diff| 1.6e-6 on this input; tolerance 1e-5 (~6x)
+    np.testing.assert_allclose(pred.probabilities, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="channel 1 is constant"):  # training keeps raising for it
+        preprocess_case(paths, spec)
+
+
+def test_mirror_is_on_by_default_as_in_nnunet(tmp_path: Path, model_dir: Path) -> None:
+    rng = np.random.default_rng(4)
+    paths = [tmp_path / f"m_{c:04d}.nii.gz" for c in range(2)]
+    for p in paths:
+        _write(p, rng.normal(size=(32, 32, 32)) + 2.0, np.eye(4))
+    model = s3d.hub.load_pretrained(model_dir, in_channels=None, num_classes=None).eval()
+    spec = PreprocessingSpec(target_spacing_mm=(1.0, 1.0, 1.0), channel_names=("t1", "t2"),
+                             labels={"background": 0, "a": 1, "b": 2}, patch_size=(32, 32, 32))
+    x, _ = preprocess_case(paths, spec)
+    t = torch.from_numpy(x)[None]
+    with torch.no_grad():  # nnU-Net's rule: the mean of the logits over all 8 flips of the 3 axes
+        flips = [f for k in range(4) for f in itertools.combinations((2, 3, 4), k)]
+        logits = sum(torch.flip(model(torch.flip(t, f)), f) if f else model(t) for f in flips) / 8
+    ref = torch.softmax(logits[0], 0).numpy()
+    # Gaussian-weighted fp32 tile sums vs the direct average: measured max |prob diff| 1.2e-7; tolerance 1e-6 (~8x)
+    np.testing.assert_allclose(predict_case(paths, model, spec).probabilities, ref, atol=1e-6, rtol=0)
+    plain = predict_case(paths, model, spec, mirror=False).probabilities
+    assert np.abs(plain - ref).max() > 0.1  # the default is not the unmirrored prediction (measured 0.92)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +225,7 @@ def _dataset(root: Path) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
 
 def test_predict_folder_and_cli(tmp_path: Path, model_dir: Path) -> None:
     cases = _dataset(tmp_path / "in")
-    written = predict_folder(tmp_path / "in", tmp_path / "out", model_dir, device="cpu",
+    written = predict_folder(tmp_path / "in", tmp_path / "out", model_dir, device="cpu", mirror=False,
                              save_probabilities=True, progress=False)
     assert sorted(p.name for p in written) == ["aniso.nii.gz", "iso.nii.gz"]
     model = s3d.hub.load_pretrained(model_dir, in_channels=None, num_classes=None)
@@ -155,7 +248,7 @@ def test_predict_folder_and_cli(tmp_path: Path, model_dir: Path) -> None:
         np.testing.assert_allclose(restore_geometry(p.numpy(), props), probs, atol=1e-5)  # measured 0
 
     rc = cli_main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "cli"), "-m", str(model_dir),
-                   "--device", "cpu", "--tile-batch", "2", "--no-progress"])
+                   "--device", "cpu", "--tile-batch", "2", "--no-progress", "--no-mirror"])
     assert rc == 0
     for case in cases:
         a = np.asarray(nib.load(str(tmp_path / "cli" / f"{case}.nii.gz")).dataobj)

@@ -64,25 +64,41 @@ def crop_to_nonzero(
     return image[(slice(None), *bbox)], (None if seg is None else seg[bbox]), bbox
 
 
-def zscore(image: np.ndarray, mask: np.ndarray | None = None, eps: float = 1e-8) -> np.ndarray:
+def zscore(image: np.ndarray, mask: np.ndarray | None = None, eps: float = 1e-8,
+           constant: str = "error") -> np.ndarray:
     """Normalise each channel of (C, D, H, W) to zero mean, unit std.
 
     Args:
         mask: optional (D, H, W) bool; statistics over it only, voxels outside it set to 0 (nnU-Net's
             ``use_mask_for_norm``, with :func:`nonzero_mask`).
+        constant: what to do with a constant channel, see below.
+
+    A channel is constant when all its values (over ``mask``) are equal, or its std is below ``eps``.
+    ``constant="error"`` raises for it; ``constant="zero"`` sets it to 0 (the z-scored mean; it carries
+    no information), as prediction does (``docs/prediction.md``).
 
     Raises:
-        ValueError: a channel contains NaN/inf or is constant (std < eps); the message names it.
+        ValueError: a channel contains NaN/inf, or is constant with ``constant="error"``; the message
+            names it.
     """
+    if constant not in ("error", "zero"):
+        raise ValueError(f"constant must be 'error' or 'zero', got {constant!r}")
     out = np.empty_like(image, dtype=np.float32)
     for c in range(image.shape[0]):
         ch = image[c].astype(np.float32, copy=False)
         if not np.isfinite(ch).all():
             raise ValueError(f"channel {c} contains NaN or inf")
         vals = ch[mask] if mask is not None else ch
-        mean, std = float(vals.mean()), float(vals.std())
-        if std < eps:
-            raise ValueError(f"channel {c} is constant (std={std:.3g}); cannot z-score")
+        # exact test first: float32 rounding gives a constant channel a std of ~1e-7 * value, and
+        # dividing by that would turn rounding noise into +-1
+        const = vals.size == 0 or bool(vals.max() == vals.min())
+        mean, std = (0.0, 0.0) if const else (float(vals.mean()), float(vals.std()))
+        if const or std < eps:
+            if constant == "error":
+                value = f"value {float(vals.min()):.6g}" if vals.size else "no voxels"
+                raise ValueError(f"channel {c} is constant ({value}); cannot z-score")
+            out[c] = 0.0
+            continue
         out[c] = (ch - mean) / std
         if mask is not None:
             out[c][~mask] = 0.0

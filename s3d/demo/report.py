@@ -146,7 +146,7 @@ def _report_md(table: str, concl: str, figures: dict[str, str], timings: dict[st
         f"3. Fine-tuning: schedule `{s['schedule']}` ({s['schedule_description']}) from the pre-trained "
         f"backbone, vs. schedule `scratch` ({s['scratch_description']}) from a random init; "
         f"{s['finetune_steps']} steps each, warm-ups of 5 % each, the same cases and seed for both.",
-        "4. Prediction of the test cases (`s3d.infer.predict_folder`) and evaluation "
+        "4. Prediction of the test cases (`s3d.infer.predict_folder`, without mirroring, for time) and evaluation "
         "(`s3d.metrics.evaluate_folder`).",
         "",
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".",

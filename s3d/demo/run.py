@@ -182,7 +182,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
             seconds, loss, val = _finetune_run(ds, run_dir, pretrained, n, ft_steps, s, device)
             print(f"[4/5] predicting {s.num_test} test cases and scoring Dice / NSD")
             predict_folder(ds / "imagesTs", run_dir / "pred", run_dir / "model", device=device,
-                           progress=False)
+                           mirror=False, progress=False)  # mirroring would cost 8x the demo's budget
             dice, nsd, per_case, per_class = _evaluate(run_dir / "pred", ds, tau_mm=s.spacing_mm)
             runs.append(RunResult(n, init, dice, nsd, per_case, ft_steps, seconds, str(run_dir), val, loss,
                                   per_class))

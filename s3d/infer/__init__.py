@@ -1,11 +1,25 @@
 """Prediction: sliding windows on tensors (:func:`sliding_window_predict`) and NIfTI cases with a model
 directory (:func:`predict_folder`, alias :func:`predict`).
 
-- :mod:`~s3d.infer.sliding_window`: Gaussian-weighted overlapping tiles, mirroring, fp32 accumulation;
-- :mod:`~s3d.infer.cases`: ``{case}_{XXXX}.nii.gz`` in, label maps (and probabilities) out.
+- :mod:`~s3d.infer.sliding_window`: Gaussian-weighted overlapping tiles, mirroring, fp32 accumulation
+  (moving to the CPU when the device is full);
+- :mod:`~s3d.infer.inputs`: the cases of an input folder and the checks on their files;
+- :mod:`~s3d.infer.cases`: one case, ``{case}_{XXXX}.nii.gz`` in, label map (and probabilities) out;
+- :mod:`~s3d.infer.outputs`: a case's outputs written as a pair, temporaries swept;
+- :mod:`~s3d.infer.folder`: a whole folder, failures reported in ``OUT/failures.json``.
 """
 
-from s3d.infer.cases import CasePrediction, find_cases, load_model_dir, predict_case, predict_folder
+from s3d.infer.cases import (
+    CasePrediction,
+    PatchSizeError,
+    check_patch_size,
+    load_model_dir,
+    predict_case,
+    regions_to_labels,
+)
+from s3d.infer.folder import FAILURES_FILE, BatchPredictionError, PredictionNote, predict_folder
+from s3d.infer.inputs import CaseError, CaseFailure, InputScan, check_case_files, find_cases, scan_input_folder
+from s3d.infer.outputs import sweep_partial, write_case_outputs
 from s3d.infer.sliding_window import (
     gaussian_importance_map,
     mirror_axes_combinations,
@@ -17,7 +31,16 @@ from s3d.infer.sliding_window import (
 predict = predict_folder
 
 __all__ = [
+    "FAILURES_FILE",
+    "BatchPredictionError",
+    "CaseError",
+    "CaseFailure",
     "CasePrediction",
+    "InputScan",
+    "PatchSizeError",
+    "PredictionNote",
+    "check_case_files",
+    "check_patch_size",
     "find_cases",
     "gaussian_importance_map",
     "load_model_dir",
@@ -25,6 +48,10 @@ __all__ = [
     "predict",
     "predict_case",
     "predict_folder",
+    "regions_to_labels",
+    "scan_input_folder",
     "sliding_window_predict",
+    "sweep_partial",
     "tile_starts",
+    "write_case_outputs",
 ]

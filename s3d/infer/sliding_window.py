@@ -3,8 +3,8 @@
 :func:`sliding_window_predict` works on any ``model(x) -> logits`` (an ``nn.Module`` or a function)
 over an image (C, D, H, W) or (B, C, D, H, W) larger or smaller than the patch. Tiles overlap by
 ``1 - step`` of the patch, are weighted by a Gaussian (sigma = patch / 8, as nnU-Net) and are run
-``tile_batch`` at a time; logits are accumulated in fp32 on the compute device, or on the CPU when the
-device runs out of memory.
+``tile_batch`` at a time; logits are accumulated in fp32 on the compute device, or, from the moment the
+device runs out of memory, on the CPU (the tiles keep running on the device).
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def sliding_window_predict(
     tile_batch: int = 4,
     device: torch.device | str | None = None,
     accumulate_device: torch.device | str = "auto",
+    accumulate_limit_bytes: int | None = None,
     amp: str | torch.dtype | None = "off",
     sigma_scale: float = 1.0 / 8,
     gaussian: bool = True,
@@ -139,11 +140,17 @@ def sliding_window_predict(
         patch_size: tile size (d, h, w) in voxels; must be a size the model accepts.
         step: distance between tile starts as a fraction of the patch (0.5 = 50% overlap).
         mirror: ``True`` for all three spatial axes, or a sequence of spatial axes (0=D, 1=H, 2=W).
+            Off by default here; :func:`s3d.infer.predict_folder` and ``s3d predict`` mirror by default.
         tile_batch: tiles per forward pass.
         device: where the model runs; default: the device of the model's first parameter (CPU for a
             plain function).
-        accumulate_device: where the fp32 sums live. ``"auto"``: on ``device``, falling back to the
-            CPU (with a warning) when that raises ``torch.OutOfMemoryError``.
+        accumulate_device: where the fp32 sums live. ``"auto"``: on ``device`` while it has room; when
+            it runs out of memory (``torch.OutOfMemoryError``) or the sums would exceed
+            ``accumulate_limit_bytes``, the sums move to the CPU with a ``RuntimeWarning`` and the tiles
+            keep running on ``device``, from the tile group that failed (finished tiles are kept).
+            A device name: always there.
+        accumulate_limit_bytes: with ``"auto"``, the most bytes of sums (``(B * K + 1) * D * H * W * 4``)
+            to keep on ``device``; ``None``: as many as fit.
         amp: ``"off"`` (full fp32), ``"auto"``, ``"bf16"`` or ``"fp16"`` (:mod:`s3d.runtime.device`),
             or a torch dtype: the model runs under that autocast.
         sigma_scale: Gaussian sigma as a fraction of the patch; ``gaussian=False`` weights uniformly.
@@ -155,6 +162,8 @@ def sliding_window_predict(
 
     Raises:
         ValueError: the image is not 4D/5D, is 1 voxel thick along an axis, or an argument is invalid.
+        torch.OutOfMemoryError: the model itself does not fit on ``device`` (try a smaller
+            ``tile_batch``), also after the sums moved to the CPU.
 
     Example:
         >>> net = s3d.build_resenc_unet("tiny", in_channels=1, num_classes=2).eval()
@@ -181,6 +190,8 @@ def sliding_window_predict(
         raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
     if output not in ("logits", "probabilities"):
         raise ValueError(f"output must be 'logits' or 'probabilities', got {output!r}")
+    if accumulate_limit_bytes is not None and accumulate_limit_bytes < 0:
+        raise ValueError(f"accumulate_limit_bytes must be >= 0 or None, got {accumulate_limit_bytes}")
     if mirror is True:
         mirror_axes: Sequence[int] = (0, 1, 2)
     elif mirror is False or mirror is None:
@@ -202,86 +213,137 @@ def sliding_window_predict(
     weight = (gaussian_importance_map(patch, sigma_scale, device=device) if gaussian
               else torch.ones(patch, device=device))
 
-    def run(acc_device: torch.device) -> torch.Tensor:
-        outs = [_predict_one(model, images[b], patch, starts, flips, weight, tile_batch, device, acc_device,
-                             autocast_dtype, progress) for b in range(images.shape[0])]
-        return torch.stack(outs)
-
-    acc = device if accumulate_device == "auto" else torch.device(accumulate_device)
-    out: torch.Tensor | None = None
-    if accumulate_device == "auto" and device.type != "cpu":
-        try:
-            out = run(acc)
-        except torch.OutOfMemoryError:
-            pass  # retry below, outside the handler, so the traceback no longer holds device tensors
-        if out is None:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            warnings.warn(f"out of memory accumulating a {padded} image on {device}; "
-                          "accumulating on the CPU instead (slower)", RuntimeWarning, stacklevel=2)
-            out = run(torch.device("cpu"))
-    else:
-        out = run(acc)
-
-    if padded != spatial:
+    auto = isinstance(accumulate_device, str) and accumulate_device == "auto"
+    sums = _Sums(device if auto else torch.device(accumulate_device), movable=auto, limit_bytes=accumulate_limit_bytes)
+    groups = [starts[i: i + tile_batch] for i in range(0, len(starts), tile_batch)]
+    bar = progress_bar(desc="tiles", unit="tile", total=len(starts) * images.shape[0], enabled=progress, leave=False)
+    with torch.inference_mode(), bar:
+        for b in range(images.shape[0]):
+            sums.retry("allocating the sums", sums.start_image, padded)
+            for gi, group in enumerate(groups):
+                where = f"tile group {gi + 1} of {len(groups)}"
+                slices = [tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True)) for st in group]
+                x = sums.retry(where, _gather, images[b], slices, device)
+                tiles = sums.retry(where, _weighted_logits, model, x, flips, weight, patch, device, autocast_dtype)
+                sums.retry(where, sums.allocate, images.shape[0], tiles.shape[1], padded)
+                sums.retry(where, sums.add, b, tiles, slices, weight, [0])
+                bar.update(len(group))
+            sums.retry("dividing the sums", sums.finish_image, b)
         crop = tuple(slice(lo, lo + n) for lo, n in zip(pad_lo, spatial, strict=True))
-        out = out[(slice(None), slice(None), *crop)].contiguous()
-    if output == "probabilities":
-        out = torch.softmax(out, dim=1)
+        out = sums.retry("cropping the result", sums.result, crop if padded != spatial else None,
+                         output == "probabilities")
     return out if batched else out[0]
 
 
-def _predict_one(
-    model: Model,
-    image: torch.Tensor,
-    patch: tuple[int, int, int],
-    starts: list[tuple[int, int, int]],
-    flips: list[tuple[int, ...]],
-    weight: torch.Tensor,
-    tile_batch: int,
-    device: torch.device,
-    acc_device: torch.device,
-    autocast_dtype: torch.dtype | None,
-    progress: bool,
-) -> torch.Tensor:
-    """Accumulate Gaussian-weighted logits of one (C, D, H, W) image; returns (K, D, H, W) fp32."""
-    spatial = tuple(image.shape[1:])
-    logit_sum: torch.Tensor | None = None
-    weight_sum = torch.zeros(spatial, dtype=torch.float32, device=acc_device)
-    w_acc = weight.to(acc_device, torch.float32)
-    bar = progress_bar(desc="tiles", unit="tile", total=len(starts), enabled=progress, leave=False)
-    with torch.inference_mode(), bar:
-        for i in range(0, len(starts), tile_batch):
-            group = starts[i: i + tile_batch]
-            slices = [tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True)) for st in group]
-            x = torch.stack([image[(slice(None), *sl)] for sl in slices]).to(device, non_blocking=True)
-            logits = None
-            for axes in flips:
-                dims = [a + 2 for a in axes]
-                xi = torch.flip(x, dims) if dims else x
-                with autocast(device, autocast_dtype):
-                    y = model(xi)
-                if isinstance(y, (list, tuple)):  # deep supervision: full resolution first
-                    y = y[0]
-                y = y.float()
-                if dims:
-                    y = torch.flip(y, dims)
-                logits = y if logits is None else logits + y
-            assert logits is not None
-            if len(flips) > 1:
-                logits = logits / len(flips)
-            if logits.shape[2:] != patch:
-                raise ValueError(f"model returned logits of spatial shape {tuple(logits.shape[2:])} for "
-                                 f"tiles of {patch}; expected the same spatial shape")
-            logits = (logits * weight).to(acc_device)
-            if logit_sum is None:
-                logit_sum = torch.zeros((logits.shape[1], *spatial), dtype=torch.float32, device=acc_device)
-            for t, sl in enumerate(slices):
-                logit_sum[(slice(None), *sl)] += logits[t]
-                weight_sum[sl] += w_acc
-            bar.update(len(group))
-    assert logit_sum is not None
-    return logit_sum / weight_sum
+def _gather(image: torch.Tensor, slices: list[tuple[slice, ...]], device: torch.device) -> torch.Tensor:
+    """Tiles (N, C, d, h, w) of a (C, D, H, W) image, on ``device``."""
+    return torch.stack([image[(slice(None), *sl)] for sl in slices]).to(device, non_blocking=True)
+
+
+def _weighted_logits(model: Model, x: torch.Tensor, flips: list[tuple[int, ...]], weight: torch.Tensor,
+                     patch: tuple[int, int, int], device: torch.device,
+                     autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """Gaussian-weighted fp32 logits (N, K, d, h, w) of tiles ``x``, averaged over the mirror flips."""
+    logits = None
+    for axes in flips:
+        dims = [a + 2 for a in axes]
+        xi = torch.flip(x, dims) if dims else x
+        with autocast(device, autocast_dtype):
+            y = model(xi)
+        if isinstance(y, (list, tuple)):  # deep supervision: full resolution first
+            y = y[0]
+        y = y.float()
+        if dims:
+            y = torch.flip(y, dims)
+        logits = y if logits is None else logits + y
+    assert logits is not None
+    if len(flips) > 1:
+        logits = logits / len(flips)
+    if logits.shape[2:] != patch:
+        raise ValueError(f"model returned logits of spatial shape {tuple(logits.shape[2:])} for "
+                         f"tiles of {patch}; expected the same spatial shape")
+    return logits * weight
+
+
+class _Sums:
+    """The fp32 sums of one sliding-window call: ``logits`` (B, K, D, H, W), ``weights`` (D, H, W).
+
+    They start on ``device``; when ``movable``, an out-of-memory error there (or sums that would
+    exceed ``limit_bytes``) moves them to the CPU once and the failed step runs again (:meth:`retry`).
+    """
+
+    def __init__(self, device: torch.device, movable: bool, limit_bytes: int | None) -> None:
+        self.device = device
+        self.movable = movable
+        self.limit_bytes = limit_bytes
+        self.logits: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+        self._tile_weight: torch.Tensor | None = None  # the Gaussian on self.device
+
+    def retry(self, where: str, step: Callable[..., Any], *args: Any) -> Any:
+        """``step(*args)``; if the device runs out of memory and the sums can still move, move them, run it again."""
+        try:
+            return step(*args)
+        except torch.OutOfMemoryError as e:
+            if not self.movable:
+                raise
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        # outside the handler, so the traceback no longer holds device tensors
+        self.to_host(f"{reason} ({where})")
+        return step(*args)
+
+    def to_host(self, reason: str) -> None:
+        old = self.device
+        self.movable = False
+        self.device = torch.device("cpu")
+        self.logits = None if self.logits is None else self.logits.cpu()
+        self.weights = None if self.weights is None else self.weights.cpu()
+        self._tile_weight = None
+        if old.type == "cuda":
+            torch.cuda.empty_cache()
+        warnings.warn(f"{reason} on {old}: accumulating the sliding-window sums on the CPU from here on "
+                      "(tiles still run on the device; slower)", RuntimeWarning, stacklevel=4)
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.movable and self.limit_bytes is not None:
+            held = sum(t.numel() * 4 for t in (self.logits, self.weights) if t is not None)
+            need = math.prod(shape) * 4
+            if held + need > self.limit_bytes:
+                raise torch.OutOfMemoryError(f"{held + need} bytes of sums exceed accumulate_limit_bytes="
+                                             f"{self.limit_bytes}")
+        return torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def start_image(self, spatial: tuple[int, int, int]) -> None:
+        if self.weights is None:
+            self.weights = self._zeros(spatial)
+        else:
+            self.weights.zero_()
+
+    def allocate(self, batch: int, classes: int, spatial: tuple[int, int, int]) -> None:
+        if self.logits is None:  # K is known after the first forward pass
+            self.logits = self._zeros((batch, classes, *spatial))
+
+    def add(self, b: int, tiles: torch.Tensor, slices: list[tuple[slice, ...]], weight: torch.Tensor,
+            done: list[int]) -> None:
+        """Add the weighted ``tiles`` of image ``b``; ``done[0]`` counts the tiles added (a retry goes on)."""
+        assert self.logits is not None and self.weights is not None
+        if self._tile_weight is None:
+            self._tile_weight = weight.to(self.device, torch.float32)
+        tiles = tiles.to(self.device)
+        while done[0] < len(slices):  # in-place adds allocate nothing on the device
+            sl = slices[done[0]]
+            self.logits[(b, slice(None), *sl)] += tiles[done[0]]
+            self.weights[sl] += self._tile_weight
+            done[0] += 1
+
+    def finish_image(self, b: int) -> None:
+        assert self.logits is not None and self.weights is not None
+        self.logits[b] /= self.weights
+
+    def result(self, crop: tuple[slice, ...] | None, softmax: bool) -> torch.Tensor:
+        assert self.logits is not None
+        out = self.logits if crop is None else self.logits[(slice(None), slice(None), *crop)].contiguous()
+        return torch.softmax(out, dim=1) if softmax else out
 
 
 def _triple(value: Sequence[int] | int, name: str) -> tuple[int, int, int]:

@@ -41,7 +41,8 @@ class PreprocessingSpec:
     Attributes:
         target_spacing_mm: voxel spacing after resampling, mm per voxel along (D, H, W).
         channel_names: input channels in order (``imagesTr/{case}_0000`` is the first).
-        labels: label name -> value, as in dataset.json.
+        labels: label name -> value, as in dataset.json; a list of values is an nnU-Net region
+            (prediction only: the network has one sigmoid output per region, see ``regions``).
         normalization: ``"zscore"`` (per channel).
         use_mask_for_norm: z-score statistics over the nonzero mask only, voxels outside it 0
             (nnU-Net's ``use_mask_for_norm``); False (default, as the nnssl pre-training): over the
@@ -50,16 +51,19 @@ class PreprocessingSpec:
         crop_to_nonzero: crop to the bounding box of voxels nonzero in any channel first.
         patch_size: training/prediction patch (D, H, W) voxels, or ``None`` (chosen at training).
         file_ending: NIfTI suffix of the input files.
+        regions_class_order: with region labels, the label value each region's output paints, in
+            ``regions`` order (later regions overwrite earlier ones), as nnU-Net's dataset.json.
     """
 
     target_spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
     channel_names: tuple[str, ...] = ("image",)
-    labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "foreground": 1})
+    labels: dict[str, int | tuple[int, ...]] = field(default_factory=lambda: {"background": 0, "foreground": 1})
     normalization: str = "zscore"
     use_mask_for_norm: bool = False
     crop_to_nonzero: bool = True
     patch_size: tuple[int, int, int] | None = None
     file_ending: str = ".nii.gz"
+    regions_class_order: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.target_spacing_mm = tuple(float(s) for s in self.target_spacing_mm)  # type: ignore[assignment]
@@ -69,7 +73,19 @@ class PreprocessingSpec:
         self.channel_names = tuple(str(c) for c in self.channel_names)
         if not self.channel_names:
             raise ValueError("channel_names: need at least one input channel")
-        self.labels = {str(k): int(v) for k, v in self.labels.items()}
+        labels: dict[str, int | tuple[int, ...]] = {}
+        for k, v in self.labels.items():
+            values = tuple(int(x) for x in v) if isinstance(v, list | tuple) else (int(v),)
+            labels[str(k)] = values if len(values) > 1 else values[0]  # a list of one value is that label
+        self.labels = labels
+        if self.regions_class_order is not None:
+            self.regions_class_order = tuple(int(c) for c in self.regions_class_order)  # type: ignore[assignment]
+            if not self.has_regions:
+                raise ValueError("regions_class_order is set, but no label is a region (a list of values)")
+        if self.has_regions and (self.regions_class_order is None
+                                 or len(self.regions_class_order) != len(self.regions)):
+            raise ValueError(f"labels has {len(self.regions)} region(s) {self.regions}: regions_class_order "
+                             f"needs one label value per region, got {self.regions_class_order}")
         if self.normalization != "zscore":
             raise ValueError(f"normalization: only 'zscore' is supported, got {self.normalization!r}")
         if not isinstance(self.use_mask_for_norm, bool):
@@ -81,9 +97,24 @@ class PreprocessingSpec:
                 raise ValueError(f"patch_size: expected 3 positive ints (voxels), got {self.patch_size}")
 
     @property
+    def has_regions(self) -> bool:
+        """Whether a label is an nnU-Net region (a list of more than one value), as nnU-Net decides."""
+        return any(isinstance(v, tuple) and len(v) > 1 for v in self.labels.values())
+
+    @property
+    def regions(self) -> list[tuple[int, ...]]:
+        """Foreground regions in label order (not background, not ``ignore``); ``[]`` without regions."""
+        if not self.has_regions:
+            return []
+        return [v if isinstance(v, tuple) else (v,) for k, v in self.labels.items()
+                if k != "ignore" and set(v if isinstance(v, tuple) else (v,)) != {0}]
+
+    @property
     def num_classes(self) -> int:
-        """Network output channels: the largest label value + 1."""
-        return max(self.labels.values()) + 1
+        """Network output channels: the largest label value + 1, or the number of regions."""
+        if self.has_regions:
+            return len(self.regions)
+        return max(self.labels.values()) + 1  # type: ignore[type-var]
 
     @classmethod
     def from_dataset(cls, ds: NnUNetDataset, **overrides: Any) -> PreprocessingSpec:
@@ -141,6 +172,8 @@ class PreprocessingSpec:
         d = self.to_dict()
         d.pop("patch_size")
         d.pop("file_ending")
+        if d.get("regions_class_order") is None:
+            d.pop("regions_class_order")  # keeps the keys of caches written before regions existed
         d["_version"] = 2  # 2: resampling as nnunetv2 2.8.1 (range clip, label argmax, separate-axis rule)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -192,7 +225,7 @@ def _load_channels(image_paths: Sequence[str | os.PathLike[str]], spec: Preproce
 
 
 def _preprocess(image: np.ndarray, seg: np.ndarray | None, header: Any, spec: PreprocessingSpec,
-                paths: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+                paths: Sequence[Any], constant: str = "error") -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     original_shape = tuple(int(s) for s in image.shape[1:])
     if spec.crop_to_nonzero:
         image, seg, bbox = crop_to_nonzero(image, seg)
@@ -200,9 +233,11 @@ def _preprocess(image: np.ndarray, seg: np.ndarray | None, header: Any, spec: Pr
         bbox = tuple(slice(0, n) for n in original_shape)
     cropped_shape = tuple(int(s) for s in image.shape[1:])
     try:
-        image = zscore(image, nonzero_mask(image) if spec.use_mask_for_norm else None)
+        image = zscore(image, nonzero_mask(image) if spec.use_mask_for_norm else None, constant=constant)
     except ValueError as e:
         raise ValueError(f"{[str(p) for p in paths]}: {e}") from None
+    # with constant="zero" exactly the constant channels are all 0 (a z-scored one has std 1)
+    constant_channels = [c for c in range(image.shape[0]) if constant == "zero" and not image[c].any()]
     new_shape = shape_for_spacing(cropped_shape, header.spacing_mm, spec.target_spacing_mm)
     axis = anisotropic_axis(header.spacing_mm, spec.target_spacing_mm)
     image = resample_image(image, new_shape, order=3, separate_axis=axis)
@@ -218,12 +253,13 @@ def _preprocess(image: np.ndarray, seg: np.ndarray | None, header: Any, spec: Pr
         "shape": [int(s) for s in new_shape],
         "spacing_mm": list(spec.target_spacing_mm),
         "separate_axis": axis,
+        "constant_channels": constant_channels,
     }
     return image.astype(np.float32, copy=False), seg, props
 
 
 def preprocess_case(
-    image_paths: Sequence[str | os.PathLike[str]], spec: PreprocessingSpec
+    image_paths: Sequence[str | os.PathLike[str]], spec: PreprocessingSpec, constant_channels: str = "error"
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Read one case's channel files and bring them into the network's space.
 
@@ -234,11 +270,13 @@ def preprocess_case(
     Args:
         image_paths: one NIfTI file per channel, in ``spec.channel_names`` order; equal shapes/affines.
         spec: the preprocessing to apply.
+        constant_channels: a channel constant over the crop: ``"error"`` (ValueError) or ``"zero"``
+            (set to 0, as ``s3d predict`` does; see :func:`s3d.data.preprocess.zscore`).
 
     Returns:
         ``(array, properties)``: array (C, D', H', W') float32; properties (JSON-able dict) holding
         the original shape, spacing (mm), affine, the crop bbox and resampled shape, for
-        :func:`restore_geometry`.
+        :func:`restore_geometry`, and ``constant_channels`` (indices of the channels found constant).
 
     Example:
         >>> x, props = preprocess_case(["case_0000.nii.gz", "case_0001.nii.gz"], spec)
@@ -246,7 +284,7 @@ def preprocess_case(
         ((2, 40, 48, 44), [48, 52, 40])
     """
     image, header = _load_channels(image_paths, spec)
-    data, _, props = _preprocess(image, None, header, spec, image_paths)
+    data, _, props = _preprocess(image, None, header, spec, image_paths, constant_channels)
     return data, props
 
 

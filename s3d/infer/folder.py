@@ -1,0 +1,217 @@
+"""A folder of cases: predict every usable one, report the rest, leave nothing stale or half-written.
+
+:func:`predict_folder` (``s3d.predict``, ``s3d predict``) goes through the whole batch: a case it
+cannot read or use is skipped and reported (case, file, reason) in ``OUT/failures.json`` and in the
+:class:`BatchPredictionError` raised at the end; every other case is predicted. Outputs of an earlier
+run for a case that now fails are removed, so nothing in ``OUT`` looks current that is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from s3d.infer.cases import check_patch_size, load_model_dir, predict_case
+from s3d.infer.inputs import CaseError, CaseFailure, scan_input_folder
+from s3d.infer.outputs import sweep_partial
+from s3d.runtime.device import resolve_device
+from s3d.runtime.progress import progress as progress_bar
+
+#: the failures report a batch with failures writes into its output folder (removed by a clean run)
+FAILURES_FILE = "failures.json"
+
+
+class PredictionNote(UserWarning):
+    """A case was predicted under a documented policy (e.g. a constant channel), or an input was ignored."""
+
+
+class BatchPredictionError(ValueError):
+    """Some inputs of a batch could not be predicted; every other case was.
+
+    Attributes:
+        written: the label files written.
+        failures: one :class:`~s3d.infer.inputs.CaseFailure` per problem.
+        report_path: ``OUT/failures.json``.
+        notes: policy notes (constant channels, ignored files).
+    """
+
+    def __init__(self, message: str, written: list[Path], failures: list[CaseFailure], report_path: Path,
+                 notes: list[str]) -> None:
+        super().__init__(message)
+        self.written, self.failures, self.report_path, self.notes = written, failures, report_path, notes
+
+
+def predict_folder(
+    input_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    *,
+    step: float = 0.5,
+    mirror: bool | Sequence[int] = True,
+    tile_batch: int = 4,
+    device: torch.device | str | None = "auto",
+    accumulate_device: torch.device | str = "auto",
+    accumulate_limit_bytes: int | None = None,
+    amp: str | torch.dtype | None = "off",
+    patch_size: Sequence[int] | None = None,
+    save_probabilities: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Predict every case of ``input_dir`` with the model in ``model_dir``; write label NIfTIs.
+
+    Input: nnU-Net naming, ``{case}_{XXXX}.nii.gz`` (or ``.nii``) with one file per channel (XXXX =
+    0000, 0001, ...). Output: ``output_dir/{case}{file_ending}`` (labels, same shape, affine and
+    header as the case's first channel file) and, with ``save_probabilities``, ``output_dir/{case}.npz``
+    (``probabilities`` (K, D, H, W) float32, ``labels``, ``regions``), the two written as a pair. A
+    model directory is :func:`s3d.hub.save_pretrained` output (``model.safetensors`` +
+    ``config.json``) plus ``preprocessing.json``.
+
+    A case that cannot be read or used is skipped; at the end the failures (case, file, reason) are
+    written to ``output_dir/failures.json`` and raised as :class:`BatchPredictionError`. A run without
+    failures removes an old ``failures.json``. Cases predicted under a documented policy (a constant
+    channel) or ignored entries give a :class:`PredictionNote` warning.
+
+    Args:
+        input_dir: folder of input NIfTI files.
+        output_dir: created if missing; existing predictions are replaced (atomically); temporaries of
+            an interrupted run are removed first.
+        model_dir: see above.
+        mirror: mirroring test-time augmentation; default all three axes (8 passes per tile), as
+            nnU-Net's default for 3D models; ``False`` for speed.
+        step, tile_batch, accumulate_device, accumulate_limit_bytes, amp: as
+            :func:`~s3d.infer.sliding_window_predict`.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        patch_size: tile size (voxels); default ``preprocessing.json``'s ``patch_size``.
+        save_probabilities: also write ``{case}.npz`` (without it, an old ``{case}.npz`` is removed when
+            ``{case}``'s new label map is written).
+        progress: a tqdm bar over cases (and one over each case's tiles).
+
+    Returns:
+        Paths of the label files written, in case order.
+
+    Raises:
+        FileNotFoundError / ValueError: the model directory, the patch size or the input folder (no
+            usable case at all) is wrong; nothing in ``output_dir`` is touched.
+        BatchPredictionError: after the batch, when any input failed (the others were predicted).
+
+    Example:
+        >>> s3d.predict("imagesTs", "predictions", "runs/Dataset001/model")
+        [PosixPath('predictions/case_001.nii.gz'), ...]
+    """
+    model_dir = Path(model_dir)
+    dev = resolve_device(device)
+    model, spec = load_model_dir(model_dir, device=dev)
+    source = "patch_size" if patch_size is not None else f"{model_dir / 'preprocessing.json'}: patch_size"
+    patch = check_patch_size(patch_size if patch_size is not None else spec.patch_size, model, source)
+    scan = scan_input_folder(input_dir, len(spec.channel_names), spec.file_ending)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    sweep_partial(output_dir)
+    report_path = output_dir / FAILURES_FILE
+    report_path.unlink(missing_ok=True)  # from an earlier run: it never describes this one
+
+    notes = [f"{p}: {'a folder' if p.is_dir() else 'not a NIfTI file'}; ignored" for p in scan.ignored]
+    for n in notes:
+        warnings.warn(n, PredictionNote, stacklevel=2)
+    failures: list[CaseFailure] = []
+    for problem in scan.problems:
+        if problem.case is not None:
+            problem.removed = _remove_outputs(output_dir, problem.case, spec.file_ending)
+        failures.append(problem)
+    written: list[Path] = []
+    with _sigterm_raises_systemexit():
+        for case, paths in progress_bar(scan.cases.items(), desc="predict", unit="case", enabled=progress):
+            out, npz = output_dir / f"{case}{spec.file_ending}", output_dir / f"{case}.npz"
+            earlier = [str(q) for q in (out, npz) if q.exists()]
+            try:
+                if not save_probabilities:
+                    npz.unlink(missing_ok=True)  # an old .npz must not sit next to a new label map
+                pred = predict_case(paths, model, spec, patch_size=patch, output_path=out,
+                                    probabilities_path=npz if save_probabilities else None, step=step,
+                                    mirror=mirror, tile_batch=tile_batch, device=dev,
+                                    accumulate_device=accumulate_device,
+                                    accumulate_limit_bytes=accumulate_limit_bytes, amp=amp, progress=progress)
+            except Exception as e:  # noqa: BLE001 - one case never stops the batch; it is reported below
+                file, reason = _blame(e, paths)
+                _remove_outputs(output_dir, case, spec.file_ending)
+                failures.append(CaseFailure(case, file, reason, earlier))
+                continue
+            written.append(out)
+            for n in pred.notes:
+                notes.append(f"{case}: {n}")
+                warnings.warn(f"{case}: {n}", PredictionNote, stacklevel=2)
+    if not failures:
+        return written
+
+    from s3d._fs import write_json_atomic
+
+    n_cases = len(scan.cases) + len({p.case for p in scan.problems if p.case is not None})
+    write_json_atomic(report_path, {
+        "input": str(input_dir), "output": str(output_dir), "model": str(model_dir),
+        "cases": n_cases, "predicted": len(written), "failed": len(failures),
+        "failures": [dataclasses.asdict(f) for f in failures], "notes": notes})
+    lines = []
+    for f in failures:
+        removed = f" (removed the earlier run's {', '.join(Path(r).name for r in f.removed)})" if f.removed else ""
+        lines.append(f"  - {f.case if f.case is not None else '(no case)'}: {f.file}: {f.reason}{removed}")
+    message = (f"{len(failures)} input problem(s); predicted {len(written)} of {n_cases} case(s); "
+               f"the failures are listed in {report_path}:\n" + "\n".join(lines))
+    raise BatchPredictionError(message, written, failures, report_path, notes)
+
+
+def _remove_outputs(output_dir: Path, case: str, file_ending: str) -> list[str]:
+    """Remove the outputs an earlier run wrote for ``case``; returns the paths removed."""
+    removed = []
+    for p in (output_dir / f"{case}{file_ending}", output_dir / f"{case}.npz"):
+        if p.exists():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            removed.append(str(p))
+    return removed
+
+
+def _blame(e: Exception, paths: Sequence[Path]) -> tuple[str, str]:
+    """(file at fault, reason) for a failed case: the file the message names, else the first channel file."""
+    if isinstance(e, CaseError):
+        return e.file, e.reason
+    text = str(e).strip() or type(e).__name__
+    if not isinstance(e, (ValueError, OSError)):
+        text = f"{type(e).__name__}: {text}"
+        if isinstance(e, torch.OutOfMemoryError):
+            text += " (try a smaller --tile-batch or --patch-size)"
+    for p in paths:
+        if text.startswith(f"{p}: "):
+            return str(p), text[len(f"{p}: "):]
+    for p in paths:
+        if str(p) in text:
+            return str(p), text
+    return str(paths[0]), text
+
+
+@contextlib.contextmanager
+def _sigterm_raises_systemexit() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit(143)`` so that ``finally`` blocks remove temporary files.
+
+    Only in the main thread and only where SIGTERM has its default action (a handler of the caller's
+    stays in charge).
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
