@@ -113,8 +113,8 @@ class Schedule:
                 ``--warmup-steps`` with values that work.
 
         Example:
-            >>> [(p.name, p.start, p.stop) for p in get_schedule("best").plan(1000)]
-            [('warmup_decoder', 0, 50), ('warmup_all', 50, 100), ('train', 100, 1000)]
+            >>> ", ".join(f"{p.name} {p.start}-{p.stop}" for p in get_schedule("best").plan(1000))
+            'warmup_decoder 0-50, warmup_all 50-100, train 100-1000'
         """
         peak = float(self.peak_lr if peak_lr is None else peak_lr)
         w = self._warmup_len(total_steps, warmup_steps)

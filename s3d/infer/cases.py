@@ -173,8 +173,13 @@ def predict_case(
         probabilities_path: write ``probabilities`` (K, D, H, W) float32 and ``labels`` (the label
             values of the K channels) here as ``.npz``; written as a pair with ``output_path``.
         mirror: mirroring test-time augmentation: ``True`` (all three axes, as nnU-Net), ``False``, or axes.
-        step, tile_batch, device, accumulate_device, accumulate_limit_bytes, amp, progress: as
-            :func:`sliding_window_predict`.
+        step: as in :func:`sliding_window_predict`.
+        tile_batch: as in :func:`sliding_window_predict`.
+        device: as in :func:`sliding_window_predict`.
+        accumulate_device: as in :func:`sliding_window_predict`.
+        accumulate_limit_bytes: as in :func:`sliding_window_predict`.
+        amp: as in :func:`sliding_window_predict`.
+        progress: as in :func:`sliding_window_predict`.
 
     Returns:
         :class:`CasePrediction` in the input's voxel grid.

@@ -86,8 +86,11 @@ def predict_folder(
         model_dir: see above.
         mirror: mirroring test-time augmentation; default all three axes (8 passes per tile), as
             nnU-Net's default for 3D models; ``False`` for speed.
-        step, tile_batch, accumulate_device, accumulate_limit_bytes, amp: as
-            :func:`~s3d.infer.sliding_window_predict`.
+        step: as in :func:`~s3d.infer.sliding_window_predict`.
+        tile_batch: as in :func:`~s3d.infer.sliding_window_predict`.
+        accumulate_device: as in :func:`~s3d.infer.sliding_window_predict`.
+        accumulate_limit_bytes: as in :func:`~s3d.infer.sliding_window_predict`.
+        amp: as in :func:`~s3d.infer.sliding_window_predict`.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         patch_size: tile size (voxels); default ``preprocessing.json``'s ``patch_size``.
         save_probabilities: also write ``{case}.npz`` (without it, an old ``{case}.npz`` is removed when
