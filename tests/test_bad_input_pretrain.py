@@ -65,7 +65,7 @@ def test_every_image_rejected(tmp_path: Path) -> None:
     assert rep.rc == 0 and "fov" in rep.out and "3" in rep.out, rep.text
 
 
-@case("pretrain", "a truncated .nii.gz and a non-NIfTI file among good images", "handled")
+@case("pretrain", "a truncated .nii.gz and a non-NIfTI file among good images", "skipped")
 def test_truncated_file_is_reported_by_rule(tmp_path: Path) -> None:
     raw = _archive(tmp_path / "raw" / "dsA")
     bad = raw / "sub-00" / "anat" / "sub-00_T1w.nii.gz"
@@ -74,9 +74,10 @@ def test_truncated_file_is_reported_by_rule(tmp_path: Path) -> None:
     (raw / "notes.txt").write_text("not an image")
     before = snapshot(tmp_path / "raw")
     res = run_s3d("pretrain", "--data", tmp_path / "raw", "--out", tmp_path / "prep", "--prepare-only", *SMALL)
-    assert res.rc == 0, res.text[-2000:]
+    assert res.rc == 1, res.text[-2000:]  # a batch command: the good files are prepared, the failure reported
     assert_no_traceback(res)
     assert "2 ok" in res.out and "1 failed" in res.out and "1 rejected" in res.out
+    assert "1 file(s) could not be read" in res.out and "manifest.json" in res.out
     assert snapshot(tmp_path / "raw") == before
     m = json.loads((tmp_path / "prep" / "manifest.json").read_text())
     by_path = {Path(e["path"]).name: e for e in m["entries"]}

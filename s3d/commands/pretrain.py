@@ -174,6 +174,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"prepared {target}{f' shard {shard[0]}/{shard[1]}' if shard else ''}: {c['ok']} ok "
               f"({c['processed']} processed, {c['skipped']} already done), {c['rejected']} rejected, "
               f"{c['failed']} failed; reasons in {where} (summary: s3d pretrain --report {target})")
+        # a batch command: files that could not be read are reported and make the exit status 1
+        # (the others are prepared and kept; training from the folder works, without them)
+        status = 0
+        if c["failed"]:
+            print(f"{c['failed']} file(s) could not be read or prepared (listed with rule 'unreadable' in {where}); "
+                  "repair or remove them and run the same command again (finished files are not redone)")
+            status = 1
         if shard is not None:
             if "merge_error" in manifest:
                 print(f"all {shard[1]} shard manifests are there but do not merge yet: {manifest['merge_error']}")
@@ -181,12 +188,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"all {shard[1]} shards done: merged into {target / MANIFEST_NAME}")
             else:
                 print(f"waiting for the other shards; the last one merges them (or: s3d pretrain --merge {target})")
-            return 0
+            return status
         if c["ok"] == 0:
             raise ValueError(f"{data}: no image was accepted ({c['rejected']} rejected, {c['failed']} failed); "
                              f"see `s3d pretrain --report {target}` for the rules that rejected them")
         if args.prepare_only:
-            return 0
+            return status
         prepared = target
     elif args.prepare_only:
         print(f"{data} is already prepared ({MANIFEST_NAME} exists)")
