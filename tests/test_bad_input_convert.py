@@ -39,6 +39,7 @@ def test_text_file_as_pth(tmp_path: Path) -> None:
     bad.write_text("this is not a checkpoint\n")
     res = run_s3d("convert", bad, "--to", "s3d", "-o", tmp_path / "out", env=OFFLINE)
     assert_user_error(res, [str(bad)])
+    assert not (tmp_path / "out").exists()
 
 
 @case("convert", "truncated model.safetensors", "error")
@@ -66,7 +67,8 @@ def test_directory_without_weights(saved: Path, tmp_path: Path) -> None:
     model = _copy(saved, tmp_path / "model")
     (model / "model.safetensors").unlink()
     res = run_s3d("convert", model, "--to", "s3d", "-o", tmp_path / "out", env=OFFLINE)
-    assert_user_error(res, ["model.safetensors"])
+    assert_user_error(res, [str(model), "model.safetensors"])
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 @case("convert", "output onto an existing good model (converted again)", "handled")

@@ -62,7 +62,9 @@ def test_every_image_rejected(tmp_path: Path) -> None:
     assert_user_error(res, [str(raw), "no image was accepted", "--report"])
     assert snapshot(raw) == before
     rep = run_s3d("pretrain", "--report", tmp_path / "prep")  # the manifest is written and explains it
-    assert rep.rc == 0 and "fov" in rep.out and "3" in rep.out, rep.text
+    assert rep.rc == 0, rep.text
+    lines = {ln.split()[0]: ln.split() for ln in rep.out.splitlines() if ln.strip()}
+    assert lines["fov"][1] == "3" and "ok" not in lines, rep.out  # all 3 files, each under the rule fov
 
 
 @case("pretrain", "a truncated .nii.gz and a non-NIfTI file among good images", "skipped")
