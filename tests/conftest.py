@@ -27,3 +27,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture()
+def hub(monkeypatch: pytest.MonkeyPatch):
+    """A local server speaking the Hub's resolve protocol (tests/hub_server.py), with huggingface_hub pointed
+    at it (``HF_ENDPOINT``) and online for the test; stopped afterwards."""
+    from hub_server import HubServer
+
+    server = HubServer().start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)  # read by s3d at call time
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    yield server
+    server.stop()

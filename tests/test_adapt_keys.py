@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -156,18 +155,6 @@ def test_the_encoder_prefix_decides_what_decoder_false_loads() -> None:
 
 # ---- load_pretrained passes the resolved registry entry's keys -------------------------------------------
 REPO, COMMIT = "test-org/tiny-keys", "b" * 40
-
-
-@pytest.fixture()
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    server = HubServer().start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    import huggingface_hub.constants as hf_constants
-
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    yield server
-    server.stop()
 
 
 def test_load_pretrained_uses_the_keys_of_the_registry_entry(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,18 +22,6 @@ COMMIT = "a" * 40
 @pytest.fixture()
 def model() -> s3d.ResEncUNet:
     return s3d.build_resenc_unet("tiny", num_classes=1).eval()
-
-
-@pytest.fixture()
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    server = HubServer().start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)  # read by s3d at call time
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    import huggingface_hub.constants as hf_constants
-
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    yield server
-    server.stop()
 
 
 @pytest.fixture()

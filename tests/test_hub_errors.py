@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,18 +110,6 @@ def test_load_model_dir_config_error_names_file_and_key(saved: Path, case: str, 
 
 
 REPO = "test-org/bad-config"
-
-
-@pytest.fixture()
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    server = HubServer().start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    import huggingface_hub.constants as hf_constants
-
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    yield server
-    server.stop()
 
 
 def test_config_error_from_a_hub_repo_names_repo_file_and_key(hub: HubServer, saved: Path, tmp_path: Path) -> None:
