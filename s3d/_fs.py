@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,16 +27,26 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # SIGTERM (which s3d turns into SystemExit to clean up) is held back while the temporary is created
+    # and not yet known here; delivered when the mask is restored, it finds the name set and removes it
+    mask = getattr(signal, "pthread_sigmask", None)
+    tmp_path: Path | None = None
     try:
+        old = mask(signal.SIG_BLOCK, {signal.SIGTERM}) if mask else None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+            os.close(fd)
+            tmp_path = Path(tmp)
+        finally:
+            if mask:
+                mask(signal.SIG_SETMASK, old)
         yield tmp_path
         os.chmod(tmp_path, _file_mode(path))
         os.replace(tmp_path, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        if tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
         raise
 
 
