@@ -11,6 +11,7 @@ level at the start of the measurement (includes allocator slack).
     OMP_NUM_THREADS=2 python benchmarks/sparse_engine.py                       # CPU table
     python benchmarks/sparse_engine.py --min-block-edges 4,8,16     # crossover sweep
     python benchmarks/sparse_engine.py --device cuda --min-block-edges 4,8 [--amp bf16]  # GPU cases
+    python benchmarks/sparse_engine.py --cases tiny:32:16:2 --ratios 0.75 --auto   # + the "auto" choice
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--amp", default=None, choices=["bf16", "fp16"])
     p.add_argument("--dense-per-ratio", action="store_true")
+    p.add_argument("--auto", action="store_true",
+                   help="also print what engine='auto' picks for each case (s3d.sparse.autotune)")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.cases is None:
@@ -115,6 +118,11 @@ def main() -> None:
                 t = measure(make_step(mae, opt, x, keep, "blocks", mbe, amp), device, args.repeats,
                             args.warmup)
                 print(_row(head, "blocks", str(mbe), at, t, dense_t), flush=True)
+            if args.auto:
+                ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+                with ctx:
+                    choice = mae.engine_choice(x, keep, mae.stage_keeps(keep, x.shape[2:]))
+                print(f"# {choice.message()}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -84,6 +84,40 @@ def test_exports_load_back(prepared: Path, tmp_path: Path) -> None:
     assert img.shape == (3 * 32, 4 * 32) and img.dtype == np.uint8
 
 
+def test_engine_choice_is_logged_checkpointed_and_reused_on_resume(prepared: Path, tmp_path: Path, monkeypatch,
+                                                                  capfd) -> None:
+    """engine="auto" (the recipe's default) measures at step 1; the run prints and records the choice and a
+    resumed run (a new process: empty cache) reuses the checkpointed choice instead of measuring again."""
+    import s3d.sparse.autotune as autotune
+    from s3d.runtime.metrics import MetricsLog
+
+    measured: list[list[str]] = []
+
+    def fake_measure(engines, candidates, *args, **kwargs):  # dense fastest, whatever this machine says
+        measured.append([c.label for c in candidates])
+        return {c.label: 1.0 if c.label == "dense" else 2.0 + i for i, c in enumerate(candidates)}
+
+    monkeypatch.setattr(autotune, "measure_engines", fake_measure)
+    autotune.clear_cache()
+    run, common = tmp_path / "run", {"steps": 4, "checkpoint_every": 2, "val_every": 0, "snapshot_every": 0}
+    pretrain(_cfg(prepared, run, stop_after=2, **common))
+    assert measured == [["dense", "blocks@4", "blocks@8", "blocks@16"]]  # once, tiny at 16^3 cells
+    err = capfd.readouterr().err
+    assert "step 1: sparse encoder engine 'auto' -> dense (measured)" in err and "blocks@16 5.0 ms" in err
+    recs = [r for r in MetricsLog.of_run(run).records() if "engine_choice" in r]
+    assert len(recs) == 1 and recs[0]["step"] == 1
+    choice = recs[0]["engine_choice"]
+    assert choice["engine"] == "dense" and choice["timings_ms"]["blocks@4"] == 3.0
+    assert choice["key"]["shape"] == [2, 1, 32, 32, 32] and choice["key"]["grad"] is True
+    assert load_checkpoint(run, job="pretrain")["engine_choices"] == [choice]
+    autotune.clear_cache()
+    monkeypatch.setattr(autotune, "measure_engines", lambda *a, **k: pytest.fail("the resumed run measured"))
+    assert pretrain(_cfg(prepared, run, resume=True, **common))["finished"]
+    (restored,) = load_checkpoint(run, job="pretrain")["engine_choices"]
+    assert restored == {**choice, "source": "checkpoint"}
+    autotune.clear_cache()
+
+
 def test_torchrun_two_processes_then_single_process_resume(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

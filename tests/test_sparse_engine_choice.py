@@ -1,4 +1,7 @@
-"""engine="auto" picks the measured default per device, and any tiling mask works with "blocks"."""
+"""The unmeasured per-device table behind engine="auto", and any tiling mask works with "blocks".
+
+How "auto" measures: tests/test_sparse_autotune.py.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from s3d.sparse.wrapper import AUTO_ENGINE, resolve_engine
 
 
 def test_auto_engine_per_device() -> None:
+    """What "auto" stands for without measuring (``S3D_ENGINE_AUTOTUNE=0``)."""
     assert resolve_engine("auto", torch.device("cpu")) == "blocks" == AUTO_ENGINE["cpu"]
     assert resolve_engine("auto", torch.device("cuda", 0)) == "dense"  # not measured on GPUs yet
     assert resolve_engine("dense", torch.device("cpu")) == "dense"

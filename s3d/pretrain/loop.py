@@ -12,7 +12,10 @@ runs the steps:
   method's ``loss_weight`` normalised over the global batch, rank 0 logs and writes checkpoints);
 - a held-out validation loss (split by subject), PNG reconstruction snapshots, ``metrics.jsonl``,
   optional TensorBoard, a progress bar with the loss and lr;
-- complete atomic checkpoints (:mod:`s3d.runtime.checkpoint`: model, optimiser, scaler, RNG states).
+- complete atomic checkpoints (:mod:`s3d.runtime.checkpoint`: model, optimiser, scaler, RNG states,
+  and the encoder engine ``engine="auto"`` picked, which a resumed run reuses);
+- the engine choice of ``engine="auto"`` (:mod:`s3d.sparse.autotune`, measured on the first step) printed
+  once to stderr and recorded in ``metrics.jsonl`` (``{"step": 1, "engine_choice": {...}}``).
 
 Reproducibility: the crops, the augmentation and the method's own randomness (e.g. the MAE mask) of
 step ``t`` on rank ``r`` are drawn from streams seeded by ``(seed, r, t)``. Resuming at step ``t``
@@ -26,6 +29,7 @@ an nnssl checkpoint (``RUN/nnssl/checkpoint_final.pth`` + ``adaptation_plan.json
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -126,6 +130,7 @@ class PretrainRun:
             "data": {"seed": self.cfg.seed, "step": step, "world_size": self.info.world_size,
                      "local_batch": self.local_batch, "n_train": self.n_train, "n_val": self.n_val},
             "recipe": self.recipe.to_dict(),
+            "engine_choices": [c.to_dict() for c in getattr(self.method, "engine_choices", {}).values()],
         }, job=JOB)
 
     def _resume(self) -> None:
@@ -143,6 +148,8 @@ class PretrainRun:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
+        if ckpt.get("engine_choices") and hasattr(self.method, "restore_engine_choices"):
+            self.method.restore_engine_choices(ckpt["engine_choices"])  # same engine as before: bitwise resume
         self.start_step = int(ckpt["step"])
         if ckpt["data"]["world_size"] != self.info.world_size and self.info.is_main:
             warnings.warn(f"checkpoint written by {ckpt['data']['world_size']} process(es), resuming on "
@@ -242,6 +249,14 @@ class PretrainRun:
             raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
         return SummaryWriter(str(self.out / "tb"))
 
+    def _log_engine_choices(self, step: int, logged: set, bar: Any) -> None:
+        """Rank 0: print and record in ``metrics.jsonl`` each engine choice not logged yet (``engine="auto"``)."""
+        for key, choice in getattr(self.method, "engine_choices", {}).items():
+            if key not in logged:
+                logged.add(key)
+                bar.write(f"step {step}: {choice.message()}", file=sys.stderr)
+                self.metrics.append({"step": step, "engine_choice": choice.to_dict()})
+
     def _wrap(self) -> nn.Module:
         model: nn.Module = self.method
         if self.info.enabled:
@@ -277,6 +292,7 @@ class PretrainRun:
         t_last, step_last = time.perf_counter(), self.start_step
         step = self.start_step
         last_loss = float("nan")
+        engines_logged: set = set()
         self.method.train()
         for batch in loader:
             x = self._prepare_input(batch)
@@ -296,6 +312,8 @@ class PretrainRun:
                 loss, global_loss = global_weighted_loss(loss, loss_weight, info)
             grad_norm = backward_and_step(loss, self.optimizer, self.scaler, recipe.grad_clip)
             step += 1
+            if main:
+                self._log_engine_choices(step, engines_logged, bar)
             if step % cfg.log_every == 0 or step == stop:  # no host sync between log steps
                 # every rank takes part in the reduction (the global weighted mean was reduced above)
                 last_loss = mean_across(loss, info) if global_loss is None else float(global_loss)

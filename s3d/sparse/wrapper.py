@@ -22,8 +22,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+import s3d.sparse.autotune as autotune
 from s3d.nn.masked import expand_keep, stage_keeps
 from s3d.nn.resenc_unet import ResEncUNet, ResidualEncoder
+from s3d.sparse.block_engine import block_encoder_forward
 from s3d.sparse.densify import Densifier
 from s3d.sparse.mask import MaskRatio, block_grid_size, check_mask_ratio, sample_block_mask
 
@@ -41,28 +43,28 @@ def _dense_engine(encoder: ResidualEncoder, x: torch.Tensor, *, keeps: Sequence[
 
 
 def _blocks_engine(encoder: ResidualEncoder, x: torch.Tensor, *, keep_grid: torch.Tensor, block_size: int,
-                   coarse: str, **_: object) -> list[torch.Tensor]:
-    """Block-sparse: convolutions on the visible blocks only (:mod:`s3d.sparse.block_engine`)."""
-    try:
-        from s3d.sparse.block_engine import block_encoder_forward
-    except ImportError as e:  # pragma: no cover - the module ships with s3d
-        raise NotImplementedError(f"engine 'blocks' needs s3d.sparse.block_engine ({e})") from e
+                   coarse: str, min_block_edge: int | None = None, **_: object) -> list[torch.Tensor]:
+    """Block-sparse: convolutions on the visible blocks only (:mod:`s3d.sparse.block_engine`).
+
+    ``min_block_edge``: the crossover edge (voxels); ``None`` = the device's default.
+    """
     # the cell edge follows from the mask itself, so a mask on any grid that tiles x works
     cell = tuple(s // g for s, g in zip(x.shape[2:], keep_grid.shape[2:], strict=True))
-    return block_encoder_forward(encoder, x, keep_grid, cell, coarse)
+    return block_encoder_forward(encoder, x, keep_grid, cell, coarse, min_block_edge)
 
 
 #: Registered encoder engines by name; every engine must return what "dense" returns.
 ENGINES: dict[str, EncoderEngine] = {"dense": _dense_engine, "blocks": _blocks_engine}
 
-#: What ``engine="auto"`` runs per device type, by measurement (docs/block_engine.md): on CPU the
-#: block-sparse engine was 1.3x/1.7x/1.9x faster per ResEnc-L step at 60/75/90 % masking (128^3) and
-#: used half the memory; on GPUs it has not been measured yet, so they keep the masked-dense engine.
+#: What ``engine="auto"`` runs per device type WITHOUT measuring (``S3D_ENGINE_AUTOTUNE=0``; normally
+#: "auto" times the engines on the run's input, :mod:`s3d.sparse.autotune`). On CPU the block-sparse
+#: engine was 1.3x/1.7x/1.9x faster per ResEnc-L step at 60/75/90 % masking (128^3, docs/block_engine.md).
 AUTO_ENGINE: dict[str, str] = {"cpu": "blocks"}
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:
-    """The engine name ``engine`` stands for on ``device`` (``"auto"``: :data:`AUTO_ENGINE`, else dense)."""
+    """The engine name ``engine`` stands for on ``device`` without measuring (``"auto"``: :data:`AUTO_ENGINE`,
+    else dense). What a wrapper really ran is in :attr:`SparseMAEWrapper.engine_choices`."""
     if engine == "auto":
         return AUTO_ENGINE.get(device.type, "dense")
     return engine
@@ -157,9 +159,12 @@ class SparseMAEWrapper(nn.Module):
             ``False`` is Table 1a's "Base": a dense encoder on the zeroed image.
         coarse: stages coarser than the block grid: ``"pool"`` (visible if any cell under it is
             visible) or ``"ones"`` (never masked, as the released code's bottleneck).
-        engine: encoder engine: ``"auto"`` (default: ``"blocks"`` on CPU, where it was measured
-            faster, ``"dense"`` on GPUs until measured there), ``"dense"`` (masked-dense, the
-            reference) or ``"blocks"`` (block-sparse, :mod:`s3d.sparse.block_engine`; same numbers).
+        engine: encoder engine: ``"auto"`` (default: the first forward for each device, network,
+            input shape/dtype, mask cell, mask ratio and grad mode times "dense" and "blocks" at each
+            crossover edge on that input, keeps the fastest, logs it and caches it in the process,
+            :mod:`s3d.sparse.autotune`; :attr:`engine_choices` holds what was picked), ``"dense"``
+            (masked-dense, the reference) or ``"blocks"`` (block-sparse, :mod:`s3d.sparse.block_engine`,
+            at the device's default crossover edge). Every engine gives the same numbers to rounding.
         freeze_unused_heads: the decoder's lower-resolution heads (kept so deep-supervision
             weights load) never see the loss; freeze them (``requires_grad=False``) so every
             trainable parameter gets a gradient and DDP needs no ``find_unused_parameters``.
@@ -220,6 +225,8 @@ class SparseMAEWrapper(nn.Module):
         self.sparse = bool(sparse)
         self.coarse = coarse
         self.engine = engine
+        #: the choices ``engine="auto"`` made for this wrapper, by key (:class:`s3d.sparse.autotune.EngineKey`)
+        self.engine_choices: dict[autotune.EngineKey, autotune.EngineChoice] = {}
         self.densifier = Densifier(cfg.features_per_stage, mask_token=mask_token, densify=densify,
                                    densify_norm=densify_norm, eps=cfg.norm_eps)
         if freeze_unused_heads:
@@ -243,19 +250,49 @@ class SparseMAEWrapper(nn.Module):
         return stage_keeps(mask, input_size, self.backbone.config.stage_strides(), self.coarse)
 
     def encode(
-        self, x: torch.Tensor, mask: torch.Tensor, keeps: Sequence[torch.Tensor]
+        self, x: torch.Tensor, mask: torch.Tensor, keeps: Sequence[torch.Tensor], sampled: bool = False
     ) -> list[torch.Tensor]:
         """Encoder features (highest resolution first) of ``x`` under the keep grid ``mask``.
 
         ---- ENCODER ENGINE: the only place the encoder runs. ----
-        ``ENGINES[self.engine](...)`` must equal ``encoder(x, keeps)`` (``keeps`` from
-        :meth:`stage_keeps`). With ``sparse=False`` the dense encoder sees the zeroed image.
+        ``ENGINES[name](...)`` must equal ``encoder(x, keeps)`` (``keeps`` from :meth:`stage_keeps`).
+        With ``sparse=False`` the dense encoder sees the zeroed image. ``sampled``: ``mask`` was drawn
+        from ``mask_ratio`` (the autotune key then holds the ratio spec, not this mask's fraction).
         """
         encoder = self.backbone.encoder
         if not self.sparse:
             return encoder(x * keeps[0].to(x.dtype))
-        engine = ENGINES[resolve_engine(self.engine, x.device)]
-        return engine(encoder, x, keep_grid=mask, keeps=keeps, block_size=self.block_size, coarse=self.coarse)
+        kwargs = {"keep_grid": mask, "keeps": keeps, "block_size": self.block_size, "coarse": self.coarse}
+        if self.engine != "auto":
+            return ENGINES[self.engine](encoder, x, **kwargs)
+        choice = self.engine_choice(x, mask, keeps, sampled)
+        return ENGINES[choice.engine](encoder, x, min_block_edge=choice.min_block_edge, **kwargs)
+
+    @torch.compiler.disable
+    def engine_choice(self, x: torch.Tensor, mask: torch.Tensor, keeps: Sequence[torch.Tensor],
+                      sampled: bool = False) -> autotune.EngineChoice:
+        """What ``engine="auto"`` runs for this input: remembered, cached in the process, or measured now.
+
+        Runs eagerly under ``torch.compile`` (a graph break). ``sampled``: ``mask`` was drawn from
+        ``mask_ratio``, so the key holds the ratio spec.
+        """
+        encoder = self.backbone.encoder
+        key = autotune.engine_key(encoder, self.backbone.config, x, mask, self.mask_ratio if sampled else None)
+        choice = self.engine_choices.get(key)
+        if choice is None:
+            if autotune.autotune_enabled():
+                kwargs = {"keep_grid": mask, "keeps": keeps, "block_size": self.block_size, "coarse": self.coarse}
+                choice = autotune.choose_engine(ENGINES, encoder, x, key, kwargs)
+            else:
+                choice = autotune.table_choice(key, resolve_engine("auto", x.device), x.device)
+            self.engine_choices[key] = choice
+        return choice
+
+    def restore_engine_choices(self, choices: Sequence[dict]) -> None:
+        """Reuse choices saved by :meth:`autotune.EngineChoice.to_dict` (a resumed run runs what it ran)."""
+        for d in choices:
+            c = autotune.EngineChoice.from_dict(d, source="checkpoint")
+            self.engine_choices[c.key] = c
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(
@@ -287,6 +324,7 @@ class SparseMAEWrapper(nn.Module):
             if bad or loss_mask.shape[1] not in (1, x.shape[1]):
                 raise ValueError(f"loss_mask: expected (B, 1 or C, D, H, W) = ({x.shape[0]}, 1, "
                                  f"{', '.join(map(str, size))}), got {tuple(loss_mask.shape)}")
+        sampled = mask is None
         if mask is None:
             block_grid_size(size, self.block_size)
             mask = self.sample_mask(x, generator)
@@ -296,7 +334,7 @@ class SparseMAEWrapper(nn.Module):
                                  f"got {tuple(mask.shape)}")
             mask = mask.to(device=x.device) != 0
         keeps = self.stage_keeps(mask, size)
-        feats = self.encode(x, mask, keeps)
+        feats = self.encode(x, mask, keeps, sampled)
         reconstruction = self.backbone.decoder(self.densifier(feats, keeps[1:]))
         loss, loss_weight = masked_mse_loss(reconstruction, x, keeps[0], loss_mask, return_weight=True)
         return MAEOutput(loss, reconstruction, mask, loss_weight)
