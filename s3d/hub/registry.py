@@ -139,7 +139,7 @@ def _openmind(
 
 
 #: sha256 of s3d/zoo/s3d-demo/model.safetensors (checked on every load).
-DEMO_SHA256 = "1e4f7e375655a638118afae1414419152eaec0cb0d49f48f3f8f39755137832f"
+DEMO_SHA256 = "f53810df93bead1aa569ff6fbf8fb17485aaf4743e81901eb31798ff6759392a"
 
 #: Registry entries, in display order. Only repositories confirmed to exist are listed (see docs/zoo.md).
 MODELS: tuple[ModelEntry, ...] = (
