@@ -222,3 +222,23 @@ def test_plan_for_stride_32_weights_prints_the_time_and_trains_nothing(tmp_path,
     assert m is not None, printed
     assert float(m[2]) == pytest.approx(1.4 * 2 * 150 * float(m[1]) / 60, abs=0.06)  # OVERHEAD x runs x steps
     assert not out.exists()  # nothing generated or trained
+
+
+def test_cpu_threads_keep_the_faster_count() -> None:
+    """The demo times a CPU step with one thread too and keeps whichever count was faster for the run."""
+    import torch
+
+    from s3d.demo.run import _choose_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        slow_one = _choose_threads("cpu", 0.2, lambda: 0.5)  # 2 threads faster: keep 2
+        assert slow_one == {"default": 2, "chosen": 2, "step_s": {2: 0.2, 1: 0.5}} and torch.get_num_threads() == 2
+        fast_one = _choose_threads("cpu", 5.5, lambda: 0.2)  # a busy core: one thread wins
+        assert fast_one["chosen"] == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert _choose_threads("cuda", 0.1, lambda: 1 / 0)["step_s"] == {2: 0.1}  # no CPU timing on a GPU
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -110,13 +110,40 @@ def plan(s: DemoSettings, device: str, cfg: Any) -> dict[str, Any]:
     """
     repeats = 5 if cfg.name in ("tiny", "small") else 1
     step_s = time_train_step(s.patch_size, s.batch_size, device, architecture=cfg, repeats=repeats)
+    threads = _choose_threads(device, step_s, lambda: time_train_step(s.patch_size, s.batch_size, device,
+                                                                      architecture=cfg, repeats=repeats))
+    if threads["chosen"] != threads["default"]:
+        step_s = threads["step_s"][threads["chosen"]]
     pre_step_s = time_train_step(_pretrain_patch(s), s.batch_size, device, mae=True)
     n_runs = len(ARMS) * len(s.train_sizes) * len(s.seeds)
     finetune_s = OVERHEAD * n_runs * s.finetune_steps * step_s
     pre_steps = s.pretrain_steps or plan_steps(s.minutes * 60.0, pre_step_s, finetune_s)
     return {"step_s": step_s, "pretrain_step_s": pre_step_s, "n_runs": n_runs, "finetune_s": finetune_s,
+            "threads": threads,
             "pretrain_steps": pre_steps, "pretrain_s": pre_steps * pre_step_s,
             "total_s": finetune_s + pre_steps * pre_step_s}
+
+
+def _choose_threads(device: str, step_s: float, time_step: Any) -> dict[str, Any]:
+    """On CPU, time a step with one torch thread too and keep the faster thread count for the whole run.
+
+    A tiny network runs many small kernels; when another process keeps one of two cores busy, every
+    thread barrier waits for a descheduled thread, and 2 threads were 20x slower than one (measured on 2
+    shared cores, 2026-12-01: 5.5 s vs 0.2 s per fine-tuning step). On an idle machine more threads win.
+    """
+    import torch
+
+    default = torch.get_num_threads()
+    out: dict[str, Any] = {"default": default, "chosen": default, "step_s": {default: step_s}}
+    if device != "cpu" or default == 1:
+        return out
+    torch.set_num_threads(1)
+    out["step_s"][1] = time_step()
+    if out["step_s"][1] < step_s:
+        out["chosen"] = 1
+    else:
+        torch.set_num_threads(default)
+    return out
 
 
 def _pretrain_patch(s: DemoSettings) -> tuple[int, int, int]:
@@ -176,6 +203,10 @@ def run_demo(settings: DemoSettings) -> DemoResult | None:
           f"{s.patch_size} at {s.spacing_mm} mm), ~{p['finetune_s'] / 60:.1f} min; the demo's own pre-training "
           f"{p['pretrain_steps']} steps, ~{p['pretrain_s'] / 60:.1f} min; in all about "
           f"{p['total_s'] / 60 + 0.5:.0f} min")
+    th = p["threads"]
+    if len(th["step_s"]) > 1:
+        print(f"  cpu threads: {th['chosen']} (a step took " + ", ".join(
+            f"{v:.2f} s with {k}" for k, v in th["step_s"].items()) + ")")
     print(f"  pre-trained arm ('s3d'): weights {what}; recipe {s.recipes['s3d'].label()}")
     print(f"  scratch arm: random init ({cfg.name} ResEnc U-Net); recipe {s.recipes['scratch'].label()}")
     if s.plan_only:
@@ -233,7 +264,8 @@ def run_demo(settings: DemoSettings) -> DemoResult | None:
     settings_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
     settings_d.update(source=source, device=device, weights_description=what, architecture=cfg.name,
                       pretrain_steps=p["pretrain_steps"], step_seconds=p["step_s"],
-                      pretrain_step_seconds=p["pretrain_step_s"], recipes={k: v.label() for k, v in s.recipes.items()})
+                      pretrain_step_seconds=p["pretrain_step_s"], cpu_threads=p["threads"]["chosen"],
+                      recipes={k: v.label() for k, v in s.recipes.items()})
     write_text_atomic(report, report_md(table, concl, figures, timings, settings_d, runs, pre_loss))
     write_json_atomic(out / "results.json", {"settings": settings_d, "timings_s": timings,
                                              "runs": [asdict(r) for r in runs], "conclusion": concl})
