@@ -50,10 +50,11 @@ S3D_WIDE = [
     *(FinetuneRecipe("decoder_warmup", lr, 0.1) for lr in (1e-2, 3e-2, 6e-2, 1e-1, 2e-1)),
 ]
 SCRATCH_WIDE = [FinetuneRecipe("scratch", lr) for lr in (3e-3, 1e-2, 3e-2, 6e-2, 1e-1, 2e-1)]
-#: The final candidates (the default), rerun with the shipped weights: the two best of the wide sweep
-#: per arm (encoder-only transfer with 10 % warm-ups at lr 0.06 and 0.1; scratch at lr 0.1 and 0.2).
-S3D_CANDIDATES = [FinetuneRecipe("decoder_warmup", lr, 0.1) for lr in (6e-2, 1e-1)]
-SCRATCH_CANDIDATES = [FinetuneRecipe("scratch", lr) for lr in (1e-1, 2e-1)]
+#: The final candidates (the default), rerun with the shipped weights: the best of the wide sweep per arm
+#: (encoder-only transfer with 10 % warm-ups; scratch) at lr 0.06 / 0.1 / 0.2 and 0.1 / 0.2 / 0.3, so that
+#: neither arm's best lr lies at the edge of its grid unnoticed.
+S3D_CANDIDATES = [FinetuneRecipe("decoder_warmup", lr, 0.1) for lr in (6e-2, 1e-1, 2e-1)]
+SCRATCH_CANDIDATES = [FinetuneRecipe("scratch", lr) for lr in (1e-1, 2e-1, 3e-1)]
 
 
 def validation_cohort(out: Path, source: str) -> Path:
