@@ -1,192 +1,179 @@
-"""Why the CPU demo's pre-training does not beat scratch: the ablation behind docs/quickstart.md.
+"""The demo's design choices, measured on VALIDATION subjects (never the demo's test cases).
 
-Not a speed benchmark: it measures test Dice. One cohort of the demo's data (MNI source, 48x56x48
-voxels of 3.5 mm, 200 unlabelled + 40 labelled + 10 test volumes), the demo network (``tiny``), patch
-48^3, batch 2, 5 labelled cases, a fixed number of fine-tuning steps; each arm is one pre-training
-setting (cells, steps, lr) and one fine-tuning schedule, run for every seed. Everything is cached
-under ``--out``, so arms can be added and the table re-printed.
+Not a speed benchmark: it measures Dice. The data are the demo's (``s3d demo`` defaults: MNI source,
+48x56x48 voxels of 3.5 mm, cohort seed 0, the same 25-case labelled training pool), but the held-out
+cases are validation subjects, seeded by (0, "val", i): no demo test subject, no subject of the
+shipped weights' pre-training data. Each candidate recipe is fine-tuned for every seed and size, with
+the demo's steps, batch and patch, and scored on the validation subjects. Everything is cached under
+``--out``, so candidates can be added and the tables re-printed.
 
-Arms:
-    scratch            nnU-Net default from a random init (the demo's baseline)
-    control            random weights saved as a "pre-trained" backbone, schedule no_warmup: checks that
-                       the pre-trained code path itself costs nothing
-    <cells>c<steps>s[<lr>]:<schedule>
-                       MAE pre-training with mask cells of <cells>^3 voxels for <steps> steps (lr 1e-2
-                       unless given), then the named fine-tuning schedule, e.g. ``8c600s:best``,
-                       ``8c600s0.05:no_warmup``, ``16c600s:decoder_warmup``
+Modes:
+    --select    the fine-tuning recipe of each arm: candidates for the pre-trained arm (schedules of the
+                paper's Table 2 and learning rates) and learning rates for scratch (the two best of each
+                arm; ``--wide``: the whole sweep that narrowed them down); prints the table and
+                the winner of each arm (the highest mean validation Dice over seeds and sizes), which is
+                what ``s3d.demo.settings.RECIPES`` holds.
+    --weights   which weights the pre-trained arm uses, each with its selected recipe: the shipped
+                ``s3d-demo``, the demo's own short pre-training (``--short DIR``: a backbone folder), a
+                random initialisation saved as "pre-trained" weights (the control).
 
-Example (about 40 minutes on 2 CPU cores):
-    python benchmarks/demo_ablation.py --arms scratch control 8c600s:best 8c600s:no_warmup \\
-        8c600s:decoder_warmup --seeds 0 1
+Example (about 1-2 hours on 2 busy CPU cores):
+    python benchmarks/demo_ablation.py --select --seeds 0 1 2 --sizes 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
+from s3d.demo.settings import RECIPES, DemoSettings, FinetuneRecipe
 
-SHAPE, SPACING, PATCH, BATCH, ARCH = (48, 56, 48), 3.5, (48, 48, 48), 2, "tiny"
+D = DemoSettings(out=Path("unused"))
 
-
-def cohort(out: Path) -> Path:
-    from s3d.data.scan import ScanFilters, prepare
-    from s3d.data.synthetic import write_demo_cohort
-
-    root = out / "data"
-    if not (root / "done").exists():
-        write_demo_cohort(root, task="tissue", source="mni", num_train=40, num_test=10, num_unlabelled=200,
-                          shape=SHAPE, spacing_mm=SPACING, seed=0, progress=False)
-        prepare(root / "unlabelled", root / "prep", ScanFilters(min_file_bytes=0), target_spacing_mm=SPACING,
-                progress=False)
-        (root / "done").write_text("ok\n")
-    return root
-
-
-def backbone(out: Path, root: Path, cells: int, steps: int, lr: float | None) -> Path:
-    """Pre-train (cached) and return the backbone folder; steps 0 = random weights (the control)."""
-    from s3d import build_resenc_unet, save_pretrained
-    from s3d.pretrain import PretrainConfig
-    from s3d.pretrain import run as pretrain
-
-    run = out / "pretrain" / f"c{cells}_s{steps}_lr{lr}"
-    if (run / "backbone").exists():
-        return run / "backbone"
-    if steps == 0:
-        torch.manual_seed(123)
-        save_pretrained(build_resenc_unet(ARCH, in_channels=1, num_classes=1), run / "backbone")
-        return run / "backbone"
-    t = time.perf_counter()
-    pretrain(PretrainConfig(data=str(root / "prep"), out=str(run), recipe="s3d-b", architecture=ARCH, steps=steps,
-                            batch_size=BATCH, patch_size=PATCH, lr=lr, method_kwargs={"block_size": cells}, seed=0,
-                            device="cpu", workers=0, val_fraction=0.1, val_every=steps, val_max_cases=2,
-                            snapshot_every=steps, checkpoint_every=steps, progress=False))
-    print(f"pre-trained {run.name} in {time.perf_counter() - t:.0f} s", flush=True)
-    return run / "backbone"
+#: The wide sweep (``--wide``), run with interim exports of the weights to narrow the candidates (the
+#: numbers are in docs/quickstart.md): the paper's best, its shape at scratch's lr, full transfer
+#: without warm-up at three lrs, a warm-up of all weights, a frozen encoder, encoder-only transfer
+#: (decoder warm-up) at five lrs; scratch at six lrs.
+S3D_WIDE = [
+    FinetuneRecipe("best", 1e-3),
+    FinetuneRecipe("best", 1e-2),
+    FinetuneRecipe("no_warmup", 1e-2),
+    FinetuneRecipe("no_warmup", 3e-2),
+    FinetuneRecipe("no_warmup", 1e-1),
+    FinetuneRecipe("warmup_all", 3e-2, 0.1),
+    FinetuneRecipe("frozen_encoder", 3e-2, 0.1),
+    FinetuneRecipe("frozen_encoder", 6e-2, 0.1),
+    *(FinetuneRecipe("decoder_warmup", lr, 0.1) for lr in (1e-2, 3e-2, 6e-2, 1e-1, 2e-1)),
+]
+SCRATCH_WIDE = [FinetuneRecipe("scratch", lr) for lr in (3e-3, 1e-2, 3e-2, 6e-2, 1e-1, 2e-1)]
+#: The final candidates (the default), rerun with the shipped weights: the best of the wide sweep per arm
+#: (encoder-only transfer with 10 % warm-ups; scratch) at lr 0.06 / 0.1 / 0.2 and 0.1 / 0.2 / 0.3, so that
+#: neither arm's best lr lies at the edge of its grid unnoticed.
+S3D_CANDIDATES = [FinetuneRecipe("decoder_warmup", lr, 0.1) for lr in (6e-2, 1e-1, 2e-1)]
+SCRATCH_CANDIDATES = [FinetuneRecipe("scratch", lr) for lr in (1e-1, 2e-1, 3e-1)]
 
 
-def finetune_arm(out: Path, root: Path, name: str, pretrained: Path | None, schedule: str, steps: int, n: int,
-                 seed: int) -> dict:
-    from s3d.finetune import run as finetune
-    from s3d.infer import predict_folder
-    from s3d.metrics import evaluate_folder
+def validation_cohort(out: Path, source: str) -> Path:
+    """The demo's training pool with validation subjects in imagesTs/labelsTs (cached)."""
+    from s3d.data.synthetic import write_demo_dataset
 
-    ds = next(root.glob("Dataset*"))
-    run = out / "finetune" / f"{name}_{schedule}_{steps}_n{n}_seed{seed}"
+    ds = out / "data" / "Dataset900_DemoTissue"
+    if not (ds / "done").exists():
+        write_demo_dataset(ds, task="tissue", source=source, num_train=D.num_labelled, num_test=D.num_test,
+                           shape=D.shape, spacing_mm=D.spacing_mm, seed=D.data_seed, test_split="val",
+                           progress=False)
+        (ds / "done").write_text("ok\n")
+    return ds
+
+
+def arm(out: Path, ds: Path, init: str, weights: str | None, recipe: FinetuneRecipe, n: int, seed: int,
+        steps: int, tag: str = "") -> dict:
+    """Fine-tune, predict the validation subjects, score (cached in RUN/result.json)."""
+    from s3d.demo.compare import finetune_and_score
+
+    name = f"{init}{tag}_{recipe.schedule}_lr{recipe.peak_lr:g}_w{recipe.warmup_fraction:g}_{steps}_n{n}_seed{seed}"
+    run = out / "runs" / name
     if (run / "result.json").exists():
         return json.loads((run / "result.json").read_text())
-    finetune(ds, run, pretrained=None if pretrained is None else str(pretrained), schedule=schedule, steps=steps,
-             warmup_steps=max(1, steps // 20), config=ARCH, batch_size=BATCH, patch_size=PATCH,
-             target_spacing_mm=(SPACING,) * 3, n_train=n, val_fraction=0.2, val_every=steps,
-             checkpoint_every=steps, num_val_cases=2, seed=seed, device="cpu", progress=False)
-    predict_folder(ds / "imagesTs", run / "pred", run / "model", device="cpu", mirror=False, progress=False)
-    ev = evaluate_folder(run / "pred", ds / "labelsTs", ds / "dataset.json", tau_mm=SPACING, progress=False)
-    res = {"dice": ev.summary["foreground_mean"]["dice"],
-           "per_class": {k: v["dice"] for k, v in ev.summary["mean"].items()}}
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)  # an interrupted run: start it again
+    t = time.perf_counter()
+    r = finetune_and_score(ds, run, init=init, weights=weights, recipe=recipe, n_train=n, seed=seed, steps=steps,
+                           patch_size=D.patch_size, batch_size=D.batch_size, spacing_mm=D.spacing_mm, device="cpu")
+    res = {"dice": r.dice, "per_class": r.dice_per_class, "seconds": time.perf_counter() - t}
     (run / "result.json").write_text(json.dumps(res))
+    print(f"  {name}: Dice {r.dice:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in r.dice_per_class.items())
+          + f" ({res['seconds']:.0f} s)", flush=True)
     return res
 
 
-def linear_probe(root: Path, backbone_dir: Path | None, n_fit: int = 5, n_test: int = 5) -> list[float]:
-    """Test Dice per foreground class of a linear classifier on the features in front of the seg head.
+def table(rows: list[tuple[str, list[dict]]], seeds: list[int], sizes: list[int]) -> str:
+    classes = list(rows[0][1][0]["per_class"])
+    head = " | ".join(f"n={n} seed {s}" for n in sizes for s in seeds)
+    lines = [f"| candidate | {head} | mean ± sd | " + " | ".join(classes) + " |",
+             "|---|" + "---:|" * (len(sizes) * len(seeds) + 1 + len(classes))]
+    for name, res in rows:
+        d = [r["dice"] for r in res]
+        sd = statistics.stdev(d) if len(d) > 1 else float("nan")
+        per = [statistics.mean(r["per_class"][c] for r in res) for c in classes]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in d) + f" | {statistics.mean(d):.3f} ± {sd:.3f} | "
+                     + " | ".join(f"{v:.3f}" for v in per) + " |")
+    return "\n".join(lines)
 
-    The classifier (softmax regression, L-BFGS, features standardised) is fitted on 48^3 crops of
-    ``n_fit`` training cases and scored on crops of ``n_test`` test cases; ``backbone_dir`` None =
-    random weights (seed 0). Shows what the pre-trained features hold before any fine-tuning.
-    """
-    import nibabel as nib
-    import numpy as np
 
-    from s3d import build_resenc_unet, load_pretrained
+def select(out: Path, ds: Path, weights: str, seeds: list[int], sizes: list[int], steps: int,
+           arms: list[str], wide: bool = False) -> dict:
+    chosen = {}
+    s3d, scratch = (S3D_WIDE, SCRATCH_WIDE) if wide else (S3D_CANDIDATES, SCRATCH_CANDIDATES)
+    for init, cands, w in (("s3d", s3d, weights), ("scratch", scratch, None)):
+        if init not in arms:
+            continue
+        rows = []
+        for rec in cands:
+            print(f"{init}: {rec.label()}", flush=True)
+            rows.append((rec.label(), [arm(out, ds, init, w, rec, n, s, steps) for n in sizes for s in seeds]))
+        best = max(range(len(cands)), key=lambda i: statistics.mean(r["dice"] for r in rows[i][1]))
+        chosen[init] = cands[best]
+        print(f"\n{init} arm, validation Dice ({len(seeds)} seeds x sizes {sizes}, {steps} steps):\n")
+        print(table(rows, seeds, sizes))
+        print(f"\nchosen for {init}: {cands[best].label()}\n", flush=True)
+    (out / "selection.json").write_text(json.dumps({k: asdict(v) for k, v in chosen.items()}, indent=2))
+    if chosen != {k: RECIPES[k] for k in chosen}:
+        print(f"NOTE: s3d.demo.settings.RECIPES is {RECIPES}; the selection above differs: {chosen}")
+    return chosen
 
-    torch.manual_seed(0)
-    net = (build_resenc_unet(ARCH, in_channels=1, num_classes=4, deep_supervision=False) if backbone_dir is None
-           else load_pretrained(backbone_dir, in_channels=1, num_classes=4)).eval()
-    ds = next(root.glob("Dataset*"))
-    crop = tuple(slice(0, p) for p in PATCH)
 
-    def case(split: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = sorted((ds / f"images{split}").glob("*_0000.nii.gz"))[i]
-        lab = ds / f"labels{split}" / img.name.replace("_0000", "")
-        x = np.asarray(nib.load(str(img)).dataobj, np.float32)
-        x = (x - x.mean()) / x.std()
-        feats: dict[str, torch.Tensor] = {}
-        hook = net.decoder.seg_layers[-1].register_forward_hook(lambda m, a, o: feats.setdefault("f", a[0]))
-        with torch.no_grad():
-            net(torch.from_numpy(x[crop])[None, None])
-        hook.remove()
-        y = torch.from_numpy(np.asarray(nib.load(str(lab)).dataobj).astype(np.int64)[crop]).flatten()
-        return feats["f"][0].flatten(1).T, y
+def weights_ablation(out: Path, ds: Path, weights: str, short: str | None, seeds: list[int], sizes: list[int],
+                     steps: int) -> None:
+    import torch
 
-    fit = [case("Tr", i) for i in range(n_fit)]
-    f, y = torch.cat([a for a, _ in fit]), torch.cat([b for _, b in fit])
-    mu, sd = f.mean(0), f.std(0) + 1e-6
-    w = torch.zeros(f.shape[1], 4, requires_grad=True)
-    b = torch.zeros(4, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200)
-    fn = (f - mu) / sd
+    from s3d import build_resenc_unet, save_pretrained
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(fn @ w + b, y) + 1e-4 * w.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    dice = []
-    for i in range(n_test):
-        ft, yt = case("Ts", i)
-        pred = (((ft - mu) / sd) @ w + b).argmax(1)
-        dice.append([float(2 * ((pred == k) & (yt == k)).sum() / max(1, int((pred == k).sum() + (yt == k).sum())))
-                     for k in (1, 2, 3)])
-    return [float(v) for v in np.mean(dice, 0)]
+    control = out / "control_backbone"
+    if not control.exists():
+        torch.manual_seed(123)
+        save_pretrained(build_resenc_unet("tiny", in_channels=1, num_classes=1), control)
+    arms = [("shipped " + weights, weights), ("random weights as backbone (control)", str(control))]
+    if short:
+        arms.append((f"short pre-training {short}", short))
+    rows = []
+    for label, w in arms:
+        tag = "_" + Path(w).name.replace("-", "")
+        rows.append((label, [arm(out, ds, "s3d", w, RECIPES["s3d"], n, s, steps, tag) for n in sizes for s in seeds]))
+    rows.append(("scratch", [arm(out, ds, "scratch", None, RECIPES["scratch"], n, s, steps)
+                             for n in sizes for s in seeds]))
+    print(f"\nweights of the pre-trained arm (recipe {RECIPES['s3d'].label()}), validation Dice:\n")
+    print(table(rows, seeds, sizes))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo_ablation"))
-    ap.add_argument("--arms", nargs="+", default=["scratch", "control", "8c600s:best", "8c600s:no_warmup",
-                                                  "8c600s:decoder_warmup"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps per run")
-    ap.add_argument("--n-train", type=int, default=5)
-    ap.add_argument("--probe", action="store_true",
-                    help="also print a linear probe (test Dice of CSF/GM/WM) of random and pre-trained features")
+    ap.add_argument("--select", action="store_true", help="choose each arm's fine-tuning recipe")
+    ap.add_argument("--wide", action="store_true", help="--select over the wide sweep (S3D_WIDE, SCRATCH_WIDE)")
+    ap.add_argument("--weights-ablation", action="store_true", help="compare the weights of the pre-trained arm")
+    ap.add_argument("--weights", default="s3d-demo", help="weights of the pre-trained arm (default: s3d-demo)")
+    ap.add_argument("--short", default=None, help="a backbone folder from a short pre-training, for --weights-ablation")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[5])
+    ap.add_argument("--steps", type=int, default=D.finetune_steps, help="fine-tuning steps per run")
+    ap.add_argument("--source", default="mni", choices=["mni", "phantom"])
+    ap.add_argument("--arms", nargs="+", default=["s3d", "scratch"], choices=["s3d", "scratch"],
+                    help="the arms whose recipe --select chooses")
     a = ap.parse_args()
-    root = cohort(a.out)
-    if a.probe:
-        print("linear probe, test Dice CSF / GM / WM:")
-        print("  random weights: " + " / ".join(f"{v:.3f}" for v in linear_probe(root, None)), flush=True)
-    rows = []
-    for arm in a.arms:
-        if arm == "scratch":
-            pre, schedule = None, "scratch"
-        elif arm == "control":
-            pre, schedule = backbone(a.out, root, 0, 0, None), "no_warmup"
-        else:
-            m = re.fullmatch(r"(\d+)c(\d+)s([0-9.e-]*):(\w[\w.-]*)", arm)
-            if m is None:
-                raise SystemExit(f"--arms: cannot read {arm!r}; expected e.g. 8c600s:best or 8c600s0.05:no_warmup")
-            lr = float(m[3]) if m[3] else None
-            pre, schedule = backbone(a.out, root, int(m[1]), int(m[2]), lr), m[4]
-            if a.probe:
-                probe = " / ".join(f"{v:.3f}" for v in linear_probe(root, pre))
-                print(f"  {arm.split(':')[0]}: {probe}", flush=True)
-        res = [finetune_arm(a.out, root, arm.split(":")[0], pre, schedule, a.steps, a.n_train, s) for s in a.seeds]
-        rows.append((arm, res))
-        print(f"{arm}: " + " / ".join(f"{r['dice']:.3f}" for r in res), flush=True)
-    classes = list(rows[0][1][0]["per_class"])
-    print(f"\n| arm | Dice ({' / '.join(f'seed {s}' for s in a.seeds)}) | "
-          + " | ".join(f"{c} (mean over seeds)" for c in classes) + " |")
-    print("|---|---|" + "---:|" * len(classes))
-    for arm, res in rows:
-        per = [sum(r["per_class"][c] for r in res) / len(res) for c in classes]
-        dice = " / ".join(f"{r['dice']:.3f}" for r in res)
-        print(f"| {arm} | {dice} | " + " | ".join(f"{v:.3f}" for v in per) + " |")
+    if not (a.select or a.weights_ablation):
+        ap.error("give --select and/or --weights-ablation")
+    ds = validation_cohort(a.out, a.source)
+    if a.select:
+        select(a.out, ds, a.weights, a.seeds, a.sizes, a.steps, a.arms, a.wide)
+    if a.weights_ablation:
+        weights_ablation(a.out, ds, a.weights, a.short, a.seeds, a.sizes, a.steps)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``s3d demo --quick``: the CI smoke run of the front door (data, pre-training, fine-tuning, report)."""
+"""``s3d demo``: the CI smoke run of the front door, its tables over seeds, the shipped weights, the plan."""
 
 from __future__ import annotations
 
@@ -11,7 +11,17 @@ import pytest
 from PIL import Image
 
 from s3d.cli import main
-from s3d.demo import RunResult, conclusion, line_plot, plan_steps, results_table, time_train_step
+from s3d.demo import (
+    RunResult,
+    class_table,
+    conclusion,
+    deltas,
+    line_plot,
+    plan_steps,
+    results_table,
+    time_train_step,
+    wins,
+)
 
 pytest.importorskip("scipy")  # resampling (pre-training data) and NSD need it
 
@@ -30,41 +40,47 @@ def test_quick_demo_end_to_end(tmp_path, capsys) -> None:
     report = out / "report.md"
     assert f"report: {report.resolve()}" in printed
     assert "| labelled cases | Dice S3D | Dice scratch |" in printed
+    assert "weights s3d-demo (shipped with s3d" in printed  # the demo says which weights each arm used
 
-    # the table in the report holds the numbers that were measured (results.json) ...
     results = json.loads((out / "results.json").read_text())
     text = report.read_text()
-    runs = {(r["n_train"], r["init"]): r for r in results["runs"]}
-    assert set(runs) == {(5, "s3d"), (5, "scratch")}
-    number = r" \| ([-+0-9.]+)"
-    row = re.search(r"^\| 5" + number * 5 + r" \|", text, re.M)
-    assert row is not None, text
-    assert float(row[1]) == pytest.approx(runs[(5, "s3d")]["dice"], abs=5e-4)
-    assert float(row[2]) == pytest.approx(runs[(5, "scratch")]["dice"], abs=5e-4)
-    assert float(row[4]) == pytest.approx(runs[(5, "s3d")]["nsd"], abs=5e-4)
-    # ... and those equal Dice recomputed here from the written predictions and test labels
+    runs = {(r["n_train"], r["init"], r["seed"]): r for r in results["runs"]}
+    assert set(runs) == {(5, arm, seed) for arm in ("s3d", "scratch") for seed in (0, 1)}
+    assert {r["weights"] for r in results["runs"] if r["init"] == "s3d"} == {"s3d-demo"}
+    assert {r["weights"] for r in results["runs"] if r["init"] == "scratch"} == {"random init"}
+
+    # every run's Dice equals Dice recomputed here from its written predictions and the test labels
     ds = out / "data" / "Dataset900_DemoTissue"
     names = {v: k for k, v in json.loads((ds / "dataset.json").read_text())["labels"].items()}
-    for (_, init), r in runs.items():
-        per_case, per_class = [], []
+    per_case_mean = {}
+    for (_, init, seed), r in runs.items():
+        per_case, per_class = {}, []
         for ref_path in sorted((ds / "labelsTs").glob("*.nii.gz")):
             ref = np.asarray(nib.load(str(ref_path)).dataobj)
-            pred_path = out / "runs" / f"finetune_{init}_n5" / "pred" / ref_path.name
-            pred = np.asarray(nib.load(str(pred_path)).dataobj)
+            pred = np.asarray(nib.load(str(out / "runs" / f"finetune_{init}_n5_seed{seed}" / "pred" /
+                                           ref_path.name)).dataobj)
             assert pred.shape == ref.shape
             per_class.append([_dice(pred, ref, k) for k in (1, 2, 3)])
-            per_case.append(np.nanmean(per_class[-1]))
-        assert r["dice"] == pytest.approx(float(np.mean(per_case)), abs=1e-6), init
-        # the per-class table: class means over the test cases, each printed in the report
-        class_means = np.nanmean(np.asarray(per_class), axis=0)
+            per_case[ref_path.name[: -len(".nii.gz")]] = np.nanmean(per_class[-1])
+        per_case_mean[(init, seed)] = per_case
+        assert r["dice"] == pytest.approx(float(np.mean(list(per_case.values()))), abs=1e-6), (init, seed)
         assert list(r["dice_per_class"]) == [names[k] for k in (1, 2, 3)]
-        assert list(r["dice_per_class"].values()) == pytest.approx(list(class_means), abs=1e-6)
-        cells = " | ".join(f"{v:.3f}" for v in class_means)
-        assert f"| 5 | {init} | {cells} |" in text
+        assert list(r["dice_per_class"].values()) == pytest.approx(list(np.nanmean(per_class, 0)), abs=1e-6)
         assert 0.0 <= r["nsd"] <= 1.0
-    # the conclusion follows the measured sign
-    delta = runs[(5, "s3d")]["dice"] - runs[(5, "scratch")]["dice"]
-    assert ("did NOT beat" in text) == (delta <= 0)
+
+    # the table row: mean ± sd over the two seeds, ΔDice paired by seed, test cases won (seed-averaged)
+    a = [runs[(5, "s3d", s)]["dice"] for s in (0, 1)]
+    b = [runs[(5, "scratch", s)]["dice"] for s in (0, 1)]
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    cases = sorted(per_case_mean[("s3d", 0)])
+    won = sum(np.mean([per_case_mean[("s3d", s)][c] for s in (0, 1)])
+              > np.mean([per_case_mean[("scratch", s)][c] for s in (0, 1)]) for c in cases)
+    row = (f"| 5 | {np.mean(a):.3f} ± {np.std(a, ddof=1):.3f} | {np.mean(b):.3f} ± {np.std(b, ddof=1):.3f} | "
+           f"{np.mean(d):+.3f} [{min(d):+.3f}, {max(d):+.3f}] |")
+    assert row in text and row in printed
+    assert f"| {won}/{len(cases)} |" in text
+    # the conclusion follows the per-seed signs
+    assert ("did NOT beat" in text) == (max(d) <= 0 or min(d) <= 0)
 
     # every figure the report links exists and shows something (not blank)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -74,45 +90,58 @@ def test_quick_demo_end_to_end(tmp_path, capsys) -> None:
         img = np.asarray(Image.open(out / link).convert("L"), dtype=np.float32)
         assert img.shape[0] > 50 and img.shape[1] > 100, link
         assert img.std() > 10, link  # not a flat image
-    # overlays carry label colours: the predictions panel is not grey-only
     rgb = np.asarray(Image.open(out / "figures" / "predictions.png").convert("RGB"), dtype=np.int16)
-    assert (np.abs(rgb[..., 0] - rgb[..., 1]) > 30).mean() > 0.01
+    assert (np.abs(rgb[..., 0] - rgb[..., 1]) > 30).mean() > 0.01  # overlays carry label colours
 
-    # a second run into the same folder replaces the previous demo
+    # a second run into the same folder replaces the previous demo; too few steps is a clear error
     assert main(["demo", "--quick", "--source", "phantom", "--out", str(out), "--no-progress",
-                 "--pretrain-steps", "2", "--finetune-steps", "4"]) == 0
+                 "--pretrain-steps", "2", "--finetune-steps", "4", "--seeds", "3"]) == 0
+    assert {r["seed"] for r in json.loads((out / "results.json").read_text())["runs"]} == {3}
     assert main(["demo", "--quick", "--out", str(out), "--finetune-steps", "2"]) == 1
+    assert "finetune_steps (--finetune-steps) must be >= 4" in capsys.readouterr().err
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path, capsys) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 1
-    assert "not written by s3d demo" in capsys.readouterr().out
+    assert "not written by s3d demo" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def _run(n: int, init: str, dice: float) -> RunResult:
-    return RunResult(n, init, dice, dice, {"a": dice, "b": dice}, 10, 1.0, "x")
+def _run(n: int, init: str, dice: float, seed: int = 0, cases: dict[str, float] | None = None) -> RunResult:
+    return RunResult(n, init, dice, dice, cases or {"a": dice, "b": dice}, 10, 1.0, "x", seed=seed)
 
 
-def test_conclusion_and_table_follow_the_numbers() -> None:
-    won = [_run(5, "s3d", 0.8), _run(5, "scratch", 0.7), _run(10, "s3d", 0.85), _run(10, "scratch", 0.8)]
+def test_deltas_pair_seeds_and_the_conclusion_needs_every_seed() -> None:
+    won = [_run(5, "s3d", 0.8, 0), _run(5, "scratch", 0.7, 0), _run(5, "s3d", 0.75, 1), _run(5, "scratch", 0.7, 1)]
+    assert deltas(won, 5) == pytest.approx([0.1, 0.05])
     assert "beat training from scratch at every" in conclusion(won)
-    lost = [_run(5, "s3d", 0.6), _run(5, "scratch", 0.7)]
-    assert "did NOT beat" in conclusion(lost)
-    mixed = [_run(5, "s3d", 0.8), _run(5, "scratch", 0.7), _run(10, "s3d", 0.7), _run(10, "scratch", 0.8)]
+    split = [_run(5, "s3d", 0.8, 0), _run(5, "scratch", 0.7, 0), _run(5, "s3d", 0.6, 1), _run(5, "scratch", 0.7, 1)]
+    assert "did NOT beat" in conclusion(split)  # mean ΔDice 0, seeds disagree: no claim
+    mixed = won + [_run(10, "s3d", 0.7, 0), _run(10, "scratch", 0.8, 0), _run(10, "s3d", 0.9, 1),
+                   _run(10, "scratch", 0.8, 1)]
     assert "with 5 labelled cases but not with 10" in conclusion(mixed)
     table = results_table(won)
-    assert "| 5 | 0.800 | 0.700 | +0.100 |" in table and "| 2/2 |" in table
+    # mean ± sample sd over seeds (0.775 ± 0.0354; 0.700 ± 0); ΔDice mean and [min, max]
+    assert "| 5 | 0.775 ± 0.035 | 0.700 ± 0.000 | +0.075 [+0.050, +0.100] |" in table and "| 2/2 |" in table
 
 
-def test_plan_steps_fits_the_budget() -> None:
-    pre, ft = plan_steps(600.0, 0.6, 0.5, 6)
-    # the planned work stays within the 80 % of the budget not reserved, and uses most of it
-    assert 0.75 * 600 <= pre * 0.6 + 6 * ft * 0.5 <= 0.80 * 600 + 1e-6
-    assert pre * 0.6 == pytest.approx(0.4 * 0.8 * 600, abs=0.6)  # 40 % of it pre-trains
-    assert plan_steps(1.0, 10.0, 10.0, 6) == (20, 20)  # floors when there is no time
-    assert plan_steps(1e9, 0.1, 0.1, 6) == (4000, 4000)  # caps on fast machines
+def test_wins_count_test_cases_by_seed_averaged_dice() -> None:
+    runs = [_run(5, "s3d", 0, 0, {"c1": 0.9, "c2": 0.2}), _run(5, "s3d", 0, 1, {"c1": 0.5, "c2": 0.4}),
+            _run(5, "scratch", 0, 0, {"c1": 0.6, "c2": 0.5}), _run(5, "scratch", 0, 1, {"c1": 0.7, "c2": 0.5})]
+    # c1: 0.70 vs 0.65 -> S3D; c2: 0.30 vs 0.50 -> scratch
+    assert wins(runs, 5) == (1, 1, 2)
+    for r in runs:
+        r.dice_per_class = {"CSF": 0.0}
+        r.dice_per_case_class = {c: {"CSF": v} for c, v in r.dice_per_case.items()}
+    assert "| 5 | CSF | 0.000 | 0.000 | +0.000 | 1 | 1 |" in class_table(runs)
+
+
+def test_plan_steps_fills_what_fine_tuning_leaves() -> None:
+    # 85 % of 600 s = 510 s; fine-tuning takes 400 s; 110 s / 0.5 s per step = 220 steps
+    assert plan_steps(600.0, 0.5, 400.0) == 220
+    assert plan_steps(600.0, 0.5, 1e6) == 20  # floor when fine-tuning takes everything
+    assert plan_steps(1e6, 0.01, 0.0) == 600  # cap on fast machines
 
 
 def test_time_train_step_measures_both_kinds() -> None:
@@ -128,3 +157,88 @@ def test_line_plot_draws_every_series() -> None:
     img = np.asarray(line_plot({"a": [(0, 1.0), (10, 0.2)], "b": [(0, 0.5), (10, 0.6)]}, "t", "x", "y"))
     colours = {tuple(c) for c in img.reshape(-1, 3)[::7]}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours
+
+
+# ---- the shipped weights ---------------------------------------------------------------------------
+def test_shipped_weights_load_offline_through_the_registry(monkeypatch) -> None:
+    import s3d
+    from s3d.hub import download, get_entry, sha256_file
+    from s3d.hub.sources import resolve
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("s3d-demo must not touch the Hub")
+
+    monkeypatch.setattr(download, "hub_download", no_network)
+    monkeypatch.setattr("s3d.hub.sources.hub_download", no_network)
+    entry = get_entry("s3d-demo")
+    assert entry is not None and entry.package_data == "zoo/s3d-demo" and entry.format == "s3d"
+    src = resolve("s3d-demo")
+    assert sha256_file(src.weights) == entry.sha256  # the file that ships is the one the registry pins
+    assert src.weights.stat().st_size < 5_000_000  # a few MB in the wheel
+    net, report = s3d.load_pretrained("s3d-demo", in_channels=1, num_classes=4, output_loading_info=True)
+    assert net.config.name == "tiny" and report.new_head
+    with pytest.raises(ValueError, match="no other revision"):
+        resolve("s3d-demo", revision="main")
+
+
+def test_shipped_weights_never_saw_a_demo_subject() -> None:
+    """The weights' pre-training subjects (cohort seed 1000) and the demo's (seed 0) are disjoint."""
+    from s3d.data.synthetic import SPLIT_CODE, case_seed
+    from s3d.demo import DemoSettings
+    from s3d.hub.sources import resolve
+
+    config = json.loads((resolve("s3d-demo").weights.parent / "config.json").read_text())
+    recipe = config["recipe"]
+    assert recipe["name"] == "s3d-demo" and recipe["cohort_seed"] == 1000 and recipe["architecture"] == "tiny"
+    assert recipe["block_size"] == 16  # mask cells = the tiny network's total stride
+    d = DemoSettings(out="unused")  # type: ignore[arg-type]
+    weights = {tuple(case_seed(recipe["cohort_seed"], "unlabelled", i)) for i in range(recipe["num_volumes"])}
+    demo = {tuple(case_seed(d.data_seed, split, i)) for split in SPLIT_CODE for i in range(1000)}
+    assert not weights & demo and d.data_seed != recipe["cohort_seed"]
+    card = (resolve("s3d-demo").weights.parent / "README.md").read_text()
+    assert "s3d demo --make-weights" in card and "| steps | mean training loss |" in card
+
+
+def test_plan_for_stride_32_weights_prints_the_time_and_trains_nothing(tmp_path, capsys) -> None:
+    """`s3d demo --pretrained WEIGHTS --plan`: the s3d-b path (ResEnc-L, stride 32) with local weights."""
+    import torch
+
+    from s3d import build_resenc_unet, save_pretrained
+    from s3d.nn.config import ResEncUNetConfig
+
+    cfg = ResEncUNetConfig(features_per_stage=(4, 8, 8, 8, 8, 8), strides=(1, 2, 2, 2, 2, 2),
+                           n_blocks_per_stage=(1, 1, 1, 1, 1, 1), kernel_sizes=(3,) * 6,
+                           n_conv_per_stage_decoder=(1,) * 5, name="resenc_l")  # a stride-32 stand-in
+    torch.manual_seed(0)
+    save_pretrained(build_resenc_unet(cfg, in_channels=1, num_classes=1), tmp_path / "w")
+    out = tmp_path / "demo"
+    assert main(["demo", "--plan", "--pretrained", str(tmp_path / "w"), "--out", str(out), "--seeds", "0",
+                 "--sizes", "5", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    m = re.search(r"plan on cpu: 2 fine-tuning runs .* of 150 steps at ([0-9.]+) s per step \(batch 2, patch "
+                  r"\(64, 64, 64\) at 2.0 mm\), ~([0-9.]+) min", printed)
+    assert m is not None, printed
+    assert float(m[2]) == pytest.approx(1.4 * 2 * 150 * float(m[1]) / 60, abs=0.06)  # OVERHEAD x runs x steps
+    assert not out.exists()  # nothing generated or trained
+
+
+def test_cpu_threads_keep_the_faster_count() -> None:
+    """The demo times a CPU step with one thread too and keeps whichever count was faster for the run."""
+    import torch
+
+    from s3d.demo.run import _choose_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        slow_one = _choose_threads("cpu", 0.2, lambda: 0.5)  # 2 threads faster: keep 2
+        assert slow_one == {"default": 2, "chosen": 2, "step_s": {2: 0.2, 1: 0.5}} and torch.get_num_threads() == 2
+        fast_one = _choose_threads("cpu", 5.5, lambda: 0.2)  # a busy core: one thread wins
+        assert fast_one["chosen"] == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert _choose_threads("cuda", 0.1, lambda: 1 / 0)["step_s"] == {2: 0.1}  # no CPU timing on a GPU
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -1,27 +1,24 @@
-"""``s3d demo``: the paper's story on built-in data, on a laptop, in minutes.
+"""``s3d demo``: what pre-training buys a user with few labels, on built-in data, on a laptop, in minutes.
 
-One call of :func:`run_demo` does, in this process and with the library's public functions:
+A model zoo works this way round: pre-training is done once, at scale; the user loads the weights and
+fine-tunes briefly. One call of :func:`run_demo` shows that, with the library's public functions:
 
-1. generate a cohort with :mod:`s3d.data.synthetic` (unlabelled volumes + a labelled nnU-Net dataset
-   with a held-out test split);
-2. pre-train a small ResEnc U-Net (``tiny`` preset) with the S3D-B recipe scaled down
-   (:func:`s3d.data.scan.prepare`, :func:`s3d.pretrain.run`; mask cells = the network's
-   total stride, as 32^3 cells are for ResEnc-L);
-3. fine-tune it with the paper's best schedule (:func:`s3d.finetune.run`, ``"best"``) on
-   N labelled cases for each N of ``train_sizes``, and train the same network from scratch
-   (``"scratch"``) on the same cases for the same number of steps;
-4. predict the held-out test cases (:func:`s3d.infer.predict_folder`) and score Dice and NSD
-   (:func:`s3d.metrics.evaluate_folder`);
-5. write ``OUT/report.md`` with the measured table, learning curves, the MAE reconstruction snapshot and
-   prediction overlays (PNG via PIL).
+1. generate a cohort with :mod:`s3d.data.synthetic` (subjects that really differ: anatomy, contrast,
+   acquisition; a labelled nnU-Net dataset with held-out test cases and a few unlabelled volumes);
+2. run the S3D workflow in miniature: a short sparse-MAE pre-training of a ``tiny`` ResEnc U-Net on
+   the unlabelled volumes (:func:`s3d.pretrain.run`), for the reconstruction figure;
+3. fine-tune the weights pre-trained once at scale (``s3d-demo``, shipped with s3d and made by
+   ``s3d demo --make-weights``, :mod:`~s3d.demo.weights`), and train the same network from scratch,
+   on 5, 10 and 20 labelled cases, for several seeds, each arm with its recipe chosen on validation
+   cases (:data:`~s3d.demo.settings.RECIPES`);
+4. predict the held-out test cases and score Dice and NSD (:mod:`~s3d.demo.compare`);
+5. print the table (mean and spread over seeds, per-class Dice, test cases each arm wins) and write
+   ``OUT/report.md`` with learning curves, the MAE reconstruction and prediction overlays.
 
-The step counts follow a time budget (``minutes``): a few training steps are timed first and the
-remaining time is shared between pre-training (40 %) and the fine-tuning runs (60 %). Every number in
-the report is measured in the run that wrote it.
-
-Modules: :mod:`~s3d.demo.settings` (sizes, budget, step planning), :mod:`~s3d.demo.run` (the
-orchestration: every call into data preparation, training, inference and metrics), :mod:`~s3d.demo.report`
-(results, tables, conclusion, report.md), :mod:`~s3d.demo.figures` (PNG plots and overlays).
+Modules: :mod:`~s3d.demo.settings` (sizes, seeds, recipes, plan), :mod:`~s3d.demo.run` (the
+orchestration), :mod:`~s3d.demo.compare` (one arm: fine-tune, predict, score), :mod:`~s3d.demo.report`
+(results over seeds, tables, conclusion), :mod:`~s3d.demo.markdown` (report.md),
+:mod:`~s3d.demo.figures` (PNG plots and overlays), :mod:`~s3d.demo.weights` (the shipped weights).
 
 Example:
     >>> from s3d.demo import demo_settings, run_demo
@@ -30,20 +27,41 @@ Example:
     PosixPath('s3d-demo/report.md')
 """
 
+from s3d.demo.compare import finetune_and_score
 from s3d.demo.figures import line_plot
-from s3d.demo.report import DemoResult, RunResult, conclusion, results_table
-from s3d.demo.run import run_demo
-from s3d.demo.settings import DemoSettings, demo_settings, plan_steps, time_train_step
+from s3d.demo.report import DemoResult, RunResult, class_table, conclusion, deltas, results_table, wins
+from s3d.demo.run import plan, run_demo, weights_info
+from s3d.demo.settings import (
+    DEMO_WEIGHTS,
+    RECIPES,
+    DemoSettings,
+    FinetuneRecipe,
+    demo_settings,
+    plan_steps,
+    time_train_step,
+)
+from s3d.demo.weights import WeightsRecipe, make_demo_weights
 
 __all__ = [
+    "DEMO_WEIGHTS",
+    "RECIPES",
     "DemoResult",
     "DemoSettings",
+    "FinetuneRecipe",
     "RunResult",
+    "WeightsRecipe",
+    "class_table",
     "conclusion",
+    "deltas",
     "demo_settings",
+    "finetune_and_score",
     "line_plot",
+    "make_demo_weights",
+    "plan",
     "plan_steps",
     "results_table",
     "run_demo",
     "time_train_step",
+    "weights_info",
+    "wins",
 ]

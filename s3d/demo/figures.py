@@ -85,6 +85,12 @@ def _smooth(points: list[tuple[int, float]], n_out: int = 60) -> list[tuple[floa
     return [(float(c[:, 0].mean()), float(c[:, 1].mean())) for c in chunks if len(c)]
 
 
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Pointwise mean of curves logged at the same steps (cut to the shortest)."""
+    n = min(len(c) for c in curves)
+    return [(curves[0][i][0], float(np.mean([c[i][1] for c in curves]))) for i in range(n)]
+
+
 def _grey(slice2d: np.ndarray) -> np.ndarray:
     hi = float(np.percentile(slice2d, 99.5)) or 1.0
     return np.clip(slice2d / hi, 0, 1)
@@ -144,10 +150,14 @@ def _write_figures(out: Path, cohort: Any, runs: list[RunResult], pre_loss: list
                         "loss"), fig / "pretrain_loss.png")
     files["pretrain_loss"] = "figures/pretrain_loss.png"
     loss_series, val_series = {}, {}
-    for r in runs:
-        loss_series[f"{r.init}, n={r.n_train}"] = _smooth(r.loss)
-        if r.val_dice:
-            val_series[f"{r.init}, n={r.n_train}"] = [(float(a), b) for a, b in r.val_dice]
+    for n in sorted({r.n_train for r in runs}):
+        for init in ("s3d", "scratch"):  # the mean over seeds (every seed logs the same steps)
+            group = [r for r in runs if r.n_train == n and r.init == init]
+            if not group:
+                continue
+            loss_series[f"{init}, n={n}"] = _smooth(_mean_curve([r.loss for r in group]))
+            if all(len(r.val_dice) > 1 for r in group):
+                val_series[f"{init}, n={n}"] = [(float(a), b) for a, b in _mean_curve([r.val_dice for r in group])]
     _save_png(line_plot(loss_series, "fine-tuning loss (Dice + CE)", "step", "loss"),
               fig / "finetune_loss.png")
     files["finetune_loss"] = "figures/finetune_loss.png"
@@ -169,8 +179,9 @@ def _write_figures(out: Path, cohort: Any, runs: list[RunResult], pre_loss: list
     img, _ = read_nifti(cohort.dataset_dir / "imagesTs" / f"{test}_0000.nii.gz")
     ref, _ = read_nifti(cohort.dataset_dir / "labelsTs" / f"{test}.nii.gz", dtype=np.int16)
     panels = [overlay_panel(_axial(img), None), overlay_panel(_axial(img), _axial(ref))]
+    seed = min(r.seed for r in runs)
     for init in ("s3d", "scratch"):
-        r = next(x for x in runs if x.n_train == n and x.init == init)
+        r = next(x for x in runs if x.n_train == n and x.init == init and x.seed == seed)
         pred, _ = read_nifti(Path(r.run_dir) / "pred" / f"{test}.nii.gz", dtype=np.int16)
         panels.append(overlay_panel(_axial(img), _axial(pred)))
     _save_png(_row(panels), fig / "predictions.png")

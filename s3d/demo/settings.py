@@ -1,8 +1,10 @@
-"""Settings of one ``s3d demo`` run and the step plan that fits its time budget.
+"""Settings of one ``s3d demo`` run: sizes, seeds, the fine-tuning recipes, the budget and the time plan.
 
-:class:`DemoSettings` holds the sizes, budget and switches; :func:`demo_settings` gives the default
-and the ``--quick`` CI run; :func:`time_train_step` measures a training step and :func:`plan_steps`
-shares the budget between pre-training and the fine-tuning runs.
+:class:`DemoSettings` holds the sizes, seeds and switches; :func:`demo_settings` gives the default and
+the ``--quick`` CI run. :data:`RECIPES` are the fine-tuning recipes of the two arms, chosen on
+validation cases by ``benchmarks/demo_ablation.py --select`` (docs/quickstart.md has the table).
+:func:`time_train_step` measures a training step and :func:`plan_steps` gives the demo's own short
+pre-training the time the fine-tuning runs leave.
 """
 
 from __future__ import annotations
@@ -10,36 +12,74 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+#: The demo network (``tiny`` ResEnc U-Net preset, total stride 16) when the weights do not say otherwise.
 ARCHITECTURE = "tiny"
+#: The weights of the pre-trained arm: shipped with s3d (``s3d demo --make-weights`` made them once).
+DEMO_WEIGHTS = "s3d-demo"
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """How one arm is fine-tuned (both arms get the same steps, batch and patch).
+
+    Attributes:
+        schedule: a ``s3d.finetune.SCHEDULES`` name (what is transferred, warm-ups, frozen parts).
+        peak_lr: peak learning rate (overrides the schedule's).
+        warmup_fraction: length of each warm-up as a fraction of the steps.
+    """
+
+    schedule: str
+    peak_lr: float
+    warmup_fraction: float = 0.05
+
+    def label(self) -> str:
+        """Short text, e.g. ``"no_warmup, peak lr 0.01"``."""
+        warm = f", warm-ups {self.warmup_fraction:.0%}" if self.schedule not in ("scratch", "no_warmup") else ""
+        return f"{self.schedule}, peak lr {self.peak_lr:g}{warm}"
+
+
+#: The recipes of the two arms, chosen on validation cases (never the test cases) with
+#: ``python benchmarks/demo_ablation.py --select``; docs/quickstart.md has the table and the reason.
+#: Validation Dice over 3 seeds x 5/10/20 cases (2026-12-01, shipped weights): s3d 0.658 (lr 0.06: 0.651,
+#: 0.2: 0.657); scratch 0.637 (lr 0.1: 0.632, 0.3: 0.633).
+RECIPES: dict[str, FinetuneRecipe] = {
+    "s3d": FinetuneRecipe("decoder_warmup", 1e-1, 0.1),
+    "scratch": FinetuneRecipe("scratch", 2e-1),
+}
 
 
 @dataclass
 class DemoSettings:
-    """Sizes, budget and switches of one demo run.
+    """Sizes, seeds, budget and switches of one demo run.
 
     Attributes:
         out: output folder (created; must be empty or a previous demo's folder).
-        minutes: wall-clock budget for the whole run, minutes (steps are sized to fit).
-        quick: the CI smoke setting (fixed, tiny step counts; ``minutes`` is ignored).
+        minutes: wall-clock budget for the whole run, minutes (the demo's own short pre-training gets
+            what the fine-tuning runs leave).
+        quick: the CI smoke setting (tiny sizes and step counts; ``minutes`` is ignored).
         source: anatomy of the demo data, "mni" (needs nilearn), "phantom", or "auto" (mni when nilearn
             is installed).
         task: labelled task, "tissue" (CSF/GM/WM) or "lesion".
-        num_unlabelled / num_labelled / num_test: cohort sizes (volumes / labelled training pool /
-            held-out test cases).
+        num_unlabelled / num_labelled / num_test: cohort sizes (volumes for the demo's own short
+            pre-training / labelled training pool / held-out test cases).
         train_sizes: labelled training-set sizes compared (each: pre-trained vs scratch).
+        seeds: fine-tuning seeds (each picks the labelled cases, the initialisation of new weights and
+            the patches); the table reports the mean and spread over them.
         shape / spacing_mm: volume grid (voxels) and voxel size (mm) of the generated data.
-        patch_size: training patch (voxels, multiples of the network stride 16).
+        patch_size: training patch (voxels, multiples of the network stride).
         batch_size: patches per step, pre-training and fine-tuning.
-        pretrain_steps / finetune_steps: fixed step counts (``None``: from the time budget).
-        schedule: fine-tuning schedule of the pre-trained network (a ``s3d.finetune.SCHEDULES`` name;
-            the paper's best by default); scratch always uses ``"scratch"``.
+        finetune_steps: steps of every fine-tuning run (the recipes were chosen at this count).
+        pretrain_steps: steps of the demo's own short pre-training (``None``: from the time budget).
+        weights: weights of the pre-trained arm (``s3d-demo``, shipped; or ``s3d-b``, a path, a Hub repo).
+        recipes: the fine-tuning recipe of each arm (``"s3d"``, ``"scratch"``).
         device: "auto" (CUDA when available), "cpu" or "cuda".
-        seed: seeds data, splits, initialisation and training.
+        data_seed: seed of the generated cohort.
         progress: show progress bars.
+        plan_only: print the plan and the time it will take, then stop.
     """
 
     out: Path
@@ -47,20 +87,23 @@ class DemoSettings:
     quick: bool = False
     source: str = "auto"
     task: str = "tissue"
-    num_unlabelled: int = 200
-    num_labelled: int = 40
+    num_unlabelled: int = 40
+    num_labelled: int = 25
     num_test: int = 10
     train_sizes: tuple[int, ...] = (5, 10, 20)
+    seeds: tuple[int, ...] = (0, 1, 2)
     shape: tuple[int, int, int] = (48, 56, 48)
     spacing_mm: float = 3.5
-    patch_size: tuple[int, int, int] = (48, 48, 48)
+    patch_size: tuple[int, int, int] = (32, 32, 32)
     batch_size: int = 2
+    finetune_steps: int = 150
     pretrain_steps: int | None = None
-    finetune_steps: int | None = None
-    schedule: str = "best"
+    weights: str = DEMO_WEIGHTS
+    recipes: dict[str, FinetuneRecipe] = field(default_factory=lambda: dict(RECIPES))
     device: str = "auto"
-    seed: int = 0
+    data_seed: int = 0
     progress: bool = True
+    plan_only: bool = False
 
 
 def demo_settings(
@@ -74,14 +117,15 @@ def demo_settings(
     """
     s = DemoSettings(out=Path(out))
     if quick:
-        s = replace(s, quick=True, minutes=2.0, num_unlabelled=12, num_labelled=8, num_test=3,
-                    train_sizes=(5,), shape=(32, 40, 32), spacing_mm=5.0, patch_size=(32, 32, 32),
-                    pretrain_steps=12, finetune_steps=12)
+        s = replace(s, quick=True, minutes=2.0, num_unlabelled=8, num_labelled=7, num_test=3, train_sizes=(5,),
+                    seeds=(0, 1), shape=(32, 40, 32), spacing_mm=5.0, patch_size=(32, 32, 32),
+                    pretrain_steps=8, finetune_steps=8)
     return replace(s, **overrides)
 
 
 def time_train_step(
-    patch_size: tuple[int, int, int], batch_size: int, device: str, mae: bool = False, repeats: int = 5
+    patch_size: tuple[int, int, int], batch_size: int, device: str, mae: bool = False, repeats: int = 5,
+    architecture: Any = ARCHITECTURE, in_channels: int = 1, num_classes: int = 4,
 ) -> float:
     """Seconds per training step (forward, backward, SGD) of the demo network at ``patch_size``.
 
@@ -92,7 +136,9 @@ def time_train_step(
         mae: time a sparse-MAE pre-training step (:class:`s3d.sparse.SparseMAEWrapper`, 16^3 cells)
             instead of a segmentation step.
         repeats: timed steps after one warm-up step; the median is returned, so a short burst of
-            load on the machine does not shrink the whole plan (it did with a mean of 2 steps).
+            load on the machine does not distort the plan (it did with a mean of 2 steps).
+        architecture: preset name or :class:`~s3d.nn.ResEncUNetConfig` of the network.
+        in_channels / num_classes: of the segmentation network.
 
     Example:
         >>> time_train_step((32, 32, 32), 2, "cpu") > 0
@@ -102,7 +148,8 @@ def time_train_step(
 
     from s3d.nn import build_resenc_unet
 
-    net = build_resenc_unet(ARCHITECTURE, in_channels=1, num_classes=1 if mae else 4, deep_supervision=False)
+    net = build_resenc_unet(architecture, in_channels=1 if mae else in_channels, num_classes=1 if mae else num_classes,
+                            deep_supervision=False)
     module: torch.nn.Module = net
     if mae:
         from s3d.sparse import SparseMAEWrapper
@@ -110,7 +157,7 @@ def time_train_step(
         module = SparseMAEWrapper(net, block_size=16)
     module = module.to(device)
     opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
-    x = torch.randn(batch_size, 1, *patch_size, device=device)
+    x = torch.randn(batch_size, 1 if mae else in_channels, *patch_size, device=device)
     times = []
     for i in range(repeats + 1):
         if device.startswith("cuda"):
@@ -128,20 +175,16 @@ def time_train_step(
     return statistics.median(times)
 
 
-def plan_steps(budget_s: float, pretrain_step_s: float, finetune_step_s: float, n_runs: int,
-               pretrain_share: float = 0.4, reserve: float = 0.2, min_steps: int = 20,
-               max_steps: int = 4000) -> tuple[int, int]:
-    """(pre-training steps, steps per fine-tuning run) that fit ``budget_s`` seconds.
+def plan_steps(budget_s: float, pretrain_step_s: float, finetune_s: float, reserve: float = 0.15,
+               min_steps: int = 20, max_steps: int = 600) -> int:
+    """Steps of the demo's own short pre-training that fit what ``budget_s`` leaves after fine-tuning.
 
-    A fraction ``reserve`` of the budget is kept for validation, prediction, evaluation and the
-    report; the rest is split ``pretrain_share`` : ``1 - pretrain_share`` between pre-training and
-    the ``n_runs`` fine-tuning runs.
+    ``finetune_s`` is the estimated time of all fine-tuning, prediction and evaluation; a fraction
+    ``reserve`` of the budget is kept for data, figures and the report.
 
     Example:
-        >>> plan_steps(600, 0.6, 0.5, 6)
-        (320, 96)
+        >>> plan_steps(600, 0.5, 400)
+        110
     """
-    usable = max(0.0, (1.0 - reserve) * budget_s)
-    pre = int(pretrain_share * usable / pretrain_step_s)
-    ft = int((1.0 - pretrain_share) * usable / (n_runs * finetune_step_s))
-    return min(max(pre, min_steps), max_steps), min(max(ft, min_steps), max_steps)
+    left = (1.0 - reserve) * budget_s - finetune_s
+    return int(min(max(left / pretrain_step_s, min_steps), max_steps))

@@ -53,6 +53,8 @@ class ModelEntry:
         keys: where the stem, encoder and segmentation heads are in the state dict (what
             :func:`~s3d.hub.load_pretrained` adapts); the ResEnc U-Net's by default.
         extra_files: other files in the repo (informational).
+        package_data: for weights shipped inside the s3d package: their folder relative to the
+            package (s3d format); loaded offline, never from the Hub (``repo_id`` is then empty).
     """
 
     name: str
@@ -70,6 +72,7 @@ class ModelEntry:
     provenance: str = ""
     keys: AdaptationKeys = RESENC_UNET_KEYS
     extra_files: tuple[str, ...] = field(default_factory=tuple)
+    package_data: str | None = None
 
     @property
     def pinned(self) -> bool:
@@ -135,6 +138,9 @@ def _openmind(
     )
 
 
+#: sha256 of s3d/zoo/s3d-demo/model.safetensors (checked on every load).
+DEMO_SHA256 = "f53810df93bead1aa569ff6fbf8fb17485aaf4743e81901eb31798ff6759392a"
+
 #: Registry entries, in display order. Only repositories confirmed to exist are listed (see docs/zoo.md).
 MODELS: tuple[ModelEntry, ...] = (
     _openmind(
@@ -162,6 +168,26 @@ MODELS: tuple[ModelEntry, ...] = (
         ),
     ),
     _openmind("SwinUNETR", "SwinUNETR pretext (inpainting + rotation + contrastive)"),
+    # Shipped inside the package (s3d/zoo/s3d-demo, a few MB): the demo network, pre-trained once by
+    # `s3d demo --make-weights` (s3d/demo/weights.py); its model card there has the recipe and loss curve.
+    ModelEntry(
+        name="s3d-demo",
+        repo_id="",
+        filename="model.safetensors",
+        revision="package",
+        format="s3d",
+        architecture="tiny",
+        sha256=DEMO_SHA256,
+        method="MAE (sparse masked autoencoder, the S3D-B recipe scaled down)",
+        data="synthetic brain MRI from s3d.data.synthetic (3000 volumes, T1/T2/FLAIR/PD, cohort seed 1000)",
+        license="CC-BY-4.0",
+        citation=S3D_CITATION,
+        provenance=(
+            "The `tiny` ResEnc U-Net of `s3d demo`, pre-trained by s3d with the S3D-B recipe scaled down "
+            "(`s3d demo --make-weights`) on synthetic data only; for the demo and tests, not for real images."
+        ),
+        package_data="zoo/s3d-demo",
+    ),
 )
 
 

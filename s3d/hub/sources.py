@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from s3d.hub.adapt import RESENC_UNET_KEYS, AdaptationKeys
-from s3d.hub.download import HubFileError, hub_download
+from s3d.hub.download import ChecksumError, HubFileError, hub_download, sha256_file
 from s3d.hub.nnssl import CheckpointError
 from s3d.hub.registry import ModelEntry, get_entry, list_models
 from s3d.hub.s3d_format import CONFIG_NAME, WEIGHTS_NAME, is_s3d_config, parse_config, read_config
@@ -109,6 +109,24 @@ def _hub_source(repo_id: str, revision: str | None, cache_dir: str | None, entry
     return Source(weights, "nnssl", None, None, repo_id, revision)
 
 
+def _package_source(entry: ModelEntry, revision: str | None) -> Source:
+    """Weights shipped inside the s3d package (``entry.package_data``): offline, checked against ``entry.sha256``."""
+    from importlib.resources import files
+
+    if revision not in (None, entry.revision):
+        raise ValueError(f"{entry.name!r} ships inside the s3d package and has no other revision; "
+                         f"drop revision={revision!r}")
+    folder = Path(str(files("s3d"))) / entry.package_data  # type: ignore[operator]
+    weights = folder / entry.filename
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing from the installed s3d package ({entry.name!r} ships "
+                                "with it); reinstall s3d")
+    if entry.sha256 is not None and sha256_file(weights) != entry.sha256:
+        raise ChecksumError(f"{weights}: sha256 does not match the registry's for {entry.name!r}; the installed "
+                            "file is damaged or was replaced - reinstall s3d")
+    return Source(weights, "s3d", read_config(folder / CONFIG_NAME), entry, None, None, entry.sha256)
+
+
 def _looks_like_path(text: str) -> bool:
     """A name that can only be a local path (a Hub repo id is ``org/name[@revision]``)."""
     name = text.partition("@")[0]
@@ -119,7 +137,8 @@ def _looks_like_path(text: str) -> bool:
 
 def resolve(name: str | os.PathLike[str], revision: str | None = None, cache_dir: str | None = None) -> Source:
     """Find the weights ``name`` refers to: an existing local path, ``hf://org/name@rev``, a registry
-    name or alias, or a Hub repo id ``org/name[@revision]`` (tried in this order).
+    name or alias (weights shipped with the package, e.g. ``"s3d-demo"``, load offline), or a Hub
+    repo id ``org/name[@revision]`` (tried in this order).
 
     Raises:
         FileNotFoundError: a local path (or a name that can only be one) that does not exist, or a
@@ -141,6 +160,8 @@ def resolve(name: str | os.PathLike[str], revision: str | None = None, cache_dir
             raise ValueError(f"{text!r}: expected hf://org/name or hf://org/name@revision")
         return _hub_source(match["repo"], revision or match["rev"], cache_dir, None)
     entry = get_entry(text)
+    if entry is not None and entry.package_data is not None:
+        return _package_source(entry, revision)
     if entry is not None:
         return _hub_source(entry.repo_id, revision or entry.revision, cache_dir, entry)
     if _looks_like_path(text):

@@ -3,25 +3,26 @@
 Two anatomy sources feed one pipeline:
 
 - ``"mni"``: the MNI ICBM152 2009 1 mm T1 template and its grey/white-matter probability maps, which
-  ship inside the ``nilearn`` wheel (``pip install "s3d[demo]"``). CSF is the brain mask minus GM
-  and WM.
+  ship inside the ``nilearn`` wheel (``pip install "s3d[demo]"``).
 - ``"phantom"``: a procedural head (ellipsoidal brain, folded cortex, ventricles, deep grey nuclei)
   with no extra dependency; the tests use it.
 
-Per subject, the anatomy is warped by a random affine (rotation, scale, shift) plus a smooth random
-deformation and resampled onto the output grid with ``torch.nn.functional.grid_sample``, giving
-partial-volume maps of CSF, GM and WM. Images are then rendered from those maps with per-contrast
-tissue intensities (T1-, T2-, FLAIR-like), optional synthetic lesions (MS-like: hyperintense on
-FLAIR and T2, hypointense on T1, mostly in white matter), a multiplicative bias field, an optional
-thick-slice acquisition (blur along one axis), and Rician noise. Images are stored as int16
-"scanner units", skull-stripped (zero outside the brain).
+Subjects differ in more than one template's warps (:mod:`~s3d.data.synthetic.factors` lists every
+factor and its range; docs/quickstart.md has the table): head size and shape, pose, a lobe-scale
+and a gyral-scale deformation, ventricle inflation, atrophy inside an unchanged skull, the CSF rim
+between brain and skull, skull and scalp thickness, a cut field of view and MS-like lesions; each
+image has its own sequence (T1, T2, FLAIR, PD), per-subject tissue intensities, gamma, bias field,
+noise level, resolution (thick slices, lower resolution) and is skull-stripped or not. Images are
+int16 "scanner units".
 
 Everything is deterministic per seed: a case's random stream is derived from ``(seed, split,
-index)``, so adding cases never changes the existing ones.
+index)`` (:func:`case_seed`), so adding cases never changes the existing ones and the splits never
+share a subject.
 
-Modules: :mod:`~s3d.data.synthetic.anatomy` (templates, warps, lesions: one subject's tissue maps),
-:mod:`~s3d.data.synthetic.render` (contrasts, bias field, thick slices, noise: one image) and
-:mod:`~s3d.data.synthetic.cohort` (nnU-Net datasets and unlabelled folders on disk).
+Modules: :mod:`~s3d.data.synthetic.factors` (the ranges), :mod:`~s3d.data.synthetic.templates`
+(MNI152 and phantom sampled at any coordinates), :mod:`~s3d.data.synthetic.anatomy` (one subject's
+maps), :mod:`~s3d.data.synthetic.render` (one image) and :mod:`~s3d.data.synthetic.cohort` (nnU-Net
+datasets and unlabelled folders on disk).
 
 Labelled tasks:
 
@@ -38,29 +39,41 @@ Example:
 
 from s3d.data.synthetic.anatomy import LESION_LABELS, SOURCES, TASKS, TISSUE_LABELS, DemoSubject, make_subject
 from s3d.data.synthetic.cohort import (
+    SPLIT_CODE,
     TASK_CHANNELS,
     TASK_DATASET,
+    UNLABELLED_CONTRASTS,
     DemoCohort,
+    case_seed,
+    unlabelled_contrast,
     write_demo_cohort,
     write_demo_dataset,
     write_unlabelled,
 )
+from s3d.data.synthetic.factors import SEQUENCE_INTENSITY, AnatomyRanges, ImageRanges
 from s3d.data.synthetic.render import CONTRASTS, SCANNER_UNITS, TISSUE_INTENSITY, render_image
 
 __all__ = [
     "CONTRASTS",
     "LESION_LABELS",
     "SCANNER_UNITS",
+    "SEQUENCE_INTENSITY",
     "SOURCES",
+    "SPLIT_CODE",
     "TASKS",
     "TASK_CHANNELS",
     "TASK_DATASET",
     "TISSUE_INTENSITY",
     "TISSUE_LABELS",
+    "UNLABELLED_CONTRASTS",
+    "AnatomyRanges",
     "DemoCohort",
     "DemoSubject",
+    "ImageRanges",
+    "case_seed",
     "make_subject",
     "render_image",
+    "unlabelled_contrast",
     "write_demo_cohort",
     "write_demo_dataset",
     "write_unlabelled",

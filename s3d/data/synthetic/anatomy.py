@@ -1,21 +1,26 @@
-"""One synthetic subject's anatomy: tissue partial-volume maps and lesions on an output grid.
+"""One synthetic subject's anatomy: tissue, CSF, skull and scalp maps and lesions on an output grid.
 
-Two anatomy sources: ``"mni"``, the MNI ICBM152 2009 template's grey/white-matter maps (via nilearn,
-``pip install "s3d[demo]"``), and ``"phantom"``, a procedural head with no extra dependency. Per
-subject the anatomy is warped (random affine plus smooth deformation), resampled with
-``grid_sample`` and given optional MS-like lesions in white matter (:func:`make_subject`).
+Two anatomy sources (:mod:`~s3d.data.synthetic.templates`): ``"mni"``, the MNI ICBM152 2009 template's
+grey/white-matter maps (via nilearn, ``pip install "s3d[demo]"``), and ``"phantom"``, a procedural head
+with no extra dependency. Each subject draws its factors from :class:`~s3d.data.synthetic.factors.
+AnatomyRanges` (head size and shape, pose, a lobe-scale and a gyral-scale deformation, enlarged
+ventricles, atrophy inside an unchanged skull, extra-axial CSF, skull and scalp thickness, a cut field of
+view, lesions) and :func:`make_subject` resamples the template through them with ``grid_sample``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from s3d.data.synthetic.factors import AnatomyRanges
+from s3d.data.synthetic.templates import TEMPLATE_SIZE, outside_mm_at, tissue_at
 
 SOURCES = ("phantom", "mni")
 TASKS = ("tissue", "lesion")
@@ -29,17 +34,20 @@ class DemoSubject:
 
     Attributes:
         tissue_pv: (3, D, H, W) float32 partial-volume fractions of CSF, GM, WM (sum <= 1; the
-            remainder is background).
+            remainder is background: skull, scalp, air).
         lesion_pv: (D, H, W) float32 lesion fraction in [0, 1] (all zero without lesions).
+        head_pv: (2, D, H, W) float32 fractions of skull and scalp (labelled background).
         affine: (4, 4) voxel-to-world matrix, mm.
         seed: the seed the subject was drawn from, as a tuple of integers.
+        info: the factors drawn for this subject (name -> value).
     """
 
     tissue_pv: np.ndarray
     lesion_pv: np.ndarray
     affine: np.ndarray
     seed: tuple[int, ...]
-    info: dict = field(default_factory=dict)
+    head_pv: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -53,7 +61,7 @@ class DemoSubject:
 
     @property
     def brain_fraction(self) -> np.ndarray:
-        """(D, H, W) fraction of each voxel inside the brain (CSF + GM + WM)."""
+        """(D, H, W) fraction of each voxel inside the intracranial volume (CSF + GM + WM)."""
         return self.tissue_pv.sum(0)
 
     def tissue_labels(self) -> np.ndarray:
@@ -102,127 +110,35 @@ def _rotation(angles_rad: Sequence[float]) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _template_coords(
-    rng: np.random.Generator,
-    shape: tuple[int, int, int],
-    spacing: tuple[float, float, float],
-    deform_mm: float,
-    rotate_deg: float,
-    scale: float,
-    shift_mm: float,
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Subject-to-template map: (D, H, W, 3) template-space mm coordinates of every output voxel.
+def _u(rng: np.random.Generator, r: tuple[float, float], n: int | None = None) -> Any:
+    return rng.uniform(r[0], r[1], n) if n else float(rng.uniform(r[0], r[1]))
 
-    The output grid is centred on the template origin; returns the coordinates and the output affine.
-    """
+
+def _grid_mm(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> tuple[torch.Tensor, np.ndarray]:
+    """(D, H, W, 3) world mm of every voxel of a grid centred on the origin, and the grid's affine."""
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [-(n - 1) * s / 2.0 for n, s in zip(shape, spacing, strict=True)]
     idx = [torch.arange(n, dtype=torch.float32) for n in shape]
-    grid = torch.stack(torch.meshgrid(*idx, indexing="ij"), -1)  # (D, H, W, 3) voxel indices
-    origin = torch.tensor(affine[:3, 3], dtype=torch.float32)
-    world = grid * torch.tensor(spacing, dtype=torch.float32) + origin
-    rot = _rotation(np.deg2rad(rng.uniform(-rotate_deg, rotate_deg, 3)))
-    scl = np.diag(rng.uniform(1.0 - scale, 1.0 + scale, 3))
-    shift = rng.uniform(-shift_mm, shift_mm, 3)
-    m = torch.from_numpy((rot @ scl).astype(np.float32))
+    grid = torch.stack(torch.meshgrid(*idx, indexing="ij"), -1)
+    world = grid * torch.tensor(spacing, dtype=torch.float32) + torch.tensor(affine[:3, 3], dtype=torch.float32)
+    return world, affine
+
+
+def _subject_coords(rng: np.random.Generator, world: torch.Tensor, r: AnatomyRanges, base_size: float,
+                    info: dict[str, Any]) -> torch.Tensor:
+    """Subject-to-template map: template mm of every output voxel (pose, size, shape, two warps)."""
+    shape = tuple(world.shape[:3])
+    size = _u(rng, r.head_scale)
+    stretch = 1.0 + _u(rng, r.aspect, 3)
+    rot = _rotation(np.deg2rad(_u(rng, r.rotate_deg, 3)))
+    shift = _u(rng, r.shift_mm, 3)
+    m = torch.from_numpy((rot @ np.diag(1.0 / (base_size * size * stretch))).astype(np.float32))
     coords = world @ m.T + torch.from_numpy(shift.astype(np.float32))
-    if deform_mm > 0:
-        disp = _smooth_field(rng, shape, control=5, channels=3) * (deform_mm / 2.0)
-        coords = coords + disp.permute(1, 2, 3, 0)
-    return coords, affine
-
-
-@functools.lru_cache(maxsize=4)
-def _mni_maps(pool: int) -> tuple[torch.Tensor, np.ndarray]:
-    """(1, 3, D, H, W) CSF/GM/WM fractions of the MNI152 2009 template, average-pooled by ``pool``."""
-    try:
-        from nilearn import datasets
-    except ImportError as e:
-        raise ImportError(
-            'the "mni" demo source needs nilearn (it ships the MNI152 template): pip install "s3d[demo]"; '
-            'or use source="phantom", which needs nothing extra'
-        ) from e
-    import nibabel as nib
-
-    t1_img = nib.load(datasets.MNI152_FILE_PATH)
-    t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
-    gm = np.asarray(nib.load(datasets.GM_MNI152_FILE_PATH).dataobj, dtype=np.float32) / 255.0
-    wm = np.asarray(nib.load(datasets.WM_MNI152_FILE_PATH).dataobj, dtype=np.float32) / 255.0
-    brain = (t1 > 0).astype(np.float32)
-    gm, wm = gm * brain, wm * brain
-    total = np.maximum(gm + wm, 1.0)  # the maps sum slightly above 1 at a few voxels
-    gm, wm = gm / total, wm / total
-    csf = np.clip(brain - gm - wm, 0.0, 1.0)
-    maps = torch.from_numpy(np.stack([csf, gm, wm]))[None]
-    affine = np.asarray(t1_img.affine, dtype=np.float64)
-    if pool > 1:
-        maps = F.avg_pool3d(maps, kernel_size=pool, stride=pool)
-        step = np.diag([pool, pool, pool, 1.0])
-        step[:3, 3] = (pool - 1) / 2.0
-        affine = affine @ step
-    return maps.contiguous(), affine
-
-
-# brain centre of the template in world mm (centre of the brain mask's bounding box)
-_MNI_CENTER_MM = np.array([0.0, -17.0, 5.0])
-
-
-def _sample_mni(coords: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
-    pool = max(1, int(round(min(spacing))))
-    maps, affine = _mni_maps(pool)
-    inv = torch.from_numpy(np.linalg.inv(affine).astype(np.float32))
-    world = coords + torch.from_numpy(_MNI_CENTER_MM.astype(np.float32))
-    vox = world @ inv[:3, :3].T + inv[:3, 3]  # (D, H, W, 3) template voxel indices (i, j, k)
-    sizes = torch.tensor(maps.shape[2:], dtype=torch.float32)
-    norm = 2.0 * vox / (sizes - 1) - 1.0
-    grid = norm.flip(-1)[None]  # grid_sample wants (x, y, z) = (k, j, i)
-    out = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out[0]
-
-
-def _sample_phantom(
-    coords: torch.Tensor, spacing: tuple[float, float, float], rng: np.random.Generator
-) -> torch.Tensor:
-    """(3, D, H, W) CSF/GM/WM fractions of the procedural head at template coordinates (mm)."""
-    width = 0.5 * float(np.mean(spacing))  # edge softness ~ half a voxel -> partial volumes
-
-    def soft(signed_mm: torch.Tensor) -> torch.Tensor:  # 1 inside (positive), 0 outside
-        return torch.sigmoid(signed_mm / width)
-
-    x, y, z = coords.unbind(-1)
-    radii = torch.tensor([66.0, 84.0, 60.0]) * torch.from_numpy(rng.uniform(0.95, 1.05, 3).astype(np.float32))
-    rho = torch.sqrt((x / radii[0]) ** 2 + (y / radii[1]) ** 2 + ((z + 8.0) / radii[2]) ** 2)
-    depth = (1.0 - rho) * float(radii.mean())  # approx. mm below the brain surface
-    # folding: f in [-1, 1] from two sets of random plane waves (period ~18-30 mm); sulci where f is high
-    f = torch.zeros_like(x)
-    for _ in range(2):
-        phase = torch.from_numpy(rng.uniform(0, 2 * math.pi, 3).astype(np.float32))
-        k = torch.from_numpy(rng.uniform(0.22, 0.34, 3).astype(np.float32))  # rad/mm
-        for axis, coord in enumerate((x, y, z)):
-            f = f + torch.sin(k[axis] * coord + phase[axis])
-    f = torch.clamp(f / 1.7, -1.0, 1.0)  # the sum of six unit sines has std ~1.7
-    csf_t = 1.2 + 12.0 * torch.relu(f - 0.2)  # outer CSF, reaching deep into sulci
-    gm_t = 3.0 + 4.0 * (f + 1.0)  # cortical ribbon under it, mm; thin under gyral crowns (low f)
-    brain = soft(depth)
-    inner = soft(depth - csf_t)
-    wm_part = soft(depth - csf_t - gm_t)
-    csf = brain * (1.0 - inner)
-    gm = brain * inner * (1.0 - wm_part)
-    wm = brain * inner * wm_part
-    fissure = soft(1.5 - x.abs()) * soft(z - 20.0)  # interhemispheric fissure (CSF) above the ventricles
-    csf, gm, wm = csf + (gm + wm) * fissure, gm * (1.0 - fissure), wm * (1.0 - fissure)
-
-    def ellipsoid(center: Sequence[float], r: Sequence[float]) -> torch.Tensor:
-        d = torch.sqrt(sum(((c - c0) / r0) ** 2 for c, c0, r0 in zip((x, y, z), center, r, strict=True)))
-        return soft((1.0 - d) * float(min(r)))
-
-    vsize = float(rng.uniform(0.8, 1.4))  # ventricle size varies across subjects
-    for sx in (-1.0, 1.0):
-        nuc = ellipsoid((sx * 13.0, -6.0, 0.0), (8.0, 11.0, 8.0))  # thalamus / basal ganglia (GM)
-        gm, wm = gm + wm * nuc, wm * (1.0 - nuc)
-        ven = ellipsoid((sx * 7.0, 2.0, 10.0), (4.0 * vsize, 20.0, 7.0 * vsize))  # lateral ventricle (CSF)
-        csf, gm, wm = csf + (gm + wm) * ven, gm * (1.0 - ven), wm * (1.0 - ven)
-    return torch.stack([csf, gm, wm])
+    large, local = _u(rng, r.warp_large_mm), _u(rng, r.warp_local_mm)
+    coords = coords + (_smooth_field(rng, shape, 4, 3) * (large / 2.0)).permute(1, 2, 3, 0)
+    coords = coords + (_smooth_field(rng, shape, 9, 3) * (local / 2.0)).permute(1, 2, 3, 0)
+    info.update(head_scale=size, aspect=stretch.round(3).tolist(), warp_large_mm=large, warp_local_mm=local)
+    return coords
 
 
 def _add_lesions(
@@ -256,32 +172,44 @@ def _add_lesions(
     return lesion * (tissue[1] + tissue[2])
 
 
+def _fov_mask(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+              r: AnatomyRanges, info: dict[str, Any]) -> np.ndarray | None:
+    """1 inside the field of view; ``None`` when this subject's field of view is not cut."""
+    if rng.uniform() >= r.fov_crop_prob:
+        return None
+    axis, end, cut_mm = int(rng.integers(3)), int(rng.integers(2)), _u(rng, r.fov_crop_mm)
+    n = min(shape[axis] - 1, int(round(cut_mm / spacing[axis])))
+    mask = np.ones(shape, np.float32)
+    sl = [slice(None)] * 3
+    sl[axis] = slice(0, n) if end == 0 else slice(shape[axis] - n, shape[axis])
+    mask[tuple(sl)] = 0.0
+    info.update(fov_cut=(axis, end, round(n * spacing[axis], 1)))
+    return mask
+
+
 def make_subject(
     seed: int | Sequence[int],
     source: str = "phantom",
     shape: Sequence[int] = (80, 96, 80),
     spacing_mm: float | Sequence[float] = 2.0,
-    deform_mm: float = 4.0,
-    rotate_deg: float = 8.0,
-    scale: float = 0.08,
-    shift_mm: float = 3.0,
-    lesions: int | tuple[int, int] = 0,
+    ranges: AnatomyRanges | None = None,
+    lesions: int | tuple[int, int] | None = None,
 ) -> DemoSubject:
-    """Draw one subject's anatomy on a grid of ``shape`` voxels of ``spacing_mm``.
+    """Draw one synthetic subject: the template through this subject's factors, on the output grid.
 
     Args:
-        seed: integer or sequence of integers seeding everything about this subject.
+        seed: seeds everything about this subject.
         source: "phantom" (procedural, no extra dependency) or "mni" (MNI152 template via nilearn).
-        shape: output grid (D, H, W), voxels; (80, 96, 80) at 2 mm covers a whole brain.
+        shape: output grid (D, H, W), voxels; (80, 96, 80) at 2 mm covers a whole head.
         spacing_mm: voxel size, one value or three (anisotropic grids are allowed).
-        deform_mm: typical amplitude of the smooth random deformation, mm.
-        rotate_deg: maximum rotation about each axis, degrees.
-        scale: maximum relative scaling along each axis.
-        shift_mm: maximum shift along each axis, mm.
-        lesions: number of lesions, or a (low, high) range drawn per subject (inclusive).
+        ranges: the anatomy factors and their ranges (default :class:`AnatomyRanges`;
+            ``AnatomyRanges.none()`` gives the template itself).
+        lesions: number of lesions, or a (low, high) range (inclusive); ``None``: with probability
+            ``ranges.lesion_prob``, ``ranges.lesion_count`` lesions.
 
     Returns:
-        A :class:`DemoSubject` with partial-volume maps, lesion fraction and affine.
+        A :class:`DemoSubject` with partial-volume maps, lesion fraction, skull/scalp and affine;
+        ``info`` holds the drawn factors.
 
     Example:
         >>> subj = make_subject(0, "phantom", shape=(48, 48, 48), spacing_mm=3.5, lesions=(2, 5))
@@ -290,18 +218,48 @@ def make_subject(
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    shape_t = tuple(int(s) for s in shape)
+    shape_t: tuple[int, int, int] = tuple(int(s) for s in shape)  # type: ignore[assignment]
     if len(shape_t) != 3 or min(shape_t) < 4:
         raise ValueError(f"shape must be three sizes >= 4 voxels, got {shape!r}")
     spacing = _as3(spacing_mm, "spacing_mm")
-    rng = _rng(seed)
-    coords, affine = _template_coords(rng, shape_t, spacing, deform_mm, rotate_deg, scale, shift_mm)  # type: ignore[arg-type]
-    if source == "mni":
-        pv = _sample_mni(coords, spacing)
+    r = ranges or AnatomyRanges()
+    seed_list = [int(v) for v in np.atleast_1d(seed)]
+    rng = _rng(seed_list)
+    info: dict[str, Any] = {"source": source}
+    world, affine = _grid_mm(shape_t, spacing)
+    coords = _subject_coords(rng, world, r, TEMPLATE_SIZE[source], info)
+    atrophy, dilate = _u(rng, r.atrophy), _u(rng, r.ventricle_dilation_mm)
+    rim, skull_t, scalp_t = _u(rng, r.csf_rim_mm), _u(rng, r.skull_mm), _u(rng, r.scalp_mm)
+    info.update(atrophy=atrophy, ventricle_dilation_mm=dilate, csf_rim_mm=rim, skull_mm=skull_t, scalp_mm=scalp_t)
+    # the brain shrinks inside an unchanged skull (atrophy): tissue is sampled further out than the skull
+    tissue_coords = coords * (1.0 + atrophy)
+    phantom_seed = [*seed_list, 11]  # the phantom's own variation, the same for every sampling
+    brain = tissue_at(source, tissue_coords, spacing, _rng(phantom_seed)).clamp(0.0, 1.0)
+    outside = outside_mm_at(source, coords, spacing, _rng(phantom_seed))[0]
+    width = 0.5 * float(np.mean(spacing))
+    if dilate > 0:  # the lateral ventricles grow by `dilate` mm into the tissue around them
+        to_ventricles = outside_mm_at(source, tissue_coords, spacing, _rng(phantom_seed))[1]
+        keep = 1.0 - torch.sigmoid((dilate - to_ventricles) / width)
+        brain = torch.stack([brain[0] + (brain[1] + brain[2]) * (1.0 - keep), brain[1] * keep, brain[2] * keep])
+
+    def inside(mm: float) -> torch.Tensor:  # soft indicator of "less than mm outside the brain surface"
+        return torch.sigmoid((mm - outside) / width)
+
+    icv = torch.maximum(inside(rim), brain.sum(0)).clamp(max=1.0)
+    csf = (icv - brain[1] - brain[2]).clamp(min=0.0)
+    tissue = torch.stack([csf, brain[1], brain[2]]).numpy().astype(np.float32)
+    skull = (inside(rim + skull_t) - icv).clamp(min=0.0)
+    scalp = (inside(rim + skull_t + scalp_t) - icv - skull).clamp(min=0.0)
+    head = torch.stack([skull, scalp]).numpy().astype(np.float32)
+    if lesions is None:
+        n_les = int(rng.integers(r.lesion_count[0], r.lesion_count[1] + 1)) if rng.uniform() < r.lesion_prob else 0
+    elif isinstance(lesions, tuple):
+        n_les = int(rng.integers(lesions[0], lesions[1] + 1))
     else:
-        pv = _sample_phantom(coords, spacing, rng)
-    tissue = pv.numpy().astype(np.float32)
-    n_les = int(rng.integers(lesions[0], lesions[1] + 1)) if isinstance(lesions, tuple) else int(lesions)
+        n_les = int(lesions)
     lesion = _add_lesions(rng, tissue, spacing, n_les)
-    return DemoSubject(tissue, lesion, affine, seed=tuple(np.atleast_1d(seed).astype(int).tolist()),
-                       info={"source": source, "lesions": n_les})
+    fov = _fov_mask(rng, shape_t, spacing, r, info)
+    if fov is not None:
+        tissue, head, lesion = tissue * fov, head * fov, lesion * fov
+    info.update(lesions=n_les)
+    return DemoSubject(tissue, lesion, affine, seed=tuple(seed_list), head_pv=head, info=info)

@@ -5,21 +5,26 @@ Case i of a split is seeded by ``(seed, split, i)``, so adding cases never chang
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from s3d._fs import write_json_atomic
 from s3d.data.io import write_nifti
 from s3d.data.synthetic.anatomy import LESION_LABELS, TASKS, TISSUE_LABELS, _rng, make_subject
-from s3d.data.synthetic.render import CONTRASTS, TISSUE_INTENSITY, render_image
+from s3d.data.synthetic.factors import AnatomyRanges, ImageRanges
+from s3d.data.synthetic.render import CONTRASTS, render_image
 
 TASK_CHANNELS = {"tissue": ("T1",), "lesion": ("FLAIR", "T1")}
 TASK_DATASET = {"tissue": (900, "DemoTissue"), "lesion": (901, "DemoLesion")}
 
-_SPLIT_CODE = {"train": 1, "test": 2, "unlabelled": 3}
+#: Seed stream of each split: case i of split s is seeded by (seed, SPLIT_CODE[s], i), so the splits never
+#: share a subject. "val" is for choosing settings (held out from both training and test cases).
+SPLIT_CODE = {"train": 1, "test": 2, "unlabelled": 3, "val": 4}
+#: How often each sequence appears among unlabelled volumes (a T1-heavy archive, as real ones are).
+UNLABELLED_CONTRASTS = {"T1": 0.4, "T2": 0.2, "FLAIR": 0.2, "PD": 0.2}
 _MNI_COPYRIGHT = (
     "Anatomy derived from the MNI ICBM152 non-linear symmetric 2009a template, Copyright (C) 1993-2009 "
     "Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University "
@@ -45,8 +50,28 @@ class DemoCohort:
     unlabelled_files: list[Path]
 
 
-def _case_seed(seed: int, split: str, index: int) -> list[int]:
-    return [int(seed), _SPLIT_CODE[split], int(index)]
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Generate with one torch thread: the tensors are small, and on a busy machine 2 threads were 5-15x
+    slower than one (measured: 0.45-1.5 s vs 0.09 s per 48x56x48 subject on 2 shared cores)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def case_seed(seed: int, split: str, index: int) -> list[int]:
+    """The seed of case ``index`` of ``split`` ("train", "test", "val", "unlabelled") in cohort ``seed``.
+
+    Example:
+        >>> case_seed(0, "test", 3)
+        [0, 2, 3]
+    """
+    return [int(seed), SPLIT_CODE[split], int(index)]
 
 
 def write_demo_dataset(
@@ -59,8 +84,10 @@ def write_demo_dataset(
     shape: Sequence[int] = (80, 96, 80),
     spacing_mm: float | Sequence[float] = 2.0,
     seed: int = 0,
+    test_split: str = "test",
+    anatomy: AnatomyRanges | None = None,
+    imaging: ImageRanges | None = None,
     progress: bool = True,
-    **subject_kwargs: Any,
 ) -> tuple[list[str], list[str]]:
     """Write a labelled demo dataset in nnU-Net v2 raw format into ``out_dir``.
 
@@ -74,15 +101,17 @@ def write_demo_dataset(
             channels FLAIR, T1; 2-10 lesions per subject).
         source: "phantom" or "mni" (see :func:`make_subject`).
         num_train: number of labelled training cases.
-        num_test: number of test cases.
+        num_test: number of held-out cases in imagesTs / labelsTs.
         shape: output grid (D, H, W), voxels.
         spacing_mm: voxel size, mm (one value or three).
-        seed: dataset seed; case i of a split is seeded by (seed, split, i).
+        seed: dataset seed; case i of a split is seeded by :func:`case_seed` (seed, split, i).
+        test_split: which subjects fill imagesTs: "test" (``demo_test_XXX``) or "val" (``demo_val_XXX``,
+            validation subjects for choosing settings, never the test subjects).
+        anatomy / imaging: the factor ranges (defaults :class:`AnatomyRanges`, :class:`ImageRanges`).
         progress: show a tqdm progress bar.
-        **subject_kwargs: passed to :func:`make_subject` (deform_mm, rotate_deg, scale, lesions).
 
     Returns:
-        (training case ids, test case ids).
+        (training case ids, held-out case ids).
 
     Example:
         >>> write_demo_dataset("Dataset900_DemoTissue", num_train=2, num_test=1, shape=(32, 32, 32),
@@ -93,22 +122,24 @@ def write_demo_dataset(
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if test_split not in ("test", "val"):
+        raise ValueError(f"test_split must be 'test' or 'val', got {test_split!r}")
     if num_train < 0 or num_test < 0:
         raise ValueError(f"num_train and num_test must be >= 0, got {num_train}, {num_test}")
     out = Path(out_dir)
     channels = TASK_CHANNELS[task]
     labels = TISSUE_LABELS if task == "tissue" else LESION_LABELS
-    subject_kwargs = dict(subject_kwargs)
-    if task == "lesion":
-        subject_kwargs.setdefault("lesions", (2, 10))
+    lesions = (2, 10) if task == "lesion" else None
     jobs = [("train", i, f"demo_{i:03d}", "imagesTr", "labelsTr") for i in range(num_train)]
-    jobs += [("test", i, f"demo_test_{i:03d}", "imagesTs", "labelsTs") for i in range(num_test)]
-    for split, i, case, img_dir, lab_dir in tqdm(jobs, desc=f"demo {task} ({source})", disable=not progress):
-        subj = make_subject(_case_seed(seed, split, i), source, shape, spacing_mm, **subject_kwargs)
-        for c, contrast in enumerate(channels):
-            img = render_image(subj, contrast, seed=[*_case_seed(seed, split, i), 100 + c])
-            write_nifti(out / img_dir / f"{case}_{c:04d}.nii.gz", img, subj.affine)
-        write_nifti(out / lab_dir / f"{case}.nii.gz", subj.labels(task), subj.affine)
+    jobs += [(test_split, i, f"demo_{test_split}_{i:03d}", "imagesTs", "labelsTs") for i in range(num_test)]
+    with _one_thread():
+        for split, i, case, img_dir, lab_dir in tqdm(jobs, desc=f"demo {task} ({source})", disable=not progress):
+            key = case_seed(seed, split, i)
+            subj = make_subject(key, source, shape, spacing_mm, ranges=anatomy, lesions=lesions)
+            for c, contrast in enumerate(channels):
+                img = render_image(subj, contrast, seed=[*key, 100 + c], ranges=imaging)
+                write_nifti(out / img_dir / f"{case}_{c:04d}.nii.gz", img, subj.affine)
+            write_nifti(out / lab_dir / f"{case}.nii.gz", subj.labels(task), subj.affine)
     meta = {
         "channel_names": {str(c): name for c, name in enumerate(channels)},
         "labels": labels,
@@ -116,11 +147,29 @@ def write_demo_dataset(
         "file_ending": ".nii.gz",
         "name": f"s3d demo {task} ({source})",
         "description": f"Synthetic brain MRI from s3d.data.synthetic (source={source}, seed={seed}); "
-                       "labelsTs holds test labels for evaluation.",
+                       f"labelsTs holds the labels of the held-out {test_split} cases for evaluation.",
         "licence": "CC-BY-4.0" + ("; " + _MNI_COPYRIGHT if source == "mni" else ""),
     }
     write_json_atomic(out / "dataset.json", meta)
-    return [j[2] for j in jobs if j[0] == "train"], [j[2] for j in jobs if j[0] == "test"]
+    return [j[2] for j in jobs if j[0] == "train"], [j[2] for j in jobs if j[0] != "train"]
+
+
+def unlabelled_contrast(seed: int, index: int, weights: dict[str, float] | None = None) -> str:
+    """The sequence of unlabelled volume ``index`` of cohort ``seed`` (drawn with ``weights``).
+
+    Example:
+        >>> unlabelled_contrast(0, 0) in CONTRASTS
+        True
+    """
+    w = UNLABELLED_CONTRASTS if weights is None else weights
+    names = list(w)
+    p = [float(w[k]) for k in names]
+    u = _rng([*case_seed(seed, "unlabelled", index), 7]).uniform() * sum(p)
+    for name, pk in zip(names, p, strict=True):
+        u -= pk
+        if u < 0:
+            return name
+    return names[-1]
 
 
 def write_unlabelled(
@@ -130,16 +179,18 @@ def write_unlabelled(
     source: str = "phantom",
     shape: Sequence[int] = (80, 96, 80),
     spacing_mm: float | Sequence[float] = 2.0,
-    contrasts: Sequence[str] = CONTRASTS,
-    lesion_prob: float = 0.3,
+    contrasts: dict[str, float] | None = None,
     seed: int = 0,
+    start: int = 0,
+    anatomy: AnatomyRanges | None = None,
+    imaging: ImageRanges | None = None,
     progress: bool = True,
-    **subject_kwargs: Any,
 ) -> list[Path]:
-    """Write ``num`` unlabelled volumes (one contrast each, drawn from ``contrasts``) for pre-training.
+    """Write ``num`` unlabelled volumes (one sequence each) for pre-training.
 
-    Files are ``{out_dir}/demo_u{i:04d}_{contrast}.nii.gz``; a fraction ``lesion_prob`` of subjects
-    has 1-10 lesions, so pre-training sees the same kinds of image as fine-tuning.
+    Files are ``{out_dir}/demo_u{i:05d}_{contrast}.nii.gz``; subjects draw every factor of
+    :class:`AnatomyRanges` (lesions included) and :class:`ImageRanges`, so pre-training sees the kinds
+    of image fine-tuning does, and more.
 
     Args:
         out_dir: output folder (created if needed).
@@ -147,11 +198,11 @@ def write_unlabelled(
         source: "phantom" or "mni" (see :func:`make_subject`).
         shape: grid (D, H, W), voxels.
         spacing_mm: voxel size, mm.
-        contrasts: contrasts to draw from, uniformly per volume.
-        lesion_prob: fraction of subjects with lesions.
-        seed: cohort seed; volume i is seeded by (seed, "unlabelled", i).
+        contrasts: sequence -> weight (default :data:`UNLABELLED_CONTRASTS`).
+        seed: cohort seed; volume i is seeded by :func:`case_seed` (seed, "unlabelled", i).
+        start: index of the first volume (to write a large cohort in parts).
+        anatomy / imaging: the factor ranges.
         progress: show a tqdm progress bar.
-        **subject_kwargs: passed to :func:`make_subject`.
 
     Returns:
         The written paths, in order.
@@ -163,21 +214,19 @@ def write_unlabelled(
     """
     from tqdm.auto import tqdm
 
-    for c in contrasts:
-        if c not in TISSUE_INTENSITY:
+    for c in contrasts or {}:
+        if c not in CONTRASTS:
             raise ValueError(f"contrasts must be among {CONTRASTS}, got {c!r}")
     out = Path(out_dir)
     files = []
-    for i in tqdm(range(num), desc=f"demo unlabelled ({source})", disable=not progress):
-        key = _case_seed(seed, "unlabelled", i)
-        pick = _rng([*key, 7])
-        contrast = contrasts[int(pick.integers(len(contrasts)))]
-        kw = dict(subject_kwargs)
-        kw.setdefault("lesions", (1, 10) if pick.uniform() < lesion_prob else 0)
-        subj = make_subject(key, source, shape, spacing_mm, **kw)
-        path = out / f"demo_u{i:04d}_{contrast}.nii.gz"
-        write_nifti(path, render_image(subj, contrast, seed=[*key, 100]), subj.affine)
-        files.append(path)
+    with _one_thread():
+        for i in tqdm(range(start, start + num), desc=f"demo unlabelled ({source})", disable=not progress):
+            key = case_seed(seed, "unlabelled", i)
+            contrast = unlabelled_contrast(seed, i, contrasts)
+            subj = make_subject(key, source, shape, spacing_mm, ranges=anatomy)
+            path = out / f"demo_u{i:05d}_{contrast}.nii.gz"
+            write_nifti(path, render_image(subj, contrast, seed=[*key, 100], ranges=imaging), subj.affine)
+            files.append(path)
     return files
 
 
@@ -192,6 +241,7 @@ def write_demo_cohort(
     shape: Sequence[int] = (80, 96, 80),
     spacing_mm: float | Sequence[float] = 2.0,
     seed: int = 0,
+    test_split: str = "test",
     progress: bool = True,
 ) -> DemoCohort:
     """Write a labelled nnU-Net dataset and a folder of unlabelled volumes under ``root``.
@@ -204,11 +254,12 @@ def write_demo_cohort(
         task: "tissue" or "lesion" (see :func:`write_demo_dataset`).
         source: "phantom" or "mni".
         num_train: labelled training cases.
-        num_test: test cases (images in imagesTs, labels in labelsTs).
+        num_test: held-out cases (images in imagesTs, labels in labelsTs).
         num_unlabelled: unlabelled volumes for pre-training (0: none).
         shape: grid (D, H, W), voxels.
         spacing_mm: voxel size, mm.
         seed: cohort seed.
+        test_split: "test" or "val" subjects in imagesTs (see :func:`write_demo_dataset`).
         progress: show tqdm progress bars.
 
     Returns:
@@ -224,7 +275,8 @@ def write_demo_cohort(
     ds_id, name = TASK_DATASET.get(task, (0, ""))
     ds_dir = root / f"Dataset{ds_id:03d}_{name}"
     train, test = write_demo_dataset(ds_dir, task=task, source=source, num_train=num_train, num_test=num_test,
-                                     shape=shape, spacing_mm=spacing_mm, seed=seed, progress=progress)
+                                     shape=shape, spacing_mm=spacing_mm, seed=seed, test_split=test_split,
+                                     progress=progress)
     un_dir = root / "unlabelled" if num_unlabelled > 0 else None
     files = []
     if un_dir is not None:
