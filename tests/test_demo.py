@@ -22,6 +22,7 @@ from s3d.demo import (
     time_train_step,
     wins,
 )
+from s3d.demo.settings import CONTROL_NOTE
 
 pytest.importorskip("scipy")  # resampling (pre-training data) and NSD need it
 
@@ -81,6 +82,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys) -> None:
     assert f"| {won}/{len(cases)} |" in text
     # the conclusion follows the per-seed signs
     assert ("did NOT beat" in text) == (max(d) <= 0 or min(d) <= 0)
+    # default weights and recipes: the measured control is said with the result, in the report and printed
+    assert CONTROL_NOTE in text and CONTROL_NOTE in printed
 
     # every figure the report links exists and shows something (not blank)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)

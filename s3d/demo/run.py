@@ -19,7 +19,7 @@ from s3d.demo.compare import finetune_and_score
 from s3d.demo.figures import _write_figures
 from s3d.demo.markdown import report_md
 from s3d.demo.report import ARMS, DemoResult, RunResult, _fmt, conclusion, results_table
-from s3d.demo.settings import DEMO_WEIGHTS, DemoSettings, plan_steps, time_train_step
+from s3d.demo.settings import CONTROL_NOTE, DEMO_WEIGHTS, RECIPES, DemoSettings, plan_steps, time_train_step
 
 MARKER = ".s3d-demo"
 #: fine-tuning runs take longer than their training steps (data loading, validation, prediction,
@@ -257,6 +257,8 @@ def run_demo(settings: DemoSettings) -> DemoResult | None:
     t = time.perf_counter()
     table = results_table(runs)
     concl = conclusion(runs)
+    if s.weights == DEMO_WEIGHTS and s.recipes == RECIPES:
+        concl += " " + CONTROL_NOTE
     figures = _write_figures(out, cohort, runs, pre_loss, pre_dir, s)
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start

@@ -51,6 +51,12 @@ RECIPES: dict[str, FinetuneRecipe] = {
     "scratch": FinetuneRecipe("scratch", 2e-1),
 }
 
+#: Said with every default run's result: the control measured when :data:`RECIPES` were chosen.
+CONTROL_NOTE = ("A control measured when these recipes were chosen (random weights fine-tuned with the "
+                "pre-trained arm's recipe; validation Dice 0.657 against 0.658 for s3d-demo) shows that most "
+                "of this margin comes from that recipe (a decoder-only warm-up, then lr 0.1), not from the "
+                "pre-trained weights: see docs/quickstart.md, 'The control'.")
+
 
 @dataclass
 class DemoSettings:
