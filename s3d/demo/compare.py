@@ -67,7 +67,8 @@ def finetune_and_score(
         n_train: labelled training cases (the first N of the seed's split of the training pool).
         seed: split, initialisation of new weights, patches and augmentation.
         steps: optimiser steps.
-        patch_size / batch_size: training patch (voxels) and patches per step.
+        patch_size: training patch (voxels).
+        batch_size: patches per step.
         spacing_mm: the data's (isotropic) spacing, mm; also the NSD tolerance (one voxel).
         device: "cpu" or "cuda".
         architecture: preset of a from-scratch network.

@@ -144,7 +144,8 @@ def time_train_step(
         repeats: timed steps after one warm-up step; the median is returned, so a short burst of
             load on the machine does not distort the plan (it did with a mean of 2 steps).
         architecture: preset name or :class:`~s3d.nn.ResEncUNetConfig` of the network.
-        in_channels / num_classes: of the segmentation network.
+        in_channels: input channels of the segmentation network.
+        num_classes: its output classes.
 
     Example:
         >>> time_train_step((32, 32, 32), 2, "cpu") > 0

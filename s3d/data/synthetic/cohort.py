@@ -107,7 +107,8 @@ def write_demo_dataset(
         seed: dataset seed; case i of a split is seeded by :func:`case_seed` (seed, split, i).
         test_split: which subjects fill imagesTs: "test" (``demo_test_XXX``) or "val" (``demo_val_XXX``,
             validation subjects for choosing settings, never the test subjects).
-        anatomy / imaging: the factor ranges (defaults :class:`AnatomyRanges`, :class:`ImageRanges`).
+        anatomy: the anatomy factor ranges (default :class:`AnatomyRanges`).
+        imaging: the imaging factor ranges (default :class:`ImageRanges`).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -201,7 +202,8 @@ def write_unlabelled(
         contrasts: sequence -> weight (default :data:`UNLABELLED_CONTRASTS`).
         seed: cohort seed; volume i is seeded by :func:`case_seed` (seed, "unlabelled", i).
         start: index of the first volume (to write a large cohort in parts).
-        anatomy / imaging: the factor ranges.
+        anatomy: the anatomy factor ranges.
+        imaging: the imaging factor ranges.
         progress: show a tqdm progress bar.
 
     Returns:
