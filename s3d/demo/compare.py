@@ -8,12 +8,12 @@ public API only: :func:`s3d.finetune.run`, :func:`s3d.infer.predict_folder`,
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from s3d.demo.report import RunResult
 from s3d.demo.settings import ARCHITECTURE, FinetuneRecipe
+from s3d.runtime.metrics import read_metrics
 
 
 def finetune_kwargs(recipe: FinetuneRecipe, steps: int) -> dict[str, object]:
@@ -25,17 +25,6 @@ def finetune_kwargs(recipe: FinetuneRecipe, steps: int) -> dict[str, object]:
     """
     return {"schedule": recipe.schedule, "peak_lr": recipe.peak_lr,
             "warmup_steps": max(1, round(recipe.warmup_fraction * steps))}
-
-
-def _curves(metrics: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    loss, val = [], []
-    for line in metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            loss.append((int(rec["step"]), float(rec["loss"])))
-        if "val_dice" in rec:
-            val.append((int(rec["step"]), float(rec["val_dice"])))
-    return loss, val
 
 
 def finetune_and_score(
@@ -100,7 +89,7 @@ def finetune_and_score(
                           progress=False)
     if res.errors:
         raise RuntimeError(f"evaluation of {run_dir / 'pred'} failed for {res.errors}")
-    loss, val = _curves(run_dir / "metrics.jsonl")
+    loss, val = list(read_metrics(run_dir, "loss").items()), list(read_metrics(run_dir, "val_dice").items())
     per_class = {name: float(m["dice"]) for name, m in res.summary["mean"].items()}
     per_case_class = {c: {k: float(v["dice"]) for k, v in classes.items()} for c, classes in res.per_case.items()}
     fg = res.summary["foreground_mean"]

@@ -6,7 +6,6 @@ Every call of the demo into data preparation (``s3d.data.scan``), training (``s3
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -20,6 +19,7 @@ from s3d.demo.figures import _write_figures
 from s3d.demo.markdown import report_md
 from s3d.demo.report import ARMS, DemoResult, RunResult, _fmt, conclusion, results_table
 from s3d.demo.settings import CONTROL_NOTE, DEMO_WEIGHTS, RECIPES, DemoSettings, plan_steps, time_train_step
+from s3d.runtime.metrics import read_metrics
 
 MARKER = ".s3d-demo"
 #: fine-tuning runs take longer than their training steps (data loading, validation, prediction,
@@ -166,8 +166,7 @@ def _pretrain(s: DemoSettings, cohort: Any, out: Path, steps: int, device: str) 
         batch_size=s.batch_size, patch_size=_pretrain_patch(s), method_kwargs={"block_size": 16}, seed=s.data_seed,
         device=device, workers=0 if device == "cpu" else 2, val_fraction=0.1, val_every=steps, val_max_cases=2,
         snapshot_every=steps, checkpoint_every=steps, progress=s.progress))
-    loss = [(int(r["step"]), float(r["loss"])) for r in map(json.loads, (pre_dir / "metrics.jsonl")
-            .read_text().splitlines()) if "loss" in r]
+    loss = list(read_metrics(pre_dir, "loss").items())
     return pre_dir, loss
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from s3d._fs import write_json_atomic
+from s3d.runtime.metrics import MetricsLog
 
 #: Cohort seed of the weights' pre-training data; the demo's own cohorts use seeds 0-99.
 WEIGHTS_SEED = 1000
@@ -57,13 +58,8 @@ class WeightsRecipe:
 
 def _loss_curve(metrics: Path, bins: int = 16) -> list[dict[str, float]]:
     """Mean training loss (and the last validation loss) in ``bins`` equal step ranges."""
-    loss, val = [], []
-    for line in metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            loss.append((int(rec["step"]), float(rec["loss"])))
-        if "val_loss" in rec:
-            val.append((int(rec["step"]), float(rec["val_loss"])))
+    log = MetricsLog(metrics)
+    loss, val = list(log.values("loss").items()), list(log.values("val_loss").items())
     if not loss:
         return []
     last = loss[-1][0]
@@ -169,7 +165,6 @@ def make_demo_weights(out: str | os.PathLike[str], w: WeightsRecipe | None = Non
 def _elapsed_hours(metrics: Path, fallback_s: float) -> float:
     """Hours spent in the logged training steps: the sum of gaps under 2 minutes between ``time`` stamps
     (so the pauses of an interrupted and resumed run do not count)."""
-    stamps = sorted(t for t in (json.loads(line).get("time") for line in metrics.read_text().splitlines())
-                    if t is not None)
+    stamps = sorted(MetricsLog(metrics).values("time").values())
     gaps = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True) if b - a < 120]
     return sum(gaps) / 3600 if gaps else fallback_s / 3600
