@@ -29,7 +29,7 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_missing_source(tmp_path: Path) -> None:
     res = run_s3d("convert", tmp_path / "nope" / "model.safetensors", "--to", "s3d", "-o", tmp_path / "out",
                   env=OFFLINE)
-    assert_user_error(res, [str(tmp_path / "nope" / "model.safetensors")])
+    assert_user_error(res, [str(tmp_path / "nope" / "model.safetensors")], rc=1)
     assert not (tmp_path / "out").exists()
 
 
@@ -38,7 +38,7 @@ def test_text_file_as_pth(tmp_path: Path) -> None:
     bad = tmp_path / "checkpoint_final.pth"
     bad.write_text("this is not a checkpoint\n")
     res = run_s3d("convert", bad, "--to", "s3d", "-o", tmp_path / "out", env=OFFLINE)
-    assert_user_error(res, [str(bad)])
+    assert_user_error(res, [str(bad)], rc=1)
     assert not (tmp_path / "out").exists()
 
 
@@ -48,7 +48,7 @@ def test_truncated_safetensors(saved: Path, tmp_path: Path) -> None:
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     res = run_s3d("convert", model, "--to", "nnssl", "-o", tmp_path / "out", env=OFFLINE)
-    assert_user_error(res, [str(weights)])
+    assert_user_error(res, [str(weights)], rc=1)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -59,7 +59,7 @@ def test_config_unknown_key(saved: Path, tmp_path: Path) -> None:
     cfg["architecture"]["depth"] = 3
     (model / "config.json").write_text(json.dumps(cfg))
     res = run_s3d("convert", model, "--to", "s3d", "-o", tmp_path / "out", env=OFFLINE)
-    assert_user_error(res, [str(model / "config.json"), "architecture.depth"])
+    assert_user_error(res, [str(model / "config.json"), "architecture.depth"], rc=1)
 
 
 @case("convert", "directory without model.safetensors", "error")
@@ -67,7 +67,7 @@ def test_directory_without_weights(saved: Path, tmp_path: Path) -> None:
     model = _copy(saved, tmp_path / "model")
     (model / "model.safetensors").unlink()
     res = run_s3d("convert", model, "--to", "s3d", "-o", tmp_path / "out", env=OFFLINE)
-    assert_user_error(res, [str(model), "model.safetensors"])
+    assert_user_error(res, [str(model), "model.safetensors"], rc=1)
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 

@@ -113,7 +113,7 @@ def test_nan_voxel(data):
     _save(bad, f)
     before = _inputs(data)
     res = _evaluate(data)
-    assert_user_error(res, [str(bad), "NaN", "(0, 3, 5)"], rc=(1,))
+    assert_user_error(res, [str(bad), "NaN", "(0, 3, 5)"], rc=1)
     _check_dice(data, ["case_000", "case_002"])
     assert _inputs(data) == before
 
@@ -126,7 +126,7 @@ def test_inf_in_reference(data):
     _save(bad, f)
     before = _inputs(data)
     res = _evaluate(data)
-    assert_user_error(res, [str(bad), "Inf", "reference"], rc=(1,))
+    assert_user_error(res, [str(bad), "Inf", "reference"], rc=1)
     _check_dice(data, ["case_000", "case_001"])
     assert _inputs(data) == before
 
@@ -139,7 +139,7 @@ def test_non_integer_values(data):
     _save(bad, f)
     before = _inputs(data)
     res = _evaluate(data)
-    assert_user_error(res, [str(bad), "not integer labels", "nearest-neighbour"], rc=(1,))
+    assert_user_error(res, [str(bad), "not integer labels", "nearest-neighbour"], rc=1)
     _check_dice(data, ["case_001", "case_002"])
     assert _inputs(data) == before
 
@@ -152,7 +152,7 @@ def test_value_just_outside_tolerance(data):
     _save(bad, f)
     before = _inputs(data)
     res = _evaluate(data)
-    assert_user_error(res, [str(bad), "1.0015", "0.001"], rc=(1,))
+    assert_user_error(res, [str(bad), "1.0015", "0.001"], rc=1)
     _check_dice(data, ["case_000", "case_001"])
     assert _inputs(data) == before
 
@@ -165,7 +165,7 @@ def test_undefined_label(data):
     _save(bad, p)
     before = _inputs(data)
     res = _evaluate(data)
-    assert_user_error(res, [str(bad), "3 (8 voxels)", "dataset.json"], rc=(1,))
+    assert_user_error(res, [str(bad), "3 (8 voxels)", "dataset.json"], rc=1)
     _check_dice(data, ["case_000", "case_002"])
     assert _inputs(data) == before
 
@@ -175,7 +175,7 @@ def test_missing_prediction(data):
     (data / "pred" / "case_002.nii.gz").unlink()
     before = _inputs(data)
     res = _evaluate(data)
-    assert_user_error(res, ["case_002", "no prediction", str(data / "ref" / "case_002.nii.gz")], rc=(1,))
+    assert_user_error(res, ["case_002", "no prediction", str(data / "ref" / "case_002.nii.gz")], rc=1)
     _check_dice(data, ["case_000", "case_001"])
     assert _inputs(data) == before
 
@@ -186,7 +186,7 @@ def test_extra_prediction(data):
     _save(extra, _pred(0))
     before = _inputs(data)
     res = _evaluate(data)
-    assert_user_error(res, [str(extra), "no reference"], rc=(1,))
+    assert_user_error(res, [str(extra), "no reference"], rc=1)
     _check_dice(data, ["case_000", "case_001", "case_002"])
     assert "case_007" in json.loads((data / "out" / "summary.json").read_text())["errors"]
     assert _inputs(data) == before
@@ -201,7 +201,7 @@ def test_mismatched_geometry(data):
     _save(affine_bad, _pred(1), shifted)
     before = _inputs(data)
     res = _evaluate(data)
-    assert_user_error(res, [str(shape_bad), "(16, 16, 12)", str(affine_bad), "affine"], rc=(1,))
+    assert_user_error(res, [str(shape_bad), "(16, 16, 12)", str(affine_bad), "affine"], rc=1)
     _check_dice(data, ["case_002"])
     assert _inputs(data) == before
 
@@ -213,7 +213,7 @@ def test_not_nifti_and_truncated(data):
     truncated.write_bytes(truncated.read_bytes()[:200])
     before = _inputs(data)
     res = _evaluate(data)
-    assert_user_error(res, [str(garbage), str(truncated)], rc=(1,))
+    assert_user_error(res, [str(garbage), str(truncated)], rc=1)
     _check_dice(data, ["case_002"])
     assert _inputs(data) == before
 
@@ -223,7 +223,7 @@ def test_empty_prediction_folder(data):
     (data / "empty").mkdir()
     before = _inputs(data)
     res = _evaluate(data, pred="empty")
-    assert_user_error(res, [str(data / "empty"), "no NIfTI"], rc=(1,))
+    assert_user_error(res, [str(data / "empty"), "no NIfTI"], rc=1)
     assert not (data / "out" / "summary.json").exists()
     assert _inputs(data) == before
 
@@ -239,7 +239,7 @@ def test_labels_not_a_dataset_json(data):
             path.write_text(content)
         before = _inputs(data)
         res = _evaluate(data, labels=name)
-        assert_user_error(res, ["--labels", str(path)], rc=(1,))
+        assert_user_error(res, ["--labels", str(path)], rc=1)
         assert _inputs(data) == before
 
 
@@ -248,7 +248,7 @@ def test_labels_not_a_dataset_json(data):
 def test_bad_tau(data, tau):
     before = _inputs(data)
     res = _evaluate(data, "--tau", tau)
-    assert_user_error(res, ["--tau", tau], rc=(2,))
+    assert_user_error(res, ["--tau", tau], rc=2)
     assert not (data / "out").exists()
     assert _inputs(data) == before
 
@@ -259,7 +259,7 @@ def test_out_not_writable(data):
     before = _inputs(data)
     res = run_s3d("evaluate", "--pred", data / "pred", "--ref", data / "ref", "--labels", data / "dataset.json",
                   "--out", data / "blocker" / "eval", env={"TQDM_DISABLE": "1"})
-    assert_user_error(res, [str(data / "blocker" / "eval" / "per_case.csv")], rc=(1,))
+    assert_user_error(res, [str(data / "blocker" / "eval" / "per_case.csv")], rc=1)
     assert "foreground mean" in res.out and "3 cases evaluated, 0 failed" in res.out  # the table is printed
     last = res.err.strip().splitlines()[-1]
     assert last.startswith("s3d evaluate: error: cannot write") and str(data / "blocker") in last
@@ -274,6 +274,6 @@ def test_stale_summary_removed(data):
         p.unlink()
     before = _inputs(data)
     res = _evaluate(data)
-    assert_user_error(res, [str(data / "ref"), "no NIfTI"], rc=(1,))
+    assert_user_error(res, [str(data / "ref"), "no NIfTI"], rc=1)
     assert not (data / "out" / "summary.json").exists() and not (data / "out" / "per_case.csv").exists()
     assert _inputs(data) == before

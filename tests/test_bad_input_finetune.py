@@ -104,7 +104,7 @@ def test_2d_dataset(tmp_path) -> None:
     root = make_dataset(tmp_path / "ds", [(40, 40)] * 3)
     before = snapshot(root)
     res = run_s3d("finetune", root, "-o", tmp_path / "out", *TINY, "--steps", "4")
-    assert_user_error(res, [root / "labelsTr" / "c0.nii.gz", root / "labelsTr" / "c2.nii.gz", "is 2D"])
+    assert_user_error(res, [root / "labelsTr" / "c0.nii.gz", root / "labelsTr" / "c2.nii.gz", "is 2D"], rc=1)
     assert snapshot(root) == before and not (root / ".s3d_cache").exists()
 
 
@@ -113,7 +113,7 @@ def test_one_voxel_thick(tmp_path) -> None:
     root = make_dataset(tmp_path / "ds", [(40, 40, 40), (40, 1, 40), (40, 40, 40)])
     before = snapshot(root)
     res = run_s3d("finetune", root, "-o", tmp_path / "out", *TINY, "--steps", "4")
-    assert_user_error(res, [root / "labelsTr" / "c1.nii.gz", "1 voxel thick along axis 1"])
+    assert_user_error(res, [root / "labelsTr" / "c1.nii.gz", "1 voxel thick along axis 1"], rc=1)
     assert "c0.nii.gz" not in res.text and snapshot(root) == before
     assert not (tmp_path / "out" / "checkpoint_latest.pt").exists()          # refused before the first step
 
@@ -124,7 +124,7 @@ def test_too_small_after_resampling(tmp_path) -> None:
     root = make_dataset(tmp_path / "ds", [(24, 48, 48), (48, 48, 48), (48, 48, 48)], spacing=(0.5, 0.5, 0.5))
     before = snapshot(root)
     res = run_s3d("finetune", root, "-o", tmp_path / "out", *TINY, "--steps", "4")
-    assert_user_error(res, [root / "labelsTr" / "c0.nii.gz", "12 < 16 voxels along axis 0", "--spacing"])
+    assert_user_error(res, [root / "labelsTr" / "c0.nii.gz", "12 < 16 voxels along axis 0", "--spacing"], rc=1)
     assert snapshot(root) == before and not (root / ".s3d_cache").exists()   # no voxel was preprocessed
 
 
@@ -135,7 +135,7 @@ def test_steps_too_short(tmp_path) -> None:
     res = run_s3d("finetune", root, "-o", tmp_path / "out", "--config", "tiny", "--schedule", "best",
                   "--steps", "30", "--warmup-steps", "20", "--no-progress")
     line = _one_line(res)
-    assert_user_error(res, ["--steps 30", "'best'", "--warmup-steps 20", "--steps >= 41", "--warmup-steps <= 14"])
+    assert_user_error(res, ["--steps 30", "'best'", "--warmup-steps 20", "--steps >= 41", "--warmup-steps <= 14"], rc=1)
     assert "leave no training stage" in line
     assert snapshot(root) == before and not (tmp_path / "out").exists()      # refused before anything
 
@@ -148,7 +148,7 @@ def test_cache_dir_is_a_file(tmp_path) -> None:
     before = snapshot(root, blocker)
     res = run_s3d("finetune", root, "-o", tmp_path / "out", *TINY, "--steps", "2", "--cache-dir", blocker)
     line = _one_line(res)
-    assert_user_error(res, [blocker, "--cache-dir"])
+    assert_user_error(res, [blocker, "--cache-dir"], rc=1)
     assert "cannot write the preprocessing cache" in line and snapshot(root, blocker) == before
 
 
@@ -160,7 +160,7 @@ def test_read_only_dataset(tmp_path, modes_bind) -> None:
     res = _run("finetune", root, "-o", tmp_path / "run", *TINY, "--steps", "2", preexec=modes_bind,
                env={"S3D_CACHE_DIR": ""})
     line = _one_line(res)
-    assert_user_error(res, [root, "--cache-dir", "S3D_CACHE_DIR"])
+    assert_user_error(res, [root, "--cache-dir", "S3D_CACHE_DIR"], rc=1)
     assert "read-only dataset" in line and snapshot(root) == before
 
 
@@ -186,7 +186,7 @@ def test_read_only_out_folder(tmp_path, modes_bind) -> None:
     before = snapshot(root)
     res = _run("finetune", root, "-o", parent / "a", *TINY, "--steps", "2", preexec=modes_bind)
     line = _one_line(res)
-    assert_user_error(res, [parent / "a", "-o/--out"])
+    assert_user_error(res, [parent / "a", "-o/--out"], rc=1)
     assert "cannot write the run folder" in line and snapshot(root) == before
 
 
@@ -203,7 +203,7 @@ def test_truncated_checkpoint_then_recover_from_previous(tmp_path) -> None:
     keep = snapshot(root, previous)
     res = run_s3d(*args, "--resume")
     line = _one_line(res)
-    assert_user_error(res, [latest, previous, "(step 2) is intact", "move it onto"])
+    assert_user_error(res, [latest, previous, "(step 2) is intact", "move it onto"], rc=1)
     assert "damaged" in line and snapshot(root, previous) == keep           # the good checkpoint is kept
     # do what the message says: the run resumes from step 2 and finishes
     os.replace(previous, latest)
@@ -231,7 +231,7 @@ def test_disk_full_at_checkpoint(tmp_path) -> None:
     res = _run("finetune", root, "-o", out, *TINY, "--steps", "2", "--checkpoint-every", "1",
                preexec=_file_size_limit(1_000_000))
     line = _one_line(res)
-    assert_user_error(res, [out / "checkpoint_latest.pt", "free disk space"])
+    assert_user_error(res, [out / "checkpoint_latest.pt", "free disk space"], rc=1)
     assert "cannot write checkpoint" in line
     assert not (out / "checkpoint_latest.pt").exists() and not list(out.glob(".checkpoint_latest*"))
     assert len(list((root / ".s3d_cache").glob("*/case*_data.npy"))) == 4      # the cache was complete

@@ -325,7 +325,7 @@ def test_bad_patch_size(tmp_path: Path, model_dir: Path, good_run) -> None:
     shutil.copytree(good_run[1], out)
     before = snapshot(good_run[0], out)
     res = _predict(good_run[0], out, model_dir, "--patch-size", "40", "32", "32")
-    assert_user_error(res, ["--patch-size 40 32 32", "axis 0: 40 -> 32 or 48"], rc=(1,))
+    assert_user_error(res, ["--patch-size 40 32 32", "axis 0: 40 -> 32 or 48"], rc=1)
     assert str(good_run[0]) not in res.err  # blamed on the argument, not on an input file
     assert snapshot(good_run[0], out) == before
 
@@ -333,7 +333,7 @@ def test_bad_patch_size(tmp_path: Path, model_dir: Path, good_run) -> None:
 @case("predict", "--patch-size 0", "error")
 def test_patch_size_zero(tmp_path: Path, model_dir: Path, good_run) -> None:
     res = _predict(good_run[0], tmp_path / "out", model_dir, "--patch-size", "0", "32", "32")
-    assert_user_error(res, ["--patch-size 0 32 32", ">= 1"], rc=(2,))
+    assert_user_error(res, ["--patch-size 0 32 32", ">= 1"], rc=2)
     assert not (tmp_path / "out").exists()
 
 
@@ -346,14 +346,14 @@ def test_bad_patch_size_in_model_dir(tmp_path: Path, model_dir: Path, good_run) 
     (model / "preprocessing.json").write_text(json.dumps(spec))
     res = _predict(good_run[0], tmp_path / "out", model)
     assert_user_error(res, [str(model / "preprocessing.json"), "patch_size (24, 32, 32)", "24 -> 16 or 32"],
-                      rc=(1,))
+                      rc=1)
     assert not (tmp_path / "out").exists()
 
 
 @case("predict", "model directory missing", "error")
 def test_missing_model_dir(tmp_path: Path, good_run) -> None:
     res = _predict(good_run[0], tmp_path / "out", tmp_path / "nope")
-    assert_user_error(res, [str(tmp_path / "nope"), "model directory not found"], rc=(1,))
+    assert_user_error(res, [str(tmp_path / "nope"), "model directory not found"], rc=1)
     assert not (tmp_path / "out").exists()
 
 
@@ -363,7 +363,7 @@ def test_missing_preprocessing_json(tmp_path: Path, model_dir: Path, good_run) -
     shutil.copytree(model_dir, model)
     (model / "preprocessing.json").unlink()
     res = _predict(good_run[0], tmp_path / "out", model)
-    assert_user_error(res, [str(model / "preprocessing.json"), "no such file"], rc=(1,))
+    assert_user_error(res, [str(model / "preprocessing.json"), "no such file"], rc=1)
     assert not (tmp_path / "out").exists()
 
 
@@ -373,7 +373,7 @@ def test_corrupt_preprocessing_json(tmp_path: Path, model_dir: Path, good_run) -
     shutil.copytree(model_dir, model)
     (model / "preprocessing.json").write_text('{"channel_names": ["t1", "t2"')
     res = _predict(good_run[0], tmp_path / "out", model)
-    assert_user_error(res, [str(model / "preprocessing.json"), "not a valid PreprocessingSpec"], rc=(1,))
+    assert_user_error(res, [str(model / "preprocessing.json"), "not a valid PreprocessingSpec"], rc=1)
     assert res.err.count("\n") == 1  # one line
     assert not (tmp_path / "out").exists()
 
@@ -388,5 +388,5 @@ def test_no_usable_case(tmp_path: Path, model_dir: Path, good_run) -> None:
     before = snapshot(inp, out)
     res = _predict(inp, out, model_dir)
     assert_user_error(res, [str(inp), "no usable case", str(inp / "only_0001.nii.gz"), "missing channel file"],
-                      rc=(1,))
+                      rc=1)
     assert snapshot(inp, out) == before

@@ -30,7 +30,7 @@ def test_list_with_no_existing_path(tmp_path: Path) -> None:
     listing.write_text("".join(f"{p.relative_to(tmp_path)}\n" for p in sorted(raw.rglob("*.nii.gz"))))
     before = snapshot(raw, listing)
     res = run_s3d("pretrain", "--data", listing, "--out", tmp_path / "prep", "--prepare-only", *SMALL, cwd=tmp_path)
-    assert_user_error(res, [str(listing), "list file's folder", str(lists)])
+    assert_user_error(res, [str(listing), "list file's folder", str(lists)], rc=1)
     assert snapshot(raw, listing) == before and not (tmp_path / "prep" / "manifest.json").exists()
     # the same list, from the folder the paths are relative to: a list elsewhere must say ../raw/...
     listing.write_text("".join(f"../{p.relative_to(tmp_path)}\n" for p in sorted(raw.rglob("*.nii.gz"))))
@@ -44,12 +44,12 @@ def test_empty_list_and_csv_without_path(tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing here\n\n")
     res = run_s3d("pretrain", "--data", empty, "--out", tmp_path / "prep", "--prepare-only", *SMALL)
-    assert_user_error(res, [str(empty), "holds no path"])
+    assert_user_error(res, [str(empty), "holds no path"], rc=1)
     bad_csv = tmp_path / "files.csv"
     bad_csv.write_text("file,modality\na.nii.gz,T1w\n")
     before = snapshot(bad_csv)
     res = run_s3d("pretrain", "--data", bad_csv, "--out", tmp_path / "prep", "--prepare-only", *SMALL)
-    assert_user_error(res, [str(bad_csv), "'path' column"])
+    assert_user_error(res, [str(bad_csv), "'path' column"], rc=1)
     assert snapshot(bad_csv) == before
 
 
@@ -59,7 +59,7 @@ def test_every_image_rejected(tmp_path: Path) -> None:
     before = snapshot(raw)
     res = run_s3d("pretrain", "--data", raw, "--out", tmp_path / "prep", "--prepare-only",
                   "--min-file-kb", "0", "--min-fov-mm", "100", "--no-progress", "--prep-workers", "0")
-    assert_user_error(res, [str(raw), "no image was accepted", "--report"])
+    assert_user_error(res, [str(raw), "no image was accepted", "--report"], rc=1)
     assert snapshot(raw) == before
     rep = run_s3d("pretrain", "--report", tmp_path / "prep")  # the manifest is written and explains it
     assert rep.rc == 0, rep.text
@@ -97,9 +97,9 @@ def test_bad_shard_argument(tmp_path: Path) -> None:
     for value in ("3/3", "1-of-3"):
         res = run_s3d("pretrain", "--data", raw, "--out", tmp_path / "prep", "--prepare-only", "--shard", value,
                       *SMALL)
-        assert_user_error(res, ["--shard", value])
+        assert_user_error(res, ["--shard", value, "usage: s3d pretrain"], rc=2)  # argparse refuses it
     res = run_s3d("pretrain", "--data", raw, "--out", tmp_path / "run", "--shard", "0/2", *SMALL)
-    assert_user_error(res, ["--shard", "--prepare-only"])
+    assert_user_error(res, ["--shard", "--prepare-only"], rc=2)  # refused before any work, like argparse
     assert not (tmp_path / "prep").exists() and not (tmp_path / "run").exists()
 
 
@@ -111,10 +111,10 @@ def test_merge_with_missing_shards(tmp_path: Path) -> None:
     assert res.rc == 0 and "waiting for the other shards" in res.out, res.text
     before = snapshot(prep)
     res = run_s3d("pretrain", "--merge", prep)
-    assert_user_error(res, [str(prep), "0/3", "2/3", "--shard I/3"])
+    assert_user_error(res, [str(prep), "0/3", "2/3", "--shard I/3"], rc=1)
     assert snapshot(prep) == before and not (prep / "manifest.json").exists()
     res = run_s3d("pretrain", "--data", prep, "--out", tmp_path / "run", *TRAIN)  # training on it: same advice
-    assert_user_error(res, [str(prep), "shard manifests", "--merge"])
+    assert_user_error(res, [str(prep), "shard manifests", "--merge"], rc=1)
 
 
 @case("pretrain", "a damaged manifest.json / a truncated stored case in a prepared folder", "error")
@@ -127,11 +127,11 @@ def test_damaged_prepared_folder(tmp_path: Path) -> None:
     before = snapshot(raw)
     for workers in ("0", "2"):  # from the main process, or from a DataLoader worker: one line either way
         res = run_s3d("pretrain", "--data", prep, "--out", tmp_path / f"run{workers}", *TRAIN, "--workers", workers)
-        assert_user_error(res, [str(prep / "cases"), ".b2nd", "damaged", "--prepare-only"])
+        assert_user_error(res, [str(prep / "cases"), ".b2nd", "damaged", "--prepare-only"], rc=1)
     (prep / "manifest.json").write_text('{"entries": ')  # cut short
     for args in (("--data", prep, "--out", tmp_path / "run9", *TRAIN), ("--report", prep)):
         res = run_s3d("pretrain", *args)
-        assert_user_error(res, [str(prep / "manifest.json"), "prepare the directory again"])
+        assert_user_error(res, [str(prep / "manifest.json"), "prepare the directory again"], rc=1)
     assert snapshot(raw) == before
 
 
@@ -140,7 +140,7 @@ def test_report_on_unprepared_folder(tmp_path: Path) -> None:
     raw = _archive(tmp_path / "raw", n=1)
     before = snapshot(raw)
     res = run_s3d("pretrain", "--report", raw)
-    assert_user_error(res, [str(raw), "manifest.json", "--prepare-only"])
+    assert_user_error(res, [str(raw), "manifest.json", "--prepare-only"], rc=1)
     assert snapshot(raw) == before
 
 

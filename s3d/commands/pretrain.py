@@ -31,6 +31,16 @@ def _patch(values: list[int] | None) -> tuple[int, int, int] | None:
     raise SystemExit(f"--patch-size: give 1 or 3 integers, got {values}")
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``--shard I/N`` as argparse reads it: a malformed value is a usage error (exit 2), like ``--tau 0``."""
+    from s3d.data.scan import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--shard").lstrip(": ")) from None
+
+
 def resolve_recipe(recipe: str | None, method: str | None) -> str:
     """The recipe name from ``--recipe`` / ``--method`` (the method's default recipe,
     :data:`s3d.pretrain.METHODS`); a recipe of another method is an error."""
@@ -69,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stored dtype of preprocessed volumes")
     g.add_argument("--store", choices=("b2nd", "npy"), default="b2nd",
                    help="volume store: b2nd (blosc2, ~3x smaller, default) or npy (uncompressed, memory-mapped)")
-    g.add_argument("--shard", default=None, metavar="I/N",
+    g.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                    help="with --prepare-only: prepare shard I of N (0 <= I < N) into the shared --out; the "
                         "shard manifests merge into manifest.json when the last one finishes")
     g.add_argument("--merge", default=None, metavar="PREPARED_DIR",
@@ -133,12 +143,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from s3d.data.scan import MANIFEST_NAME, ScanFilters, parse_shard, prepare
+    from s3d.data.scan import MANIFEST_NAME, ScanFilters, prepare
 
-    shard = parse_shard(args.shard) if args.shard is not None else None
+    shard = args.shard
     if shard is not None and not args.prepare_only:
-        print("error: --shard prepares one slice of the data and needs --prepare-only; train on the merged "
-              "directory afterwards", file=sys.stderr)
+        print("s3d pretrain: error: --shard prepares one slice of the data and needs --prepare-only; train on "
+              "the merged directory afterwards", file=sys.stderr)
         return 2
     data = Path(args.data)
     prepared = data if (data / MANIFEST_NAME).is_file() else None
