@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
     p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("SD", "SH", "SW"),
                    help="target spacing in mm (default 1 1 1)")
+    p.add_argument("--mask-for-norm", choices=["off", "on", "auto"], default="off",
+                   help="z-score over the nonzero mask only (nnU-Net's use_mask_for_norm, for skull-stripped "
+                        "images); auto: nnU-Net's planner rule (default: off, as the pre-training)")
     p.add_argument("--no-deep-supervision", action="store_true")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--n-train", type=int, default=None, help="use only N training cases (low-data regime)")
@@ -91,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
         steps=steps or PAPER_STEPS, warmup_steps=warmup, peak_lr=args.lr, strategy=args.strategy,
         stem=args.stem, train_stem_in_decoder_warmup=args.train_stem_in_warmup, config=args.config,
         batch_size=args.batch_size, patch_size=tuple(args.patch_size) if args.patch_size else None,
-        target_spacing_mm=tuple(args.spacing), deep_supervision=not args.no_deep_supervision,
+        target_spacing_mm=tuple(args.spacing),
+        use_mask_for_norm={"off": False, "on": True, "auto": "auto"}[args.mask_for_norm],
+        deep_supervision=not args.no_deep_supervision,
         augment=not args.no_augment, val_fraction=args.val_fraction, n_train=args.n_train,
         val_every=args.val_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
         amp=args.amp, channels_last=args.channels_last, resume=args.resume, progress=not args.no_progress,

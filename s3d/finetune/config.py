@@ -34,6 +34,10 @@ class FinetuneConfig:
         patch_size: (D, H, W) voxels; ``None`` = median case shape rounded up to the network
             stride, capped at 160.
         target_spacing_mm: resampling target (mm).
+        use_mask_for_norm: z-score each channel over its nonzero mask, voxels outside it 0 (nnU-Net's
+            ``use_mask_for_norm``, for skull-stripped images); ``False`` (default, as in the nnssl
+            pre-training): over the whole cropped image; ``"auto"``: nnU-Net's planner rule
+            (:func:`s3d.data.nnunet.nnunet_use_mask_for_norm`, reads every case once).
         deep_supervision: deep-supervision loss.
         foreground_fraction: share of each batch centred on foreground (nnU-Net: 0.33).
         augment: nnU-Net-like augmentation (:class:`s3d.augment.AugmentConfig` defaults).
@@ -84,6 +88,7 @@ class FinetuneConfig:
     batch_size: int = 2
     patch_size: tuple[int, int, int] | None = None
     target_spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    use_mask_for_norm: bool | str = False
     deep_supervision: bool = True
     foreground_fraction: float = 0.33
     augment: bool = True
@@ -111,7 +116,7 @@ class FinetuneConfig:
     RESUME_KEYS = ("schedule", "steps", "warmup_steps", "peak_lr", "batch_size", "seed", "config", "strategy",
                    "stem", "deep_supervision", "n_train", "target_spacing_mm", "patch_size",
                    "train_stem_in_decoder_warmup", "foreground_fraction", "augment", "momentum",
-                   "weight_decay", "poly_exponent", "grad_clip")
+                   "weight_decay", "poly_exponent", "grad_clip", "use_mask_for_norm")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "val_tile_batch"):
@@ -122,6 +127,8 @@ class FinetuneConfig:
         if not 0 <= self.foreground_fraction <= 1 or not 0 < self.val_fraction < 1:
             raise ValueError(f"foreground_fraction must be in [0, 1] and val_fraction in (0, 1), got "
                              f"{self.foreground_fraction} and {self.val_fraction}")
+        if self.use_mask_for_norm not in (True, False, "auto"):
+            raise ValueError(f"use_mask_for_norm: expected true, false or 'auto', got {self.use_mask_for_norm!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.patch_size is not None:

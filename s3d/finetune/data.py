@@ -102,10 +102,15 @@ def load_finetune_data(cfg: FinetuneConfig, out: Path, total_stride: Sequence[in
     )
 
     raw = read_dataset_json(cfg.dataset)
-    spec = PreprocessingSpec.from_dataset(raw, target_spacing_mm=cfg.target_spacing_mm)
-    # voxels of cases already in the cache (unchanged since) were checked when they were preprocessed
-    ds = validate_dataset(cfg.dataset, skip_voxels_for=cached_cases(raw, spec, cfg.cache_dir),
-                          target_spacing_mm=cfg.target_spacing_mm, min_shape=total_stride)
+    if cfg.use_mask_for_norm == "auto":  # nnU-Net's rule reads every image: validate them all first
+        ds = validate_dataset(cfg.dataset, target_spacing_mm=cfg.target_spacing_mm, min_shape=total_stride)
+        spec = PreprocessingSpec.from_dataset(ds, target_spacing_mm=cfg.target_spacing_mm, use_mask_for_norm="auto")
+    else:
+        spec = PreprocessingSpec.from_dataset(raw, target_spacing_mm=cfg.target_spacing_mm,
+                                              use_mask_for_norm=cfg.use_mask_for_norm)
+        # voxels of cases already in the cache (unchanged since) were checked when they were preprocessed
+        ds = validate_dataset(cfg.dataset, skip_voxels_for=cached_cases(raw, spec, cfg.cache_dir),
+                              target_spacing_mm=cfg.target_spacing_mm, min_shape=total_stride)
     if total_stride is not None and cfg.patch_size is None:
         problem = _auto_patch_problem(ds, cfg, total_stride)
         if problem:
