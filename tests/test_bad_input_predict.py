@@ -1,7 +1,8 @@
 """Bad-input corpus for ``s3d predict``: every case runs the real command on generated input.
 
 Each case asserts the outcome class (``error`` / ``skipped`` / ``handled``, see ``tests/badinput.py``),
-that the file or argument at fault is named, and that no good input or output changed. One tiny
+that the file or argument at fault is named, and that no good input or output changed (every run
+checks that its input and model folders are byte-for-byte as before). One tiny
 2-channel model and one good 2-case run are shared by the module; volumes are 24^3 (one 32^3 tile)
 and mirroring is off, so each case is one short subprocess.
 """
@@ -75,8 +76,13 @@ def good_run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> tuple
 
 
 def _predict(inp: Path, out: Path, model: Path, *extra: str):
-    return run_s3d("predict", "-i", inp, "-o", out, "-m", model, "--device", "cpu", "--no-progress",
-                   "--no-mirror", *extra)
+    """Run ``s3d predict``; whatever the outcome, the input and model folders are left as they were."""
+    untouched = [p for p in (inp, model) if Path(p).exists()]
+    before = snapshot(*untouched)
+    res = run_s3d("predict", "-i", inp, "-o", out, "-m", model, "--device", "cpu", "--no-progress",
+                  "--no-mirror", *extra)
+    assert snapshot(*untouched) == before, f"predict changed files under {untouched}\n{res.text[-3000:]}"
+    return res
 
 
 def _inputs(tmp_path: Path, good_run: tuple[Path, Path]) -> Path:
