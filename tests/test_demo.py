@@ -33,9 +33,12 @@ def _dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:
     return float(2 * (p & r).sum() / denom) if denom else float("nan")
 
 
-def test_quick_demo_end_to_end(tmp_path, capsys) -> None:
-    out = tmp_path / "demo"
-    rc = main(["demo", "--quick", "--source", "phantom", "--out", str(out), "--no-progress"])
+def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch) -> None:
+    # as the README runs it: the default output folder ./s3d-demo, named like the shipped weights
+    # "s3d-demo" (a fresh-venv run of `s3d demo` once failed here, reading that folder as the weights)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "s3d-demo"
+    rc = main(["demo", "--quick", "--source", "phantom", "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     report = out / "report.md"
@@ -184,6 +187,23 @@ def test_shipped_weights_load_offline_through_the_registry(monkeypatch) -> None:
     assert net.config.name == "tiny" and report.new_head
     with pytest.raises(ValueError, match="no other revision"):
         resolve("s3d-demo", revision="main")
+
+
+def test_a_folder_named_like_a_registered_model(tmp_path, monkeypatch) -> None:
+    """A bare registry name means the registered model unless a folder of that name holds weights."""
+    import s3d
+    from s3d.hub.sources import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s3d-demo" / "runs").mkdir(parents=True)  # what `s3d demo` leaves in ./s3d-demo
+    shipped = resolve("s3d-demo")
+    assert shipped.entry is not None and shipped.weights.parent.name == "s3d-demo"
+    assert shipped.weights.parent != tmp_path / "s3d-demo"
+    with pytest.raises(FileNotFoundError, match="expected model.safetensors"):
+        resolve("./s3d-demo")  # a path written as a path is the folder
+    s3d.save_pretrained(s3d.build_resenc_unet("tiny", num_classes=2), tmp_path / "s3d-demo")
+    local = resolve("s3d-demo")  # a folder with weights wins
+    assert local.entry is None and local.weights.resolve() == (tmp_path / "s3d-demo" / "model.safetensors").resolve()
 
 
 def test_shipped_weights_never_saw_a_demo_subject() -> None:

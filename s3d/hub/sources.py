@@ -59,6 +59,12 @@ def _config_next_to(weights: Path) -> ResEncUNetConfig | None:
     return read_config(cfg) if cfg.is_file() else None
 
 
+def _holds_weights(folder: Path) -> bool:
+    """``folder`` has a file :func:`_local_source` would read as weights."""
+    return ((folder / WEIGHTS_NAME).is_file() or (folder / NNSSL_NAME).is_file()
+            or any(folder.glob("*.pth")) or any(folder.glob("*.pt")))
+
+
 def _local_source(path: Path) -> Source:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -138,7 +144,9 @@ def _looks_like_path(text: str) -> bool:
 def resolve(name: str | os.PathLike[str], revision: str | None = None, cache_dir: str | None = None) -> Source:
     """Find the weights ``name`` refers to: an existing local path, ``hf://org/name@rev``, a registry
     name or alias (weights shipped with the package, e.g. ``"s3d-demo"``, load offline), or a Hub
-    repo id ``org/name[@revision]`` (tried in this order).
+    repo id ``org/name[@revision]`` (tried in this order). A bare registry name that is also a local
+    folder holding no weights (such as the ``s3d-demo/`` output folder of ``s3d demo``) means the
+    registered model; write ``./NAME`` to insist on the folder.
 
     Raises:
         FileNotFoundError: a local path (or a name that can only be one) that does not exist, or a
@@ -152,7 +160,12 @@ def resolve(name: str | os.PathLike[str], revision: str | None = None, cache_dir
         's3d'
     """
     if isinstance(name, os.PathLike) or os.path.exists(str(name)):
-        return _local_source(Path(name))
+        path = Path(name)
+        named = None if isinstance(name, os.PathLike) or _looks_like_path(str(name)) else get_entry(str(name))
+        if named is None or not path.is_dir() or _holds_weights(path):
+            return _local_source(path)
+        # a folder named like a registered model that holds no weights (``s3d demo``'s output folder is
+        # ``./s3d-demo``): the name means the registered model
     text = str(name)
     if text.startswith("hf://"):
         match = _REPO_RE.match(text[len("hf://") :])
