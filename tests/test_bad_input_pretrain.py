@@ -144,6 +144,18 @@ def test_report_on_unprepared_folder(tmp_path: Path) -> None:
     assert snapshot(raw) == before
 
 
+@case("pretrain", "--patch-size too small for the recipe's mask block (1 block: nothing to mask)", "error")
+def test_patch_smaller_than_two_mask_blocks(tmp_path: Path) -> None:
+    raw = _archive(tmp_path / "raw", n=3)
+    prep = tmp_path / "prep"
+    assert run_s3d("pretrain", "--data", raw, "--out", prep, "--prepare-only", *SMALL).rc == 0
+    train = [a if a != '{"block_size": 16}' else '{"block_size": 32}' for a in TRAIN]  # 32^3 patch = 1 block
+    res = run_s3d("pretrain", "--data", prep, "--out", tmp_path / "run", *train)
+    assert_user_error(res, ["--patch-size 32 32 32", "block_size 32", "--patch-size 32 32 64",
+                            '"block_size": 16'], rc=1)
+    assert not (tmp_path / "run" / "checkpoint_latest.pt").exists()  # refused before the first step
+
+
 def test_corpus_inputs_are_real_nifti(tmp_path: Path) -> None:
     """The archive the cases start from is valid (so each case's failure is the one injected)."""
     raw = _archive(tmp_path / "raw", n=2)

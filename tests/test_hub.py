@@ -374,6 +374,8 @@ def test_cli_models_lists_every_entry(capsys: pytest.CaptureFixture[str]) -> Non
     for entry in list_models():
         assert entry.name in out and entry.repo_id in out
     assert "s3d-b" in out and "(unpinned)" in out
+    demo = next(line for line in out.splitlines() if line.startswith("s3d-demo "))
+    assert f"shipped, sha256 {get_entry('s3d-demo').sha256[:12]}" in demo and "unpinned" not in demo
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == [e.name for e in list_models()]

@@ -26,7 +26,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     rows = [("name", "aliases", "repo", "revision", "format", "method", "licence")]
     for e in entries:
-        revision = e.revision[:12] if e.pinned else f"{e.revision} (unpinned)"
+        if e.package_data is not None:  # shipped inside s3d; the file's sha256 is checked on load
+            revision = f"shipped, sha256 {e.sha256[:12]}" if e.sha256 else "shipped"
+        else:
+            revision = e.revision[:12] if e.pinned else f"{e.revision} (unpinned)"
         short_aliases = [a for a in e.aliases if "/" not in a]
         rows.append(
             (e.name, ", ".join(short_aliases) or "-", e.repo_id, revision, e.format, e.method, e.license)

@@ -108,7 +108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="autocast: auto (bf16 on GPUs that support it, else fp16; off on CPU), bf16, fp16, off")
     t.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
     t.add_argument("--compile", action="store_true", help="torch.compile the training module")
-    t.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+    t.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers per process (default: 4, or the CPU count if smaller)")
     t.add_argument("--no-augment", action="store_true", help="disable rotation/scaling/mirroring")
     t.add_argument("--val-fraction", type=float, default=0.02, help="fraction of subjects held out")
     t.add_argument("--val-every", type=int, default=1000)

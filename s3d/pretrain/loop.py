@@ -98,6 +98,7 @@ class PretrainRun:
         backbone = build_resenc_unet(self.recipe.architecture, in_channels=1, num_classes=1,
                                      deep_supervision=False)
         self.method: nn.Module = build_method(self.recipe.method, backbone, **self.recipe.method_kwargs)
+        _check_mask_blocks(self.recipe.patch_size, getattr(self.method, "block_size", None))
         self.method.to(self.device)
         if cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last_3d)
@@ -377,3 +378,20 @@ def run(cfg: PretrainConfig | None = None, /, **fields: Any) -> dict[str, Any]:
         return PretrainRun(cfg).train()
     finally:
         cleanup()
+
+
+def _check_mask_blocks(patch_size: tuple[int, ...], block_size: int | None) -> None:
+    """Refuse a patch the MAE mask grid cannot use, before the first step, naming both arguments."""
+    if block_size is None:
+        return
+    cells = [p // block_size for p in patch_size]
+    if all(p % block_size == 0 for p in patch_size) and math.prod(cells) >= 2:
+        return
+    fit = [-(-p // block_size) * block_size for p in patch_size]  # each axis up to a whole block
+    if math.prod(f // block_size for f in fit) < 2:
+        fit[-1] *= 2
+    raise ValueError(
+        f"--patch-size {' '.join(map(str, patch_size))} with mask block_size {block_size}: the patch must be a "
+        f"multiple of the block along every axis and hold at least 2 blocks (one visible, one masked); use "
+        f"--patch-size {' '.join(map(str, fit))} or a smaller block, e.g. --method-kwargs "
+        f"'{{\"block_size\": {max(1, block_size // 2)}}}'")
