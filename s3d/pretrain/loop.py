@@ -49,6 +49,7 @@ from s3d.runtime.lr import lr_at, set_lr
 from s3d.runtime.metrics import MetricsLog
 from s3d.runtime.optim import backward_and_step, grad_scaler, rng_state, set_rng_state, sgd, stream_seed
 from s3d.runtime.progress import progress
+from s3d.sparse.mask import block_grid_size
 
 JOB = "pretrain"
 # purposes of the derived random streams
@@ -384,9 +385,11 @@ def _check_mask_blocks(patch_size: tuple[int, ...], block_size: int | None) -> N
     """Refuse a patch the MAE mask grid cannot use, before the first step, naming both arguments."""
     if block_size is None:
         return
-    cells = [p // block_size for p in patch_size]
-    if all(p % block_size == 0 for p in patch_size) and math.prod(cells) >= 2:
-        return
+    try:
+        if math.prod(block_grid_size(patch_size, block_size)) >= 2:
+            return
+    except ValueError:  # not a whole number of blocks along some axis
+        pass
     fit = [-(-p // block_size) * block_size for p in patch_size]  # each axis up to a whole block
     if math.prod(f // block_size for f in fit) < 2:
         fit[-1] *= 2
