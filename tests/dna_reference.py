@@ -6,6 +6,8 @@ equal its canonical keys, and both must compute the same function.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from dynamic_network_architectures.architectures import unet as dna_unet
 from torch import nn
@@ -45,3 +47,23 @@ def load_into_dna(dna: nn.Module, state: dict[str, torch.Tensor]) -> None:
     assert not unexpected
     # every missing key is an alias of a loaded tensor (same storage in DNA)
     assert all(".all_modules." in k or k.startswith("decoder.encoder.") for k in missing)
+
+
+def assert_same_function(ours: torch.Tensor, theirs: torch.Tensor, dna: nn.Module, x: torch.Tensor,
+                         index: int | None = None, always: bool = True) -> None:
+    """s3d's float32 output vs DNA's (same weights, input ``x``): bitwise equal, or as close to a float64
+    run of ``dna`` as DNA's own float32 output is (the yardstick of tests/tolerance.py).
+
+    Both networks run the same kernels in the same order, so on most CPUs they are identical; another
+    op order may round differently, a mis-mapped key or mis-wired layer is off by O(1). ``index``: the
+    output of a deep-supervision list. ``always=False`` skips the float64 run when the two are
+    identical (resenc_l: ~30 CPU-s per float64 forward at 64^3).
+    """
+    from tolerance import assert_yardstick, max_rel  # tests/ is on sys.path wherever this module is
+
+    if not always and torch.equal(ours, theirs):
+        return
+    with torch.no_grad():
+        ref = copy.deepcopy(dna).double()(x.double())
+    ref = ref if index is None else ref[index]
+    assert_yardstick(max_rel(ours, ref), max_rel(theirs, ref), "s3d vs DNA")

@@ -1,8 +1,9 @@
 """The block-sparse encoder engine equals the masked-dense reference ``encoder(x, stage_keeps(...))``.
 
 References: the dense engine (s3d's masked encoder, itself tested against an explicit-indexing
-implementation in test_sparse_encoder.py), run in float64 for exactness and in float32 for the
-acceptance tolerance; an explicit pad-and-crop for the halo gather.
+implementation in test_sparse_encoder.py), run in float64 as the truth; in float32 the blocks engine
+must be as close to it as the float32 dense engine is (tests/tolerance.py: the yardstick); an
+explicit pad-and-crop for the halo gather.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import EPS32, EPS64, EPS_BF16, assert_yardstick, flat, max_rel, norm_rel
 
 from s3d import build_resenc_unet
 from s3d.nn.masked import stage_keeps
@@ -61,48 +63,35 @@ def _bias_before_norm(name: str) -> bool:
     return name.endswith("conv.bias")
 
 
-def _assert_equal_engines(dense, blocks, feat_rtol: float, grad_rtol: float, reference64=None) -> None:
-    """Features to ``feat_rtol`` (max-abs error / max |dense|); parameter gradients to ``grad_rtol`` (norm-wise).
+def _assert_engines_within_yardstick(dense, blocks, truth) -> None:
+    """float32 blocks engine vs float64 (``truth``) within K x the float32 dense engine's error vs float64.
 
-    A conv bias followed by InstanceNorm has an analytically zero gradient: both engines' values
-    must be below ``grad_rtol`` x the largest gradient norm, and agree to that too.
-    fp32 rounding of the other gradients (sums over 10^4-10^5 voxels with heavy cancellation) is
-    itself large for *either* engine on some inputs, measured against float64: 1.95e-3 for both
-    engines (stages.0.blocks.0.conv1.norm.bias, fp32 case 1 below), and earlier inputs gave dense
-    3.5e-4 where blocks had 4e-6 and blocks 2e-4 where dense had 5e-6. So where the direct comparison
-    misses ``grad_rtol`` (another CPU rounds differently), ``reference64()`` (gradients of a float64
-    run of the dense engine) is the judge: the blocks engine must be within max(grad_rtol, 2 x
-    dense's error, 5e-4) of it, i.e. at fp32 rounding level. A wrong gradient is off by far more;
-    exactness is tested in float64.
+    ``dense``, ``blocks``, ``truth``: ``(features, grads, _)`` of ``_run``. Per stage, features by
+    max-abs error / max |truth|; gradients as one vector over every parameter (norm-wise), because a
+    single tensor's gradient can be ill-conditioned (InstanceNorm's backward subtracts a channel mean
+    of the upstream gradient: float32 loses up to ~2e-3 of some norm-bias gradients, in *both* engines,
+    by an amount that depends on the kernels' summation order), while the whole vector's error is the
+    sum of many such roundings and comparable between engines. A conv bias before a norm has an
+    analytically zero gradient: both engines' values are rounding noise, at most K x dense's whole
+    gradient error. Exactness (no rounding) is tested in float64 above.
     """
-    (fd, gd, _), (fb, gb, _) = dense, blocks
-    for s, (a, b) in enumerate(zip(fb, fd, strict=True)):
-        scale = b.abs().max().clamp_min(1e-30)
-        err = float((a - b).abs().max() / scale)
-        assert err <= feat_rtol, f"stage {s} features differ: {err:.2e}"
+    (fd, gd, _), (fb, gb, _), (f64, g64, _) = dense, blocks, truth
+    for s, (a, d, r) in enumerate(zip(fb, fd, f64, strict=True)):
+        assert_yardstick(max_rel(a, r), max_rel(d, r), f"stage {s} features")
     assert (fb[0] != 0).any()
-    top = max(float(g.norm()) for g in gd.values())
-    g64 = None
-    for n, ref in gd.items():
-        err = float((gb[n] - ref).norm())
-        if _bias_before_norm(n):
-            assert err <= grad_rtol * top and float(ref.norm()) <= grad_rtol * top, n
-        elif err > grad_rtol * float(ref.norm()):
-            assert reference64 is not None, f"{n}: relative gradient error {err / float(ref.norm()):.2e}"
-            g64 = reference64() if g64 is None else g64
-            truth = g64[n]
-            err_b = float((gb[n].double() - truth).norm() / truth.norm())
-            err_d = float((ref.double() - truth).norm() / truth.norm())
-            msg = f"{n}: blocks {err_b:.2e}, dense {err_d:.2e} from float64"
-            assert err_b <= max(grad_rtol, 2 * err_d, 5e-4), msg
+    names = [n for n in g64 if not _bias_before_norm(n)]
+    assert names and set(gb) == set(gd) == set(g64)
+    g_ref = flat(g64, names)
+    err_d = norm_rel(flat(gd, names), g_ref)
+    assert_yardstick(norm_rel(flat(gb, names), g_ref), err_d, "gradients (all parameters)")
+    for n in set(g64) - set(names):  # |g| <= K x dense's whole-gradient error (absolute)
+        assert_yardstick(float(gb[n].double().norm() / g_ref.norm()), err_d, f"{n} (zero gradient)")
 
 
-def _float64_dense(enc, x, keep, bs, target, coarse="pool"):
-    def run():
-        enc64 = copy.deepcopy(enc).double()
-        return _run(enc64, x.double(), keep, bs, "dense", coarse, target=[t.double() for t in target])[1]
-
-    return run
+def _float64(enc, x, keep, bs, target, coarse="pool"):
+    """Features and gradients of a float64 run of the dense engine (the truth)."""
+    enc64 = copy.deepcopy(enc).double()
+    return _run(enc64, x.double(), keep, bs, "dense", coarse, target=[t.double() for t in target])
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +100,14 @@ def tiny():
     return build_resenc_unet("tiny").encoder
 
 
-# ---- (near) exactness in float64 ---------------------------------------------------------------
+# ---- exactness in float64 ---------------------------------------------------------------------
+@pytest.mark.numerical
 @pytest.mark.parametrize(("size", "bs", "mbe"), [(32, 8, 1), pytest.param(64, 16, 1, marks=pytest.mark.slow)])
 def test_float64_blocks_equal_dense_every_stage_in_blocks(tiny, size, bs, mbe) -> None:
+    """Both engines take InstanceNorm statistics in float64 for float64 input, so this is a real float64
+    comparison. Rounding errors scale with the unit roundoff: the float64 engines may differ by at most
+    K x (the float32 dense engine's error against float64) x eps64 / eps32, measured on the same input.
+    (With float32 statistics, the old masked norm, the features were off by 4.7e-7.)"""
     enc = copy.deepcopy(tiny).double()
     keep = _keep(3, size // bs, [0.3, 0.7, 1.0], seed=size + bs)
     keep[1] = False
@@ -122,15 +116,21 @@ def test_float64_blocks_equal_dense_every_stage_in_blocks(tiny, size, bs, mbe) -
     assert all(block_plan(enc, bs, mbe)[: 4])
     dense = _run(enc, x, keep, bs, "dense")
     blocks = _run(enc, x, keep, bs, "blocks", min_block_edge=mbe, target=dense[2])
-    # Both engines take InstanceNorm statistics in fp64 for fp64 input, so this is a real fp64
-    # comparison. Measured: features <= 5.1e-15 (32^3) / 3.8e-15 (64^3, slow) of max |dense|,
-    # gradients <= 1.1e-14 / 3.0e-14 norm-wise, biases before a norm <= 4.7e-16 of the largest
-    # gradient. Tolerances 5e-14 and 2e-13 (~7-10x). With fp32 statistics (the old masked norm) the
-    # features were off by 4.7e-7 and the gradients by 1.3e-6.
-    _assert_equal_engines(dense, blocks, 5e-14, 2e-13)
+    d32 = _run(tiny, x.float(), keep, bs, "dense", target=[t.float() for t in dense[2]])  # the yardstick
+    ratio = EPS64 / EPS32
+    for s, (a, d, y) in enumerate(zip(blocks[0], dense[0], d32[0], strict=True)):
+        assert_yardstick(max_rel(a, d), max_rel(y, d) * ratio, f"stage {s} features", floor=EPS64)
+    names = [n for n in dense[1] if not _bias_before_norm(n)]
+    g_ref = flat(dense[1], names)
+    yard = norm_rel(flat(d32[1], names), g_ref) * ratio
+    assert_yardstick(norm_rel(flat(blocks[1], names), g_ref), yard, "gradients", floor=EPS64)
+    for n in set(dense[1]) - set(names):  # analytically zero: rounding noise in both engines
+        for g in (blocks[1][n], dense[1][n]):
+            assert_yardstick(float(g.norm() / g_ref.norm()), yard, f"{n} (zero gradient)", floor=EPS64)
 
 
-# ---- the acceptance tolerance in float32 --------------------------------------------------------------
+# ---- float32: blocks within the yardstick of the float32 dense engine ------------------------------------
+@pytest.mark.numerical
 @pytest.mark.parametrize(
     ("size", "bs", "fractions", "mbe"),
     [
@@ -141,39 +141,38 @@ def test_float64_blocks_equal_dense_every_stage_in_blocks(tiny, size, bs, mbe) -
     ],
 )
 def test_float32_blocks_equal_dense(tiny, size, bs, fractions, mbe) -> None:
-    """Measured over the four cases: features <= 3.1e-6 of max |dense|, gradients <= 8.5e-6
-    norm-wise (biases before a norm: <= 1.0e-6 of the largest gradient). Tolerances 2e-5 and 1e-4."""
     keep = _keep(len(fractions), size // bs, fractions, seed=size * bs)
     if keep.sum() == 0:
         keep[0, 0, 0, 0, 0] = True
     x = torch.randn(len(fractions), 1, size, size, size, generator=_gen(size + bs))
     dense = _run(tiny, x, keep, bs, "dense")
     blocks = _run(tiny, x, keep, bs, "blocks", min_block_edge=mbe, target=dense[2])
-    _assert_equal_engines(dense, blocks, 2e-5, 1e-4, _float64_dense(tiny, x, keep, bs, dense[2]))
+    _assert_engines_within_yardstick(dense, blocks, _float64(tiny, x, keep, bs, dense[2]))
 
 
+@pytest.mark.numerical
 def test_one_visible_block_and_an_empty_sample(tiny) -> None:
     keep = torch.zeros(2, 1, 4, 4, 4, dtype=torch.bool)
     keep[0, 0, 3, 0, 2] = True  # sample 0: one block at the volume's border; sample 1: nothing visible
     x = torch.randn(2, 1, 32, 32, 32, generator=_gen(20))
     dense = _run(tiny, x, keep, 8, "dense")
     blocks = _run(tiny, x, keep, 8, "blocks", min_block_edge=1, target=dense[2])
-    # measured: features 1.4e-6, gradients 2.6e-6; tolerances as in test_float32_blocks_equal_dense
-    _assert_equal_engines(dense, blocks, 2e-5, 1e-4, _float64_dense(tiny, x, keep, 8, dense[2]))
+    _assert_engines_within_yardstick(dense, blocks, _float64(tiny, x, keep, 8, dense[2]))
     assert all(float(f[1].abs().max()) == 0.0 for f in blocks[0])
 
 
+@pytest.mark.numerical
 def test_coarse_ones_policy(tiny) -> None:
     keep = _keep(2, 2, [0.5, 0.5], seed=1)
     keep[0, 0, 0, 0, 0] = True
     x = torch.randn(2, 1, 32, 32, 32, generator=_gen(21))
     dense = _run(tiny, x, keep, 16, "dense", coarse="ones")
     blocks = _run(tiny, x, keep, 16, "blocks", coarse="ones", min_block_edge=1, target=dense[2])
-    # measured: features 3.3e-6, gradients 1.25e-5 (stages.0.blocks.0.conv1.norm.bias); tolerances 2e-5, 1e-4
-    _assert_equal_engines(dense, blocks, 2e-5, 1e-4, _float64_dense(tiny, x, keep, 16, dense[2], "ones"))
+    _assert_engines_within_yardstick(dense, blocks, _float64(tiny, x, keep, 16, dense[2], "ones"))
 
 
 # ---- pieces against explicit references ----------------------------------------------------------------
+@pytest.mark.numerical
 def test_halo_gather_equals_padded_dense_crop() -> None:
     keep = _keep(2, 3, [0.5, 0.6], seed=4)
     lay = BlockLayout.from_keep(keep)
@@ -189,6 +188,7 @@ def test_halo_gather_equals_padded_dense_crop() -> None:
     assert torch.equal(halo, torch.stack(ref))
 
 
+@pytest.mark.numerical
 def test_block_instance_norm_matches_per_sample_reference() -> None:
     keep = torch.zeros(3, 1, 2, 2, 1, dtype=torch.bool)
     keep[0, 0, 0, 0, 0] = keep[0, 0, 1, 1, 0] = keep[2, 0, 1, 0, 0] = True  # sample 1 empty
@@ -203,8 +203,8 @@ def test_block_instance_norm_matches_per_sample_reference() -> None:
         v = x[sel].transpose(0, 1).reshape(4, -1)
         ref = (v - v.mean(1, keepdim=True)) / torch.sqrt(v.var(1, unbiased=False, keepdim=True) + 1e-5)
         ref = ref * w[:, None] + b[:, None]
-        # fp64 statistics: measured max error 1.3e-15; tolerance the first-order rounding bound of the
-        # sums, n * eps64 * max|ref| (~6e-14). fp32 statistics would be off by 4e-7 here.
+        # fp64 statistics: tolerance the first-order rounding bound of the sums, n * eps64 * max|ref|
+        # (~6e-14); float32 statistics would be off by ~1e-7 x max|ref| here.
         tol = v.shape[1] * torch.finfo(torch.float64).eps * float(ref.abs().max())
         assert float((y[sel].transpose(0, 1).reshape(4, -1) - ref).abs().max()) <= tol
 
@@ -253,6 +253,7 @@ def test_saved_activations_shrink_with_the_visible_fraction(tiny) -> None:
 
 
 # ---- through the MAE wrapper's decoder and loss ------------------------------------------------------
+@pytest.mark.numerical
 def test_reconstruction_and_loss_equal_through_the_wrapper() -> None:
     wrapper = pytest.importorskip("s3d.sparse.wrapper")
     torch.manual_seed(0)
@@ -274,14 +275,11 @@ def test_reconstruction_and_loss_equal_through_the_wrapper() -> None:
         return rec.detach(), loss.detach(), grads
 
     (rd, ld, gd), (rb, lb, gb) = step(mae, x, "dense"), step(mae, x, "blocks")
-    # measured blocks vs dense: reconstruction 4.9e-7 of max |rec| (each engine vs a float64 run:
-    # 8.0e-7 / 6.5e-7), loss 8.7e-8 relative, gradients 3.7e-6 norm-wise (vs float64: <= 9.4e-6).
-    # Tolerances 5e-6, 1e-6 and 4e-5 (~10x).
-    assert float((rb - rd).abs().max() / rd.abs().max()) <= 5e-6
-    assert abs(float(lb - ld)) <= 1e-6 * abs(float(ld))
-    assert gd.keys() == gb.keys() and len(gd) == sum(p.requires_grad for p in mae.parameters())
-    _assert_equal_engines(([rd], gd, None), ([rb], gb, None), 5e-6, 4e-5,
-                          lambda: step(copy.deepcopy(mae).double(), x.double(), "dense")[2])
+    r64, l64, g64 = step(copy.deepcopy(mae).double(), x.double(), "dense")
+    assert gd.keys() == gb.keys() == g64.keys() and len(gd) == sum(p.requires_grad for p in mae.parameters())
+    assert_yardstick(max_rel(rb, r64), max_rel(rd, r64), "reconstruction")
+    assert_yardstick(abs(float(lb) - float(l64)) / float(l64), abs(float(ld) - float(l64)) / float(l64), "loss")
+    _assert_engines_within_yardstick(([rd], gd, None), ([rb], gb, None), ([r64], g64, None))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny) -> None:
@@ -293,20 +291,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny) -> None:
         ckpt = _run(tiny, x, keep, 8, "blocks", min_block_edge=4, target=plain[2])
     finally:
         tiny.checkpointing = False
-    # recomputation runs the same kernels on the same inputs: bitwise equal (measured)
+    # recomputation runs the same kernels on the same inputs in the same order (one path, one machine):
+    # bitwise equal on any CPU
     assert all(torch.equal(a, b) for a, b in zip(ckpt[0], plain[0], strict=True))
     for n, g in plain[1].items():
         assert torch.equal(ckpt[1][n], g), n
 
 
 # ---- autocast and torch.compile ---------------------------------------------------------------------
+@pytest.mark.numerical
 def test_autocast_bf16_close_to_dense(tiny) -> None:
-    """Under bf16 autocast the blocks engine agrees with dense to one bf16 rounding (2^-8 = 3.9e-3).
-
-    Measured on this input: blocks == dense bitwise (relative norm difference 0); each engine vs a
-    float64 run 5.2e-3 (stage 0) to 2.0e-2 (stage 4), i.e. bf16 rounding. Tolerances: 3.9e-3
-    between the engines (another CPU may round a few values differently), 1e-1 vs float64 (~5x).
-    """
+    """Under bf16 autocast the blocks engine is as close to a float64 run as the dense engine is
+    (yardstick: dense under the same autocast; floor one bf16 ulp, 2^-7)."""
     keep = _keep(2, 4, [0.4, 0.3], seed=5)
     x = torch.randn(2, 1, 32, 32, 32, generator=_gen(27))
     strides = [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8), (16, 16, 16)]
@@ -317,19 +313,20 @@ def test_autocast_bf16_close_to_dense(tiny) -> None:
     with torch.no_grad():
         ref64 = copy.deepcopy(tiny).double()(x.double(), [k.double() for k in keeps])
     assert ref[0].dtype == torch.bfloat16
-    for a, b, r in zip(out, ref, ref64, strict=True):
+    for s, (a, b, r) in enumerate(zip(out, ref, ref64, strict=True)):
         assert a.dtype == b.dtype
-        a, b = a.detach().double(), b.detach().double()
-        assert float((a - b).norm() / b.norm()) <= 2.0**-8
-        assert float((a - r).norm() / r.norm()) <= 1e-1 and float((b - r).norm() / r.norm()) <= 1e-1
+        assert_yardstick(norm_rel(a, r), norm_rel(b, r), f"bf16 stage {s}", floor=EPS_BF16)
 
 
+@pytest.mark.numerical
 @pytest.mark.slow
 def test_torch_compile_matches_eager(tiny) -> None:
+    """Inductor reorders float32 sums: compiled within the yardstick of eager, both against float64."""
     keep = _keep(2, 4, [0.4, 0.3], seed=6)
     x = torch.randn(2, 1, 32, 32, 32, generator=_gen(28))
     eager = block_encoder_forward(tiny, x, keep, 8, min_block_edge=1)
     compiled = torch.compile(block_encoder_forward)(tiny, x, keep, 8, "pool", 1)
-    for a, b in zip(compiled, eager, strict=True):
-        # inductor reorders fp32 sums: measured 8.7e-6 abs (1/14 of this tolerance)
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        ref64 = block_encoder_forward(copy.deepcopy(tiny).double(), x.double(), keep, 8, min_block_edge=1)
+    for s, (a, b, r) in enumerate(zip(compiled, eager, ref64, strict=True)):
+        assert_yardstick(max_rel(a, r), max_rel(b, r), f"compiled stage {s}")

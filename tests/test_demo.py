@@ -67,6 +67,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch) -> None:
             per_class.append([_dice(pred, ref, k) for k in (1, 2, 3)])
             per_case[ref_path.name[: -len(".nii.gz")]] = np.nanmean(per_class[-1])
         per_case_mean[(init, seed)] = per_case
+        # float64 means of Dice of integer counts (error ~1e-16); abs 1e-6 allows a report rounded to 6 digits
         assert r["dice"] == pytest.approx(float(np.mean(list(per_case.values()))), abs=1e-6), (init, seed)
         assert list(r["dice_per_class"]) == [names[k] for k in (1, 2, 3)]
         assert list(r["dice_per_class"].values()) == pytest.approx(list(np.nanmean(per_class, 0)), abs=1e-6)

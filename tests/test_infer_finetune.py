@@ -37,7 +37,7 @@ def _predict(model_dir: Path, tmp_path: Path, seed: int, n: int = 2) -> list[tup
         src = nib.load(str(test / "imagesTr" / f"case{i:03d}_0000.nii.gz"))
         out = nib.load(str(tmp_path / "pred" / f"case{i:03d}.nii.gz"))
         assert out.shape == src.shape
-        np.testing.assert_allclose(out.affine, src.affine, atol=1e-6)  # measured 0 (header copied)
+        np.testing.assert_allclose(out.affine, src.affine, atol=1e-6)  # the header is copied: identical
         label = np.asarray(nib.load(str(test / "labelsTr" / f"case{i:03d}.nii.gz")).dataobj)
         pairs.append((np.asarray(out.dataobj), label))
     return pairs

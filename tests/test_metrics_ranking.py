@@ -30,8 +30,9 @@ def test_rank_methods_reproduces_table3_average_rank():
     ranks = rank_methods(table)
     np.testing.assert_allclose(np.round(ranks.mean_rank, 2), TABLE3_AVG_RANK)
     assert ranks.ranks[0].tolist() == [7, 3, 4, 5, 6, 1, 2]  # D1
-    # S3D-B "Avg. DSC": the table rounds to 0.01, hence 5e-3 (measured 2.7e-3)
-    np.testing.assert_allclose(ranks.means.mean(0)[5], 72.37, atol=5e-3)
+    # S3D-B "Avg. DSC": each DSC printed to 0.01 (+-0.005, so their mean too) and the average as well
+    # (+-0.005): 0.01, plus float64 rounding
+    np.testing.assert_allclose(ranks.means.mean(0)[5], 72.37, atol=0.0101)
     assert "S3D-B" in ranks.to_text()
 
 

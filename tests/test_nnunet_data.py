@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from tolerance import assert_yardstick
 
 pytest.importorskip("scipy")
 
@@ -125,6 +126,7 @@ def test_spec_json_round_trip(tmp_path) -> None:
         PreprocessingSpec.from_dict({**spec.to_dict(), "spacing": 1})
 
 
+@pytest.mark.numerical
 def test_preprocess_and_restore_geometry(tmp_path) -> None:
     rng = np.random.default_rng(1)
     shape, spacing = (24, 40, 36), (2.0, 1.0, 0.8)
@@ -145,14 +147,16 @@ def test_preprocess_and_restore_geometry(tmp_path) -> None:
     assert props["original_shape"] == list(shape)
     assert x.shape == (1, 36, 30, round(26 * 0.8))
     assert x.dtype == np.float32
-    # z-scored, then cubic resampling moves the statistics: measured |mean| 9.3e-5, |std - 1| 3.0e-5
+    # z-scored, then cubic resampling moves the statistics (by ~1e-4 here: interpolation, not rounding)
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3
     # without resampling the result is exactly the z-scored crop (numpy reference)
     write_nifti(tmp_path / "iso_0000.nii.gz", img, np.eye(4))
     xi, _ = preprocess_case([tmp_path / "iso_0000.nii.gz"], spec)
     crop = img[box].astype(np.float64)
-    # fp32 vs this float64 reference: measured 3.1e-7 abs; tolerance 3e-6 (~10x)
-    np.testing.assert_allclose(xi[0], (crop - crop.mean()) / crop.std(), rtol=0, atol=3e-6)
+    ref, c32 = (crop - crop.mean()) / crop.std(), crop.astype(np.float32)
+    # against this float64 reference; yardstick: a plain float32 z-score
+    assert_yardstick(float(np.abs(xi[0] - ref).max()), float(np.abs((c32 - c32.mean()) / c32.std() - ref).max()),
+                     "z-score")
     x2, s2, props2 = preprocess_training_case([tmp_path / "c_0000.nii.gz"], tmp_path / "c.nii.gz", spec)
     np.testing.assert_array_equal(x, x2)
     assert s2.shape == x.shape[1:]

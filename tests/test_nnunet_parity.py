@@ -41,6 +41,8 @@ from s3d.data.nnunet import PreprocessingSpec, preprocess_training_case, read_da
 from s3d.data.nnunet.preprocessing import nnunet_use_mask_for_norm  # noqa: E402
 from s3d.data.preprocess import crop_to_nonzero, nonzero_mask, resample_seg, shape_for_spacing  # noqa: E402
 
+pytestmark = pytest.mark.numerical
+
 LABELS = {"background": 0, "a": 1, "b": 2}
 PRETRAIN_SPACING_MM = [1.0, 1.0, 1.0]  # the OpenMind checkpoints' pre-training spacing
 MNI_SPACING_MM = (1.5, 1.2, 2.0)
@@ -202,9 +204,9 @@ def test_shape_crop_and_image_values_match_nnunet(runs, case) -> None:
     assert ours["data"].shape == nn["data"].shape
     assert ours["props"]["bbox"] == nn["bbox"]
     diff = np.abs(ours["data"].astype(np.float64) - nn["data"])
-    # measured (scipy 1.17.1, skimage 0.26.0): max |diff| 0.0 z-score units on all three cases, no voxel
-    # above 1e-3; the same scipy zoom runs on the same float32 input. Tolerance 1e-5 (10x float32's
-    # spacing at the largest value, ~8.4) leaves room for a scipy build that rounds differently.
+    # The same numpy statistics and scipy zoom on the same float32 input: identical operations, identical
+    # results on any CPU (0.0 z-score units). Tolerance 1e-5 (10 float32 ulps at the largest value,
+    # ~8.4) leaves room for a scipy build that orders a sum differently.
     assert diff.max() < 1e-5, f"{case}: max |s3d - nnU-Net| = {diff.max():.3g} z-score units"
     assert (diff > 1e-3).mean() == 0.0
 
@@ -217,7 +219,8 @@ def test_default_zscore_over_the_whole_crop_differs_from_nnunet_masked(runs) -> 
     nn, ours = runs["nnunet"]["mni"]["data"][0].astype(np.float64), runs["s3d"]["mni_default"]["data"][0]
     assert ours.shape == nn.shape
     diff = np.abs(ours - nn)
-    # measured: max |diff| 4.114, mean 0.937 z-score units, every voxel above 1e-3
+    # the size of the deliberate difference (regression values of exact arithmetic; rounding moves them by
+    # ~1e-6, the tolerance is 0.01): max 4.114, mean 0.937 z-score units, every voxel above 1e-3
     assert diff.max() == pytest.approx(4.114, abs=0.01) and diff.mean() == pytest.approx(0.937, abs=0.01)
     assert (diff > 1e-3).mean() > 0.999
     # inside the mask the two z-scores are one affine map apart (formula, from the raw voxels):
@@ -227,10 +230,10 @@ def test_default_zscore_over_the_whole_crop_differs_from_nnunet_masked(runs) -> 
     box = crop_to_nonzero(img)[0]
     vals, masked = box[0], box[0][nonzero_mask(box)]
     a, b = masked.std() / vals.std(), (masked.mean() - vals.mean()) / vals.std()
-    assert (a, b) == pytest.approx((0.3924, 1.0465), abs=1e-3)  # measured 0.39243, 1.04653
+    assert (a, b) == pytest.approx((0.3924, 1.0465), abs=1e-3)  # float64 statistics of the template
     # after resampling, the background's difference reaches in through the cubic spline, whose prefilter
-    # has infinite support: measured max residual 0.0175 at >= 6 voxels (Euclidean) from nnU-Net's
-    # background (-1), 0.0013 at >= 10 (about 0.5x per voxel); tolerances ~1.5x that
+    # has infinite support (a property of the spline, not rounding): max residual 0.0175 at >= 6 voxels
+    # (Euclidean) from nnU-Net's background (-1), 0.0013 at >= 10 (about 0.5x per voxel); bounds ~1.5x
     dist = ndimage.distance_transform_edt(runs["nnunet"]["mni"]["seg"] >= 0)
     for reach, tol in ((6, 0.025), (10, 0.002)):
         far = dist >= reach
@@ -240,7 +243,8 @@ def test_default_zscore_over_the_whole_crop_differs_from_nnunet_masked(runs) -> 
 # ---- label maps ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["aniso", "twothick"])
 def test_labels_match_nnunet_without_background_region(runs, case) -> None:
-    # measured: 0 differing voxels (anatomical.nii has no zero background, so nnU-Net writes no -1)
+    # identical (anatomical.nii has no zero background, so nnU-Net writes no -1; the same float64 label
+    # interpolation)
     np.testing.assert_array_equal(runs["s3d"][case]["seg"], runs["nnunet"][case]["seg"])
 
 
@@ -250,13 +254,14 @@ def test_labels_differ_from_nnunet_only_at_its_outside_region(runs) -> None:
     s3d resamples one background class."""
     nn_seg, ours = runs["nnunet"]["mni"]["seg"], runs["s3d"]["mni"]["seg"]
     differ = ours != np.where(nn_seg < 0, 0, nn_seg)
-    # measured: 1787 of 546624 voxels (0.327 %; 1.3 % of the label-boundary voxels), all nnU-Net
-    # foreground (1778 GM, 9 WM) where s3d says background, all within sqrt(5) voxels of nnU-Net's -1 region
+    # 1787 of 546624 voxels (0.327 %; 1.3 % of the label-boundary voxels; a property of the two label
+    # rules, +-10 % allows a near-tie to move), all nnU-Net foreground (1778 GM, 9 WM) where s3d says
+    # background, all within sqrt(5) voxels of nnU-Net's -1 region
     assert differ.mean() == pytest.approx(1787 / 546624, rel=0.1)
     assert (ours[differ] == 0).all() and (nn_seg[differ] > 0).all()
     from scipy import ndimage
 
-    assert ndimage.distance_transform_edt(nn_seg >= 0)[differ].max() < 2.5  # measured sqrt(5) voxels
+    assert ndimage.distance_transform_edt(nn_seg >= 0)[differ].max() < 2.5  # sqrt(5) voxels
     # and that split is the whole difference: s3d's resampling with nnU-Net's -1 region reproduces it
     raw = runs["raw"]["mni"]
     img = np.asarray(nib.load(str(raw / "imagesTr" / "mni_0000.nii.gz")).dataobj, dtype=np.float32)[None]
@@ -289,11 +294,11 @@ def test_resampling_functions_match_nnunet(spacing, target) -> None:
     assert axis == (nn_axis if do_separate else None)
     expected = resample_data_or_seg_to_shape(image, new_shape, spacing, target, is_seg=False, order=3, order_z=0,
                                              force_separate_z=None)
-    # measured 0.0 (same scipy zoom, same clipping); tolerance as in the image test above
+    # the same scipy zoom and clipping: identical; tolerance as in the image test above
     assert np.abs(resample_image(image, new_shape, 3, axis) - expected).max() < 1e-5
     expected_seg = resample_data_or_seg_to_shape(seg[None], new_shape, spacing, target, is_seg=True, order=1,
                                                  order_z=0, force_separate_z=None)[0]
-    np.testing.assert_array_equal(resample_seg(seg, new_shape, axis), expected_seg)  # measured: 0 voxels differ
+    np.testing.assert_array_equal(resample_seg(seg, new_shape, axis), expected_seg)  # the same float64 rule
 
 
 def test_use_mask_for_norm_is_part_of_the_spec(tmp_path) -> None:

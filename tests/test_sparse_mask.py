@@ -101,5 +101,5 @@ def test_stage_keeps_block32_aligned() -> None:
     strides = [(1,) * 3] + [(2**i,) * 3 for i in range(1, 6)]
     keeps = stage_keeps(keep, (160, 160, 160), strides, "ones")
     assert torch.equal(keeps[-1], keep.float())  # 32^3 cells == bottleneck voxels, never "ones"
-    # a mean of 0/1 values: exact sum, one fp32 rounding (<= 6e-8 relative); approx's rel=1e-6
+    # a mean of 0/1 values: exact sum, one float32 rounding (<= 6e-8 relative); approx's rel=1e-6
     assert all(float(1 - k.mean()) == pytest.approx(94 / 125) for k in keeps)

@@ -152,7 +152,8 @@ def test_head_scale_scales_the_intracranial_volume_by_its_cube() -> None:
     for scale in (0.9, 1.1):
         r = replace(NONE, head_scale=(scale, scale))
         vols[scale] = float(make_subject(0, "phantom", SHAPE, SPACING, ranges=r).brain_fraction.sum())
-    # the 1 mm CSF rim and the fixed 2 mm edge softness do not scale: measured ratio 1.790 vs (1.1/0.9)^3 = 1.826
+    # the 1 mm CSF rim and the fixed 2 mm edge softness do not scale: ratio 1.790 vs (1.1/0.9)^3 = 1.826
+    # (geometry of the phantom, not rounding: identical on every CPU to ~1e-6)
     assert vols[1.1] / vols[0.9] == pytest.approx((1.1 / 0.9) ** 3, rel=0.04)
 
 
@@ -165,11 +166,11 @@ def test_atrophy_and_ventricles_turn_tissue_into_csf() -> None:
     csf1, tis1, icv1 = csf_and_tissue(atrophy=(0.06, 0.06))
     # the brain shrinks by 1.06^-3 inside the same skull; the intracranial volume does not change
     assert icv1 == pytest.approx(icv0, rel=1e-3)
-    assert tis1 / tis0 == pytest.approx(1.06**-3, rel=0.03)  # measured 0.847 vs 0.840
+    assert tis1 / tis0 == pytest.approx(1.06**-3, rel=0.03)  # 0.847 vs 0.840 (geometry, as above)
     assert csf1 - csf0 == pytest.approx(tis0 - tis1, rel=1e-3)
     csf2, tis2, icv2 = csf_and_tissue(ventricle_dilation_mm=(3.0, 3.0))
     assert icv2 == pytest.approx(icv0, rel=1e-3)
-    assert csf2 - csf0 == pytest.approx(tis0 - tis2, rel=1e-3) and csf2 > 1.05 * csf0  # measured +9 %
+    assert csf2 - csf0 == pytest.approx(tis0 - tis2, rel=1e-3) and csf2 > 1.05 * csf0  # +9 % (geometry)
 
 
 def test_cohort_subjects_vary_in_anatomy() -> None:
@@ -309,7 +310,7 @@ def test_mni_tissue_fractions_and_brain_shape() -> None:
     flair = render_image(subj, "FLAIR", 0).astype(np.float64)
     assert flair[les == 1].mean() > flair[(lab == 3) & (les == 0)].mean()
     # with every factor on, CSF is learnable at demo resolution (it was 1 % of the voxels before the rim,
-    # atrophy and ventricle factors): measured 17-27 % over 8 subjects at 3.5 mm
+    # atrophy and ventricle factors): 17-27 % over 8 subjects at 3.5 mm (anatomy, not rounding)
     fractions = []
     for i in range(4):
         lab = make_subject(case_seed(0, "train", i), "mni", (48, 56, 48), 3.5).tissue_labels()
