@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from s3d._fs import atomic_path
+from s3d._optional import optional_import
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -35,7 +35,13 @@ class ImageHeader:
         return tuple(float(n * s) for n, s in zip(self.shape[:3], self.spacing_mm))  # type: ignore[return-value]
 
 
-def _load(path: str | os.PathLike[str]) -> nib.Nifti1Image:
+def _nibabel(feature: str = "reading NIfTI"):
+    """nibabel, imported when NIfTI is read or written (``import s3d`` works without it)."""
+    return optional_import("nibabel", feature)
+
+
+def _load(path: str | os.PathLike[str]):
+    nib = _nibabel()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
@@ -86,6 +92,7 @@ def write_nifti(
         like: optional NIfTI file whose header (units, descriptions, qform/sform codes) is reused,
             e.g. the input image a prediction belongs to.
     """
+    nib = _nibabel("writing NIfTI")
     header = None
     if like is not None:
         header = _load(like).header.copy()

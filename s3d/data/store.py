@@ -61,11 +61,9 @@ def _store_of(path: Path) -> str:
 
 
 def _blosc2() -> Any:
-    try:
-        import blosc2
-    except ImportError as e:  # pragma: no cover - blosc2 is a dependency
-        raise ImportError("the .b2nd store needs blosc2: pip install blosc2 (or prepare with --store npy)") from e
-    return blosc2
+    from s3d._optional import optional_import
+
+    return optional_import("blosc2", "the .b2nd store", hint=" (or prepare with --store npy)")
 
 
 def b2nd_layout(shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -83,8 +83,10 @@ class Trainer:
 
     def __init__(self, cfg: FinetuneConfig, model: ResEncUNet | None = None,
                  on_step: Callable[[Trainer, StepRecord], None] | None = None) -> None:
+        from s3d._optional import optional_import
         from s3d.data.nnunet import read_dataset_json
 
+        optional_import("nibabel", "reading NIfTI")  # before the run folder is written
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.info = init_distributed(cfg.device)

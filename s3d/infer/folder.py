@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from s3d._optional import optional_import
 from s3d.infer.cases import check_patch_size, load_model_dir, predict_case
 from s3d.infer.inputs import CaseError, CaseFailure, scan_input_folder
 from s3d.infer.outputs import sweep_partial
@@ -103,12 +104,14 @@ def predict_folder(
     Raises:
         FileNotFoundError / ValueError: the model directory, the patch size or the input folder (no
             usable case at all) is wrong; nothing in ``output_dir`` is touched.
+        MissingDependency: nibabel is not installed (an ``ImportError`` naming it); nothing is touched.
         BatchPredictionError: after the batch, when any input failed (the others were predicted).
 
     Example:
         >>> s3d.predict("imagesTs", "predictions", "runs/Dataset001/model")
         [PosixPath('predictions/case_001.nii.gz'), ...]
     """
+    optional_import("nibabel", "reading NIfTI")  # before anything is read or written
     model_dir = Path(model_dir)
     dev = resolve_device(device)
     model, spec = load_model_dir(model_dir, device=dev)

@@ -176,9 +176,10 @@ def check_case_files(image_paths: Sequence[str | os.PathLike[str]]) -> list[Imag
         >>> check_case_files(["in/ct_001_0000.nii.gz"])[0].shape
         (512, 512, 120)
     """
-    import nibabel as nib
-
+    from s3d._optional import optional_import
     from s3d.data.io import read_header
+
+    nib = optional_import("nibabel", "reading NIfTI")
 
     if not image_paths:
         raise ValueError("image_paths: need at least one channel file")

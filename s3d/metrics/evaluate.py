@@ -259,8 +259,10 @@ def evaluate_folder(
         >>> res = evaluate_folder("preds/", "labelsTr/", "dataset.json", tau_mm=2.0)  # doctest: +SKIP
         >>> print(res.table())  # doctest: +SKIP
     """
+    from s3d._optional import optional_import
     from s3d.runtime.progress import progress as progress_bar
 
+    optional_import("nibabel", "reading NIfTI")  # before anything is touched; not once per case
     if out_dir is not None:
         discard_evaluation(out_dir)
     if workers < 1:

@@ -122,7 +122,7 @@ def preprocess_dataset(
         >>> cache = preprocess_dataset(validate_dataset("Dataset001_Brain"), spec)
         >>> data, seg, props, locs = load_cached_case(cache, "brain_000")
     """
-    from tqdm.auto import tqdm
+    from s3d.runtime.progress import progress as progress_bar
 
     out = cache_dir_for(ds.root, spec, cache_dir)
     todo = [c for c in (ds.cases if cases is None else cases) if not _is_cached(out, ds, c)]
@@ -131,7 +131,7 @@ def preprocess_dataset(
         out.mkdir(parents=True, exist_ok=True)
         if not spec_path.exists():
             write_json_atomic(spec_path, spec.to_dict())
-    for case in tqdm(todo, desc="preprocess", disable=not progress or not todo, unit="case"):
+    for case in progress_bar(todo, desc="preprocess", unit="case", enabled=progress and bool(todo)):
         data, seg, props = preprocess_training_case(ds.image_paths(case), ds.label_path(case), spec)
         props["source_stat"] = _source_stat(ds, case)
         with _writing(ds, out, cache_dir):

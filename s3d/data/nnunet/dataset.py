@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from s3d._optional import optional_import
 from s3d.data.io import read_header, read_nifti
 from s3d.data.preprocess import shape_for_spacing
 
@@ -169,6 +170,7 @@ def validate_dataset(
     Example:
         >>> ds = validate_dataset("Dataset001_Brain", target_spacing_mm=(1, 1, 1), min_shape=(32, 32, 32))
     """
+    optional_import("nibabel", "reading NIfTI")  # one line, not one problem per file
     ds = read_dataset_json(root)
     root = ds.root
     problems: list[str] = []

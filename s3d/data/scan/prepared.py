@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from s3d._fs import write_json_atomic
+from s3d._optional import optional_import
 from s3d.data.io import read_nifti
 from s3d.data.preprocess import anisotropic_axis, crop_to_nonzero, resample_image, shape_for_spacing, zscore
 from s3d.data.scan.headers import ScanFilters, list_source, scan_rows, source_key
@@ -36,7 +37,7 @@ from s3d.data.scan.manifest import (
     shard_manifests,
     shard_of,
 )
-from s3d.data.store import DEFAULT_STORE, STORE_DTYPES, save_volume, store_suffix
+from s3d.data.store import DEFAULT_STORE, STORE_DTYPES, _blosc2, save_volume, store_suffix
 
 #: Version of what a prepared volume holds (resampling, normalisation); a re-run prepares volumes of
 #: another version again. 2: nnU-Net's resampling rules (range clipping, label argmax, anisotropy).
@@ -157,9 +158,9 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
+    from s3d.runtime.progress import progress as progress_bar
 
-    bar = tqdm(total=len(jobs), desc="preprocess", unit="img", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="preprocess", unit="img", enabled=progress)
     results: list[dict[str, Any]] = []
     if workers > 0 and len(jobs) > 1:
         import multiprocessing as mp
@@ -221,6 +222,9 @@ def prepare(
     """
     filters = filters or ScanFilters()
     store_suffix(store)
+    optional_import("nibabel", "reading NIfTI")  # before anything is written; not once per image
+    if store == "b2nd":
+        _blosc2()
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype: expected one of {STORE_DTYPES}, got {dtype!r}")
     out = Path(out_dir)

@@ -119,7 +119,7 @@ def write_demo_dataset(
         ...                    spacing_mm=5.0)
         (['demo_000', 'demo_001'], ['demo_test_000'])
     """
-    from tqdm.auto import tqdm
+    from s3d.runtime.progress import progress as progress_bar
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -134,7 +134,8 @@ def write_demo_dataset(
     jobs = [("train", i, f"demo_{i:03d}", "imagesTr", "labelsTr") for i in range(num_train)]
     jobs += [(test_split, i, f"demo_{test_split}_{i:03d}", "imagesTs", "labelsTs") for i in range(num_test)]
     with _one_thread():
-        for split, i, case, img_dir, lab_dir in tqdm(jobs, desc=f"demo {task} ({source})", disable=not progress):
+        for split, i, case, img_dir, lab_dir in progress_bar(jobs, desc=f"demo {task} ({source})", unit="case",
+                                                             enabled=progress):
             key = case_seed(seed, split, i)
             subj = make_subject(key, source, shape, spacing_mm, ranges=anatomy, lesions=lesions)
             for c, contrast in enumerate(channels):
@@ -214,7 +215,7 @@ def write_unlabelled(
         >>> len(files)
         4
     """
-    from tqdm.auto import tqdm
+    from s3d.runtime.progress import progress as progress_bar
 
     for c in contrasts or {}:
         if c not in CONTRASTS:
@@ -222,7 +223,8 @@ def write_unlabelled(
     out = Path(out_dir)
     files = []
     with _one_thread():
-        for i in tqdm(range(start, start + num), desc=f"demo unlabelled ({source})", disable=not progress):
+        for i in progress_bar(range(start, start + num), desc=f"demo unlabelled ({source})", unit="image",
+                              enabled=progress):
             key = case_seed(seed, "unlabelled", i)
             contrast = unlabelled_contrast(seed, i, contrasts)
             subj = make_subject(key, source, shape, spacing_mm, ranges=anatomy)

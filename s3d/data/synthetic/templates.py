@@ -26,6 +26,9 @@ TEMPLATE_SIZE = {"mni": 0.92, "phantom": 1.0}
 
 def _load_mni() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The template at 1 mm: brain mask, GM and WM fractions (within the mask), affine."""
+    from s3d._optional import optional_import
+
+    nib = optional_import("nibabel", "reading the MNI152 template")  # nilearn needs it too: name it first
     try:
         from nilearn import datasets
     except ImportError as e:
@@ -33,8 +36,6 @@ def _load_mni() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             'the "mni" demo source needs nilearn (it ships the MNI152 template): pip install "s3d[demo]"; '
             'or use source="phantom", which needs nothing extra'
         ) from e
-    import nibabel as nib
-
     t1_img = nib.load(datasets.MNI152_FILE_PATH)
     mask = np.asarray(t1_img.dataobj, dtype=np.float32) > 0
     gm = np.asarray(nib.load(datasets.GM_MNI152_FILE_PATH).dataobj, dtype=np.float32) / 255.0
