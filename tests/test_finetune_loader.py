@@ -80,7 +80,6 @@ def test_prefetcher_passes_errors_on() -> None:
             batches.get(2)
 
 
-@pytest.mark.numerical
 def test_batched_tiles_equal_one_tile_at_a_time() -> None:
     from s3d.nn import build_resenc_unet
 

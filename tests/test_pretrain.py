@@ -173,7 +173,6 @@ def test_build_method_unknown_name_is_a_clear_error() -> None:
         build_method("no-such-method", build_resenc_unet("tiny", in_channels=1, num_classes=1))
 
 
-@pytest.mark.numerical
 def test_validation_loss_is_the_masked_voxel_mean_of_the_whole_set(prepared, tmp_path) -> None:
     """Validation batches of unequal masked-voxel counts: the logged value is sum(err) / sum(masked) over
     the whole held-out set (like the training loss over the global batch), not a mean of batch means."""

@@ -173,7 +173,6 @@ def test_measuring_off_uses_the_table(fake, monkeypatch) -> None:
     assert clock.calls == 0 and choice.source == "table" and ran == "blocks" == wrapper_mod.AUTO_ENGINE["cpu"]
 
 
-@pytest.mark.numerical
 def test_auto_gives_the_dense_numbers_whichever_it_picks(fake, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reconstruction, loss and gradients of "auto" with each candidate made fastest in turn.
 
