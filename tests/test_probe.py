@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("scipy")
 
 from s3d.cli import main  # noqa: E402
-from s3d.finetune.probe import check_probe_options, fingerprint, probe, probe_model  # noqa: E402
+from s3d.finetune.probing import check_probe_options, fingerprint, probe, probe_model  # noqa: E402
 from s3d.nn import build_resenc_unet  # noqa: E402
 from tests.test_nnunet_data import make_sphere_dataset  # noqa: E402
 

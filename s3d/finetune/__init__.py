@@ -14,7 +14,7 @@ The public face of fine-tuning (``from s3d import finetune``)::
   prefetch), :mod:`~s3d.finetune.losses` (also the global batch's loss under DDP),
   :mod:`~s3d.finetune.phases` (what trains, the DDP wrapper), :mod:`~s3d.finetune.validation`;
 - :mod:`~s3d.finetune.trainer`: :class:`Trainer` and :func:`run` (one process, or N with ``torchrun``);
-- :mod:`~s3d.finetune.probe`: :func:`probe`, the frozen-encoder probe of a set of weights against
+- :mod:`~s3d.finetune.probing`: :func:`probe`, the frozen-encoder probe of a set of weights against
   random weights (``s3d probe``).
 
 Augmentation is :mod:`s3d.augment`; the dataset format is :mod:`s3d.data.nnunet`. See ``docs/finetuning.md``.
@@ -24,7 +24,7 @@ from s3d.data.nnunet import DatasetError
 from s3d.finetune.config import FinetuneConfig, auto_patch_size, make_split
 from s3d.finetune.losses import DiceCELoss
 from s3d.finetune.patches import CachedCase, sample_patches
-from s3d.finetune.probe import ProbeResult, ProbeRun, probe
+from s3d.finetune.probing import ProbeResult, ProbeRun, probe
 from s3d.finetune.schedules import (
     PAPER_STEPS,
     PAPER_WARMUP_STEPS,

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -203,14 +204,11 @@ def check_probe_options(dataset: str | os.PathLike[str], options: dict[str, Any]
         Traceback (most recent call last):
         ValueError: probe options ['stepz']: unknown; known: ...
     """
-    import inspect
-
     from s3d.data.nnunet import read_dataset_json
     from s3d.finetune.config import FinetuneConfig
 
     read_dataset_json(dataset)
-    own = [p for p in inspect.signature(probe).parameters if p not in ("weights", "dataset", "out_dir", "fields")]
-    known = sorted(set(own) | ({f.name for f in dataclasses.fields(FinetuneConfig)} - set(_FIXED)))
+    known = sorted(set(_OWN_OPTIONS) | ({f.name for f in dataclasses.fields(FinetuneConfig)} - set(_FIXED)))
     bad = sorted(set(options) - set(known))
     if bad:
         raise ValueError(f"probe options {bad}: unknown; known: {', '.join(known)}")
@@ -380,6 +378,10 @@ def probe(
     write_json_atomic(out / "probe.json", result.to_dict())
     return result
 
+
+#: the keyword arguments of :func:`probe` itself (the others go to :class:`~s3d.finetune.FinetuneConfig`)
+_OWN_OPTIONS = tuple(p for p in inspect.signature(probe).parameters if p not in ("weights", "dataset", "out_dir",
+                                                                                 "fields"))
 
 __all__ = ["INITS", "PROBE_SCHEDULE", "ProbeResult", "ProbeRun", "check_probe_options", "fingerprint", "probe",
            "probe_model"]
