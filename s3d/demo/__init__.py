@@ -28,7 +28,6 @@ Example:
 """
 
 from s3d.demo.compare import finetune_and_score
-from s3d.demo.figures import line_plot
 from s3d.demo.report import DemoResult, RunResult, class_table, conclusion, deltas, results_table, wins
 from s3d.demo.run import plan, run_demo, weights_info
 from s3d.demo.settings import (
@@ -41,6 +40,7 @@ from s3d.demo.settings import (
     time_train_step,
 )
 from s3d.demo.weights import WeightsRecipe, make_demo_weights
+from s3d.runtime.plot import line_plot
 
 __all__ = [
     "DEMO_WEIGHTS",
