@@ -54,7 +54,7 @@ def _prepare_out(out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from s3d.finetune.probe import probe
+    from s3d.finetune.probing import probe
 
     if args.num_val_cases is not None and args.num_val_cases < 1:
         raise ValueError(f"--num-val-cases: must be >= 1, got {args.num_val_cases}")
