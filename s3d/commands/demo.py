@@ -12,8 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "reconstruction figure), then three arms for every labelled-set size and seed: fine-tune the "
                     "demo weights that were pre-trained once at scale (s3d-demo, shipped with s3d), the same "
                     "network from random weights with exactly that recipe (the control) and from scratch with "
-                    "scratch's recipe; predict held-out cases, score Dice and NSD; probe the weights' frozen "
-                    "encoder against a random one; write OUT/report.md and OUT/results.json.")
+                    "scratch's recipe (2 and 10 labelled cases, 3 seeds); predict held-out cases, score Dice and "
+                    "NSD; probe the weights' frozen encoder against a random one; write OUT/report.md and "
+                    "OUT/results.json.")
     p.add_argument("--out", default="s3d-demo", help="output folder (default: ./s3d-demo)")
     p.add_argument("--minutes", type=float, default=10.0,
                    help="time budget in minutes; the short pre-training gets what fine-tuning leaves (default: 10)")
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "MAE weights (downloaded; 64^3 patches at 2 mm; the plan prints how long it will take)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default: 0 1 2)")
     p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="labelled training-set sizes (default: 5 10 20)")
+                   help="labelled training-set sizes (default: 2 10)")
     p.add_argument("--plan", action="store_true", help="print the plan and the time it will take, then stop")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cohort (default: 0)")

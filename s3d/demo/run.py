@@ -299,7 +299,7 @@ def _probe(s: DemoSettings, dataset: Path, out: Path, device: str) -> dict[str, 
     print(f"[4/5] probe: a fresh decoder on the frozen encoder of {s.weights} and of random weights, "
           f"{s.probe_n_train} labelled cases, {s.probe_steps} steps, seeds {list(s.seeds)}")
     r = probe(s.weights, dataset, out / "runs" / "probe", n_train=s.probe_n_train, seeds=s.seeds,
-              steps=s.probe_steps, patch_size=s.patch_size, batch_size=s.batch_size,
+              steps=s.probe_steps, peak_lr=s.probe_lr, patch_size=s.patch_size, batch_size=s.batch_size,
               target_spacing_mm=(s.spacing_mm,) * 3, device=device, progress=s.progress)
     print(f"      {r.summary()}")
     return {"s3d": r.mean("weights"), "random": r.mean("random"),

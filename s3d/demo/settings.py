@@ -80,6 +80,7 @@ class DemoSettings:
         probe_steps: steps of each run of the frozen-encoder probe of the weights against random weights
             (:func:`s3d.finetune.probe`, one run per seed and arm; 0: no probe).
         probe_n_train: labelled cases the probe trains on.
+        probe_lr: the probe's peak learning rate (PolyLR; 0.1 suits its short run, as for the arms).
         device: "auto" (CUDA when available), "cpu" or "cuda".
         data_seed: seed of the generated cohort.
         progress: show progress bars.
@@ -94,7 +95,7 @@ class DemoSettings:
     num_unlabelled: int = 40
     num_labelled: int = 25
     num_test: int = 10
-    train_sizes: tuple[int, ...] = (5, 10, 20)
+    train_sizes: tuple[int, ...] = (2, 10)
     seeds: tuple[int, ...] = (0, 1, 2)
     shape: tuple[int, int, int] = (48, 56, 48)
     spacing_mm: float = 3.5
@@ -104,8 +105,9 @@ class DemoSettings:
     pretrain_steps: int | None = None
     weights: str = DEMO_WEIGHTS
     recipes: dict[str, FinetuneRecipe] = field(default_factory=lambda: dict(RECIPES))
-    probe_steps: int = 150
+    probe_steps: int = 60
     probe_n_train: int = 5
+    probe_lr: float = 0.1
     device: str = "auto"
     data_seed: int = 0
     progress: bool = True
