@@ -91,13 +91,16 @@ def test_bad_probe_settings_are_one_line_before_training(data, tmp_path, capsys)
     base = ["pretrain", "--data", str(prep), "--out", str(tmp_path / "r"), "--config", "tiny", "--steps", "2",
             "--batch-size", "2", "--patch-size", "32", "--method-kwargs", '{"block_size": 16}', "--workers", "0",
             "--device", "cpu", "--no-progress", "--checkpoint-every", "2"]
-    for extra, says in ((["--probe", str(tmp_path / "none")], "dataset.json"),
-                        (["--probe", str(ds), "--probe-every", "3"], "a multiple of checkpoint_every (2)"),
-                        (["--probe", str(ds), "--probe-options", '{"stepz": 2}'], "probe options ['stepz']: unknown"),
-                        (["--probe", str(ds), "--probe-options", "{steps: 2}"], "--probe-options: not valid JSON")):
+    # the dataset check lists its problems as fine-tuning's does: a header line and one line per problem
+    for extra, says, lines in ((["--probe", str(tmp_path / "none")], "dataset.json: missing", 2),
+                               (["--probe", str(ds), "--probe-every", "3"], "a multiple of checkpoint_every (2)", 1),
+                               (["--probe", str(ds), "--probe-options", '{"stepz": 2}'],
+                                "probe options ['stepz']: unknown", 1),
+                               (["--probe", str(ds), "--probe-options", "{steps: 2}"],
+                                "--probe-options: not valid JSON", 1)):
         assert main(base + extra) == 1, extra
         err = capsys.readouterr().err
-        assert says in err and err.startswith("s3d pretrain: error:") and err.count("\n") == 1, err
+        assert says in err and err.startswith("s3d pretrain: error:") and err.count("\n") == lines, err
     assert not (tmp_path / "r").exists()
 
 
