@@ -22,7 +22,6 @@ from s3d.demo import (
     time_train_step,
     wins,
 )
-from s3d.demo.settings import CONTROL_NOTE
 
 pytest.importorskip("scipy")  # resampling (pre-training data) and NSD need it
 
@@ -43,15 +42,20 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch) -> None:
     assert rc == 0, printed
     report = out / "report.md"
     assert f"report: {report.resolve()}" in printed
-    assert "| labelled cases | Dice S3D | Dice scratch |" in printed
+    assert "| labelled cases | Dice s3d | Dice control | Dice scratch |" in printed
     assert "weights s3d-demo (shipped with s3d" in printed  # the demo says which weights each arm used
+    assert "control arm: random init of the same network; the s3d arm's recipe" in printed
 
     results = json.loads((out / "results.json").read_text())
     text = report.read_text()
     runs = {(r["n_train"], r["init"], r["seed"]): r for r in results["runs"]}
-    assert set(runs) == {(5, arm, seed) for arm in ("s3d", "scratch") for seed in (0, 1)}
+    arms = ("s3d", "control", "scratch")
+    assert set(runs) == {(5, arm, seed) for arm in arms for seed in (0, 1)}
     assert {r["weights"] for r in results["runs"] if r["init"] == "s3d"} == {"s3d-demo"}
-    assert {r["weights"] for r in results["runs"] if r["init"] == "scratch"} == {"random init"}
+    assert {r["weights"] for r in results["runs"] if r["init"] != "s3d"} == {"random init"}
+    # the control runs exactly the s3d arm's recipe
+    assert {r["recipe"] for r in results["runs"] if r["init"] == "control"} == \
+        {r["recipe"] for r in results["runs"] if r["init"] == "s3d"}
 
     # every run's Dice equals Dice recomputed here from its written predictions and the test labels
     ds = out / "data" / "Dataset900_DemoTissue"
@@ -74,20 +78,31 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch) -> None:
         assert 0.0 <= r["nsd"] <= 1.0
 
     # the table row: mean ± sd over the two seeds, ΔDice paired by seed, test cases won (seed-averaged)
-    a = [runs[(5, "s3d", s)]["dice"] for s in (0, 1)]
-    b = [runs[(5, "scratch", s)]["dice"] for s in (0, 1)]
-    d = [x - y for x, y in zip(a, b, strict=True)]
+    dice = {arm: [runs[(5, arm, s)]["dice"] for s in (0, 1)] for arm in arms}
+    d = {b: [x - y for x, y in zip(dice["s3d"], dice[b], strict=True)] for b in ("control", "scratch")}
     cases = sorted(per_case_mean[("s3d", 0)])
     won = sum(np.mean([per_case_mean[("s3d", s)][c] for s in (0, 1)])
-              > np.mean([per_case_mean[("scratch", s)][c] for s in (0, 1)]) for c in cases)
-    row = (f"| 5 | {np.mean(a):.3f} ± {np.std(a, ddof=1):.3f} | {np.mean(b):.3f} ± {np.std(b, ddof=1):.3f} | "
-           f"{np.mean(d):+.3f} [{min(d):+.3f}, {max(d):+.3f}] |")
+              > np.mean([per_case_mean[("control", s)][c] for s in (0, 1)]) for c in cases)
+    row = ("| 5 | " + " | ".join(f"{np.mean(dice[a]):.3f} ± {np.std(dice[a], ddof=1):.3f}" for a in arms) + " | "
+           + " | ".join(f"{np.mean(d[b]):+.3f} [{min(d[b]):+.3f}, {max(d[b]):+.3f}]" for b in ("control", "scratch"))
+           + " |")
     assert row in text and row in printed
-    assert f"| {won}/{len(cases)} |" in text
-    # the conclusion follows the per-seed signs
-    assert ("did NOT beat" in text) == (max(d) <= 0 or min(d) <= 0)
-    # default weights and recipes: the measured control is said with the result, in the report and printed
-    assert CONTROL_NOTE in text and CONTROL_NOTE in printed
+    assert text.split(row)[1].split("\n")[0].endswith(f"| {won}/{len(cases)} |")
+    # the conclusion compares s3d with the control first, following the per-seed signs
+    concl = results["conclusion"]
+    assert concl.startswith("In this run, fine-tuning the pre-trained weights ")
+    assert ("did NOT beat the control" in concl) == (min(d["control"]) <= 0)
+    assert concl in text and concl in printed
+
+    # the probe of the shipped weights against random weights, in results.json, the report and the conclusion
+    pr = results["probe"]
+    probe_runs = json.loads((out / "runs" / "probe" / "probe.json").read_text())["runs"]
+    for arm, init in (("s3d", "weights"), ("random", "random")):
+        per_seed = [r["dice"] for r in probe_runs if r["init"] == init]
+        assert pr["per_seed"][arm] == per_seed and pr[arm] == pytest.approx(np.mean(per_seed))
+    assert pr["seeds"] == [0, 1] and pr["n_train"] == 2 and pr["steps"] == 4
+    assert f"| mean | {pr['s3d']:.3f} | {pr['random']:.3f} |" in text
+    assert f"validation Dice {pr['s3d']:.3f} against {pr['random']:.3f}" in concl
 
     # every figure the report links exists and shows something (not blank)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -99,6 +114,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch) -> None:
         assert img.std() > 10, link  # not a flat image
     rgb = np.asarray(Image.open(out / "figures" / "predictions.png").convert("RGB"), dtype=np.int16)
     assert (np.abs(rgb[..., 0] - rgb[..., 1]) > 30).mean() > 0.01  # overlays carry label colours
+    # large enough to read: image, ground truth and three arms, each slice at 5 pixels per voxel
+    assert rgb.shape[1] >= 5 * 5 * 32 and rgb.shape[0] >= 5 * 32
 
     # a second run into the same folder replaces the previous demo; too few steps is a clear error
     assert main(["demo", "--quick", "--source", "phantom", "--out", str(out), "--no-progress",
@@ -120,23 +137,30 @@ def _run(n: int, init: str, dice: float, seed: int = 0, cases: dict[str, float] 
 
 
 def test_deltas_pair_seeds_and_the_conclusion_needs_every_seed() -> None:
-    won = [_run(5, "s3d", 0.8, 0), _run(5, "scratch", 0.7, 0), _run(5, "s3d", 0.75, 1), _run(5, "scratch", 0.7, 1)]
+    won = [_run(5, "s3d", 0.8, 0), _run(5, "control", 0.7, 0), _run(5, "s3d", 0.75, 1), _run(5, "control", 0.7, 1)]
     assert deltas(won, 5) == pytest.approx([0.1, 0.05])
-    assert "beat training from scratch at every" in conclusion(won)
-    split = [_run(5, "s3d", 0.8, 0), _run(5, "scratch", 0.7, 0), _run(5, "s3d", 0.6, 1), _run(5, "scratch", 0.7, 1)]
-    assert "did NOT beat" in conclusion(split)  # mean ΔDice 0, seeds disagree: no claim
-    mixed = won + [_run(10, "s3d", 0.7, 0), _run(10, "scratch", 0.8, 0), _run(10, "s3d", 0.9, 1),
-                   _run(10, "scratch", 0.8, 1)]
+    assert "beat the control (random weights through the same recipe) on every seed at every" in conclusion(won)
+    split = [_run(5, "s3d", 0.8, 0), _run(5, "control", 0.7, 0), _run(5, "s3d", 0.6, 1), _run(5, "control", 0.7, 1)]
+    assert "did NOT beat the control" in conclusion(split)  # mean ΔDice 0, seeds disagree: no claim
+    lost = [_run(5, "s3d", 0.6, 0), _run(5, "control", 0.7, 0), _run(5, "s3d", 0.6, 1), _run(5, "control", 0.7, 1)]
+    assert "it lost on every seed with 5" in conclusion(lost)
+    mixed = won + [_run(10, "s3d", 0.7, 0), _run(10, "control", 0.8, 0), _run(10, "s3d", 0.9, 1),
+                   _run(10, "control", 0.8, 1)]
     assert "with 5 labelled cases but not with 10" in conclusion(mixed)
+    # scratch is compared second, in its own sentence, from its own per-seed ΔDice
+    both = won + [_run(5, "scratch", 0.9, 0), _run(5, "scratch", 0.9, 1)]
+    assert deltas(both, 5, "scratch") == pytest.approx([-0.1, -0.15])
+    assert "Compared with scratch (random weights, scratch's own recipe), it did NOT beat it" in conclusion(both)
     table = results_table(won)
     # mean ± sample sd over seeds (0.775 ± 0.0354; 0.700 ± 0); ΔDice mean and [min, max]
     assert "| 5 | 0.775 ± 0.035 | 0.700 ± 0.000 | +0.075 [+0.050, +0.100] |" in table and "| 2/2 |" in table
+    assert "| labelled cases | Dice s3d | Dice control | ΔDice s3d − control (mean [min, max] over 2 seeds) |" in table
 
 
 def test_wins_count_test_cases_by_seed_averaged_dice() -> None:
     runs = [_run(5, "s3d", 0, 0, {"c1": 0.9, "c2": 0.2}), _run(5, "s3d", 0, 1, {"c1": 0.5, "c2": 0.4}),
-            _run(5, "scratch", 0, 0, {"c1": 0.6, "c2": 0.5}), _run(5, "scratch", 0, 1, {"c1": 0.7, "c2": 0.5})]
-    # c1: 0.70 vs 0.65 -> S3D; c2: 0.30 vs 0.50 -> scratch
+            _run(5, "control", 0, 0, {"c1": 0.6, "c2": 0.5}), _run(5, "control", 0, 1, {"c1": 0.7, "c2": 0.5})]
+    # c1: 0.70 vs 0.65 -> s3d; c2: 0.30 vs 0.50 -> control
     assert wins(runs, 5) == (1, 1, 2)
     for r in runs:
         r.dice_per_class = {"CSF": 0.0}
@@ -241,13 +265,18 @@ def test_plan_for_stride_32_weights_prints_the_time_and_trains_nothing(tmp_path,
     assert main(["demo", "--plan", "--pretrained", str(tmp_path / "w"), "--out", str(out), "--seeds", "0",
                  "--sizes", "5", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    m = re.search(r"plan on cpu: 2 fine-tuning runs .* of 150 steps at ([0-9.]+) s per step \(batch 2, patch "
+    m = re.search(r"plan on cpu: 3 fine-tuning runs .* of 150 steps at ([0-9.]+) s per step \(batch 2, patch "
                   r"\(64, 64, 64\) at 2.0 mm\), ~([0-9.]+) min", printed)
     assert m is not None, printed
     # OVERHEAD x runs x steps. Both numbers are printed rounded (step to 0.01 s, minutes to 0.1), so the
     # bound is the two roundings, not a measured error: 0.005 s x 7 min/s + 0.05 min (CI failed on 0.06).
-    per_step = 1.4 * 2 * 150 / 60
+    per_step = 1.4 * 3 * 150 / 60
     assert float(m[2]) == pytest.approx(per_step * float(m[1]), abs=per_step * 0.005 + 0.05 + 1e-9)
+    # the probe: weights and random arm, one seed, its own steps, said with its time
+    probe = re.search(r"probe: .* 5 labelled cases, ([0-9]+) steps, 1 seed \(~([0-9.]+) min\)", printed)
+    assert probe is not None, printed
+    per_step = 1.4 * 2 * int(probe[1]) / 60
+    assert float(probe[2]) == pytest.approx(per_step * float(m[1]), abs=per_step * 0.005 + 0.05 + 1e-9)
     assert not out.exists()  # nothing generated or trained
 
 

@@ -1,4 +1,4 @@
-"""``s3d demo``: synthetic cohort, the S3D workflow in miniature, shipped weights vs scratch over seeds, report."""
+"""``s3d demo``: synthetic cohort, S3D in miniature, shipped weights vs control vs scratch, probe, report."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo", help="what pre-training buys with few labels, on built-in data (no download), with a report",
         description="Generate a synthetic brain-MRI cohort, run a short S3D pre-training (the workflow and its "
-                    "reconstruction figure), fine-tune the demo weights that were pre-trained once at scale "
-                    "(s3d-demo, shipped with s3d) and train the same network from scratch on 5/10/20 labelled "
-                    "cases for 3 seeds, predict held-out cases, score Dice and NSD, and write OUT/report.md.")
+                    "reconstruction figure), then three arms for every labelled-set size and seed: fine-tune the "
+                    "demo weights that were pre-trained once at scale (s3d-demo, shipped with s3d), the same "
+                    "network from random weights with exactly that recipe (the control) and from scratch with "
+                    "scratch's recipe (2 and 10 labelled cases, 3 seeds); predict held-out cases, score Dice and "
+                    "NSD; probe the weights' frozen encoder against a random one; write OUT/report.md and "
+                    "OUT/results.json.")
     p.add_argument("--out", default="s3d-demo", help="output folder (default: ./s3d-demo)")
     p.add_argument("--minutes", type=float, default=10.0,
                    help="time budget in minutes; the short pre-training gets what fine-tuning leaves (default: 10)")
@@ -26,13 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "MAE weights (downloaded; 64^3 patches at 2 mm; the plan prints how long it will take)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default: 0 1 2)")
     p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="labelled training-set sizes (default: 5 10 20)")
+                   help="labelled training-set sizes (default: 2 10)")
     p.add_argument("--plan", action="store_true", help="print the plan and the time it will take, then stop")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cohort (default: 0)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="fix the steps of the short pre-training")
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="steps of each fine-tuning run (default: 150, the count the recipes were chosen at)")
+    p.add_argument("--probe-steps", type=int, default=None,
+                   help="steps of each run of the frozen-encoder probe (0: no probe; default: the demo's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--make-weights", metavar="DIR", default=None,
                    help="instead of the demo: pre-train the demo network once on a large synthetic cohort (the "
@@ -57,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quick:
         overrides["minutes"] = args.minutes
     for key, value in (("weights", args.pretrained), ("pretrain_steps", args.pretrain_steps),
-                       ("finetune_steps", args.finetune_steps)):
+                       ("finetune_steps", args.finetune_steps), ("probe_steps", args.probe_steps)):
         if value is not None:
             overrides[key] = value
     if args.seeds is not None:

@@ -120,6 +120,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_latest.pt")
     t.add_argument("--stop-after", type=int, default=None, help="stop after this step (no export)")
     t.add_argument("--no-progress", action="store_true")
+    q = p.add_argument_group("probe (is the encoder learning anything useful?)")
+    q.add_argument("--probe", default=None, metavar="DATASET",
+                   help="nnU-Net raw dataset: after checkpoints (and once on the initial weights) train a fresh "
+                        "decoder on the frozen encoder on a few labelled cases and log its validation Dice "
+                        "(probe_dice in metrics.jsonl, OUT/probe.png); rank 0 only under torchrun")
+    q.add_argument("--probe-every", type=int, default=0, metavar="N",
+                   help="probe every N steps (a multiple of --checkpoint-every); default 0: whenever the probes "
+                        "stay within --probe-budget of the training time")
+    q.add_argument("--probe-budget", type=float, default=0.05,
+                   help="the probes' share of the training time with --probe-every 0 (default 0.05)")
+    q.add_argument("--probe-options", default=None, metavar="JSON",
+                   help='s3d.finetune.probe arguments, e.g. \'{"n_train": 5, "steps": 150, "seeds": [0], '
+                        '"patch_size": [32, 32, 32]}\' (default spacing: the recipe\'s)')
+    q.add_argument("--probe-timeout", type=float, default=7200.0, metavar="S",
+                   help="under torchrun: how long the other ranks wait for a probe, seconds (default 7200)")
     p.set_defaults(func=run)
 
 
@@ -217,17 +232,32 @@ def run(args: argparse.Namespace) -> int:
         data=str(prepared), out=args.out, recipe=recipe, architecture=args.architecture,
         steps=args.steps,
         batch_size=args.batch_size, patch_size=_patch(args.patch_size), lr=args.lr,
-        method_kwargs=json.loads(args.method_kwargs) if args.method_kwargs else {}, seed=args.seed,
+        method_kwargs=_json_option("--method-kwargs", args.method_kwargs), seed=args.seed,
         device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         workers=args.workers, augment=not args.no_augment, val_fraction=args.val_fraction,
         val_every=args.val_every, snapshot_every=args.snapshot_every,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, tensorboard=args.tensorboard,
         resume=args.resume, stop_after=args.stop_after,
-        progress=not args.no_progress)
+        progress=not args.no_progress, probe=args.probe, probe_every=args.probe_every,
+        probe_budget=args.probe_budget, probe_options=_json_option("--probe-options", args.probe_options),
+        probe_timeout_s=args.probe_timeout)
     result = pretrain(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0
+
+
+def _json_option(flag: str, text: str | None) -> dict:
+    """A JSON-object option (``{}`` when not given); bad JSON is one line naming the flag."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not valid JSON ({e.msg} at character {e.pos}): {text}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: expected a JSON object like '{{\"key\": value}}', got {text}")
+    return value
 
 
 def _merged_now(target, count: int) -> bool:

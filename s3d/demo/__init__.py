@@ -7,13 +7,16 @@ fine-tunes briefly. One call of :func:`run_demo` shows that, with the library's 
    acquisition; a labelled nnU-Net dataset with held-out test cases and a few unlabelled volumes);
 2. run the S3D workflow in miniature: a short sparse-MAE pre-training of a ``tiny`` ResEnc U-Net on
    the unlabelled volumes (:func:`s3d.pretrain.run`), for the reconstruction figure;
-3. fine-tune the weights pre-trained once at scale (``s3d-demo``, shipped with s3d and made by
-   ``s3d demo --make-weights``, :mod:`~s3d.demo.weights`), and train the same network from scratch,
-   on 5, 10 and 20 labelled cases, for several seeds, each arm with its recipe chosen on validation
-   cases (:data:`~s3d.demo.settings.RECIPES`);
-4. predict the held-out test cases and score Dice and NSD (:mod:`~s3d.demo.compare`);
-5. print the table (mean and spread over seeds, per-class Dice, test cases each arm wins) and write
-   ``OUT/report.md`` with learning curves, the MAE reconstruction and prediction overlays.
+3. three arms on 2 and 10 labelled cases, for several seeds: fine-tune the weights pre-trained once at
+   scale (``s3d``: ``s3d-demo``, shipped with s3d and made by ``s3d demo --make-weights``,
+   :mod:`~s3d.demo.weights`), random weights through exactly that recipe (``control``), and random
+   weights with scratch's recipe (``scratch``); the recipes were chosen on validation cases
+   (:data:`~s3d.demo.settings.RECIPES`);
+4. predict the held-out test cases and score Dice and NSD (:mod:`~s3d.demo.compare`); probe the
+   weights' frozen encoder against a random one (:func:`s3d.finetune.probe`);
+5. print the table (mean and spread over seeds, ΔDice against the control and scratch, per-class Dice,
+   test cases won) and write ``OUT/report.md`` and ``OUT/results.json`` with the probe, learning curves,
+   the MAE reconstruction and prediction overlays (every panel titled).
 
 Modules: :mod:`~s3d.demo.settings` (sizes, seeds, recipes, plan), :mod:`~s3d.demo.run` (the
 orchestration), :mod:`~s3d.demo.compare` (one arm: fine-tune, predict, score), :mod:`~s3d.demo.report`
@@ -28,7 +31,6 @@ Example:
 """
 
 from s3d.demo.compare import finetune_and_score
-from s3d.demo.figures import line_plot
 from s3d.demo.report import DemoResult, RunResult, class_table, conclusion, deltas, results_table, wins
 from s3d.demo.run import plan, run_demo, weights_info
 from s3d.demo.settings import (
@@ -41,6 +43,7 @@ from s3d.demo.settings import (
     time_train_step,
 )
 from s3d.demo.weights import WeightsRecipe, make_demo_weights
+from s3d.runtime.plot import line_plot
 
 __all__ = [
     "DEMO_WEIGHTS",

@@ -1,9 +1,13 @@
-"""One arm of the comparison: fine-tune (from weights or from scratch), predict the held-out cases, score.
+"""One arm of the comparison: fine-tune (from weights, random weights or scratch), predict, score.
 
 :func:`finetune_and_score` is what the demo runs for every (arm, training-set size, seed) and what
 ``benchmarks/demo_ablation.py`` runs to choose the recipes on validation cases. It goes through the
 public API only: :func:`s3d.finetune.run`, :func:`s3d.infer.predict_folder`,
 :func:`s3d.metrics.evaluate_folder`.
+
+The arms: ``s3d`` (the pre-trained weights, its recipe), ``control`` (random weights through exactly
+the ``s3d`` arm's recipe: the network the ``s3d`` arm builds, with its encoder left at the random
+initialisation the weights would overwrite) and ``scratch`` (random weights, scratch's own recipe).
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ def finetune_and_score(
     Args:
         dataset: nnU-Net raw dataset folder (labelsTs holds the held-out labels: test or validation cases).
         run_dir: the run folder (replaced runs must be removed by the caller).
-        init: arm name for the result ("s3d" or "scratch").
-        weights: pre-trained weights for :func:`s3d.load_pretrained` (``None``: from scratch).
+        init: arm name for the result: "s3d", "control" or "scratch".
+        weights: pre-trained weights for :func:`s3d.load_pretrained` (``None``: random weights; for
+            ``init="control"`` the weights' architecture, which the random network gets).
         recipe: schedule, peak lr and warm-ups.
         n_train: labelled training cases (the first N of the seed's split of the training pool).
         seed: split, initialisation of new weights, patches and augmentation.
@@ -77,8 +82,14 @@ def finetune_and_score(
     from s3d.metrics import evaluate_folder
 
     t0 = time.perf_counter()
-    finetune(dataset, run_dir, pretrained=weights, **finetune_kwargs(recipe, steps), steps=steps,
-             config=architecture, batch_size=batch_size, patch_size=patch_size,
+    model = None
+    if init == "control":  # the s3d arm's network (same seeded build, same fresh decoder), random encoder
+        from s3d.hub import load_state
+
+        model = control_model(dataset, load_state(weights)[1] if weights is not None else architecture, seed)
+    finetune(dataset, run_dir, model=model, pretrained=None if init == "control" else weights,
+             **finetune_kwargs(recipe, steps), steps=steps,
+             config=getattr(architecture, "name", architecture), batch_size=batch_size, patch_size=patch_size,
              target_spacing_mm=(spacing_mm,) * 3, n_train=n_train, val_fraction=0.2,
              val_every=val_every or steps, checkpoint_every=steps, num_val_cases=2, final_validation=False,
              seed=seed, device=device, progress=progress)
@@ -94,5 +105,28 @@ def finetune_and_score(
     per_case_class = {c: {k: float(v["dice"]) for k, v in classes.items()} for c, classes in res.per_case.items()}
     fg = res.summary["foreground_mean"]
     return RunResult(n_train, init, float(fg["dice"]), float(fg["nsd"]), res.case_means("dice"), steps, seconds,
-                     str(run_dir), val, loss, per_class, seed, per_case_class, weights or "random init",
-                     recipe.label())
+                     str(run_dir), val, loss, per_class, seed, per_case_class,
+                     "random init" if init != "s3d" else str(weights), recipe.label())
+
+
+def control_model(dataset: Path, architecture: object, seed: int) -> object:
+    """The control arm's network: what the pre-trained arm builds for ``seed``, before its encoder is loaded.
+
+    :func:`s3d.finetune.prepare_model` builds the network under ``torch.manual_seed(seed)`` and then
+    overwrites the encoder with the weights; this is the same seeded build without the overwrite, so the
+    control's decoder and head equal the pre-trained arm's, and its encoder is random (He init).
+
+    Example:
+        >>> control_model(Path("Dataset900_DemoTissue"), "tiny", 0).config.name  # doctest: +SKIP
+        'tiny'
+    """
+    import torch
+
+    from s3d.data.nnunet import read_dataset_json
+    from s3d.nn import build_resenc_unet
+
+    ds = read_dataset_json(dataset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_resenc_unet(architecture, in_channels=ds.num_channels, num_classes=ds.num_classes,
+                                 deep_supervision=False)

@@ -1,80 +1,25 @@
-"""The demo's figures as PNG (PIL): line plots of learning curves, label overlays on slices."""
+"""The demo's figures as PNG (PIL): learning curves, label overlays on slices, the MAE reconstruction.
+
+Every panel is titled (image, ground truth, each arm with its Dice, masked input, reconstruction) and
+drawn at :data:`SCALE` pixels per voxel, so the figures read at a glance; line plots and the panel grid
+come from :mod:`s3d.runtime.plot`.
+"""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from s3d._fs import atomic_path
-from s3d.demo.report import RunResult
+from s3d.demo.report import ARMS, RunResult
 from s3d.demo.settings import DemoSettings
+from s3d.runtime.plot import line_plot, save_png, titled_grid
 
-_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 _LABEL_RGB = {1: (66, 135, 245), 2: (60, 200, 90), 3: (240, 200, 60), 4: (230, 60, 60)}
-
-
-def _save_png(image: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
-def line_plot(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
-              size: tuple[int, int] = (640, 400)) -> Any:
-    """A PIL image of one or more (x, y) line series with axes, ticks and a legend.
-
-    Example:
-        >>> line_plot({"a": [(0, 1.0), (1, 0.5)]}, "loss", "step", "loss").size
-        (640, 400)
-    """
-    from PIL import Image, ImageDraw
-
-    w, h = size
-    left, right, top, bottom = 64, 16, 28, 46
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    pts = [p for s in series.values() for p in s if math.isfinite(p[1])]
-    if not pts:
-        d.text((w // 3, h // 2), "no data", fill="black")
-        return img
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
-    pad = 0.05 * (y1 - y0)
-    y0, y1 = y0 - pad, y1 + pad
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (w - left - right),
-                top + (y1 - y) / (y1 - y0) * (h - top - bottom))
-
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for i in range(5):
-        yv = y0 + (y1 - y0) * i / 4
-        _, yy = px(x0, yv)
-        d.line([left - 4, yy, left, yy], fill="black")
-        d.text((4, yy - 6), f"{yv:.3g}", fill="black")
-        xv = x0 + (x1 - x0) * i / 4
-        xx, _ = px(xv, y0)
-        d.line([xx, h - bottom, xx, h - bottom + 4], fill="black")
-        d.text((xx - 10, h - bottom + 6), f"{xv:.4g}", fill="black")
-    d.text((w // 2 - 4 * len(xlabel), h - 18), xlabel, fill="black")
-    d.text((4, 8), f"{title}   [{ylabel}]", fill="black")
-    for k, s in enumerate(series.values()):
-        colour = _COLOURS[k % len(_COLOURS)]
-        line = [px(x, y) for x, y in s if math.isfinite(y)]
-        if len(line) > 1:
-            d.line(line, fill=colour, width=2)
-        for p in line if len(line) <= 12 else []:
-            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
-    d.rectangle([w - right - 196, top + 2, w - right - 2, top + 12 + 16 * len(series)], fill="white",
-                outline=(200, 200, 200))
-    for k, name in enumerate(series):  # legend on top of the lines
-        colour = _COLOURS[k % len(_COLOURS)]
-        d.rectangle([w - right - 190, top + 8 + 16 * k, w - right - 176, top + 18 + 16 * k], fill=colour)
-        d.text((w - right - 170, top + 6 + 16 * k), name, fill="black")
-    return img
+_COLOUR_NAMES = {1: "blue", 2: "green", 3: "yellow", 4: "red"}
+#: upscaling of every slice (voxels -> pixels): a 48-voxel slice becomes 240 pixels
+SCALE = 5
 
 
 def _smooth(points: list[tuple[int, float]], n_out: int = 60) -> list[tuple[float, float]]:
@@ -107,83 +52,105 @@ def overlay_panel(image: np.ndarray, labels: np.ndarray | None, alpha: float = 0
     return rgb.astype(np.uint8)
 
 
-def _row(panels: list[np.ndarray], scale: int = 3, gap: int = 4) -> Any:
-    from PIL import Image
-
-    h = max(p.shape[0] for p in panels)
-    cells = [np.pad(p, ((0, h - p.shape[0]), (0, gap), (0, 0))) for p in panels]
-    row = np.concatenate(cells, axis=1)
-    img = Image.fromarray(row)
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-
-
 def _axial(vol: np.ndarray) -> np.ndarray:
     return np.rot90(vol[:, :, vol.shape[2] // 2])
 
 
 
+def _legend(label_names: dict[int, str]) -> str:
+    return "colours: " + ", ".join(f"{name} {_COLOUR_NAMES[v]}" for v, name in sorted(label_names.items())
+                                   if v in _COLOUR_NAMES)
+
+
+def _snapshot_cells(snapshot: np.ndarray, patch: tuple[int, int, int]) -> list[list[np.ndarray]]:
+    """Cut the trainer's reconstruction snapshot (3 rows of orthogonal slices x 4 columns) into its cells."""
+    d, h, w = patch
+    shapes = [(h, w), (d, w), (d, h)]  # the slice normal to axis 0, 1, 2
+    rows, y = [], 0
+    for rh, cw in shapes:
+        rows.append([snapshot[y:y + rh, j * cw:(j + 1) * cw] for j in range(4)])
+        y += rh
+    return rows
+
+
 def _write_figures(out: Path, cohort: Any, runs: list[RunResult], pre_loss: list[tuple[int, float]],
-                   pre_dir: Path, s: DemoSettings) -> dict[str, str]:
+                   pre_dir: Path, s: DemoSettings, pretrain_patch: tuple[int, int, int] | None = None,
+                   pretrain_steps: int | None = None) -> dict[str, str]:
     from PIL import Image
 
     from s3d.data.io import read_nifti
+    from s3d.data.nnunet import read_dataset_json
 
     fig = out / "figures"
     fig.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
+    labels = {v: k for k, v in read_dataset_json(cohort.dataset_dir).labels.items() if v != 0}
 
     # the data: one unlabelled volume per contrast, and a labelled case with its labels
-    panels = []
+    cells, titles = [], []
     for contrast in ("T1", "T2", "FLAIR"):
         found = sorted(p for p in cohort.unlabelled_files if p.name.endswith(f"_{contrast}.nii.gz"))
         if found:
-            panels.append(overlay_panel(_axial(read_nifti(found[0])[0]), None))
+            cells.append(overlay_panel(_axial(read_nifti(found[0])[0]), None))
+            titles.append(f"unlabelled {contrast}")
     case = cohort.train_cases[0]
     img, _ = read_nifti(cohort.dataset_dir / "imagesTr" / f"{case}_0000.nii.gz")
     lab, _ = read_nifti(cohort.dataset_dir / "labelsTr" / f"{case}.nii.gz", dtype=np.int16)
-    panels += [overlay_panel(_axial(img), None), overlay_panel(_axial(img), _axial(lab))]
-    _save_png(_row(panels), fig / "data.png")
+    cells += [overlay_panel(_axial(img), None), overlay_panel(_axial(img), _axial(lab))]
+    titles += [f"labelled {case}", "its ground truth"]
+    save_png(titled_grid([cells], titles, scale=SCALE, title="The demo data (axial slices)",
+                         footer=_legend(labels)), fig / "data.png")
     files["data"] = "figures/data.png"
 
-    # learning curves: pre-training loss; fine-tuning loss and validation Dice, S3D vs scratch
-    _save_png(line_plot({"pre-training (masked L2)": _smooth(pre_loss)}, "S3D pre-training loss", "step",
-                        "loss"), fig / "pretrain_loss.png")
+    # learning curves: pre-training loss; fine-tuning loss and validation Dice of every arm
+    save_png(line_plot({"pre-training (masked L2)": _smooth(pre_loss)}, "the demo's short S3D pre-training: loss",
+                       "step", "masked L2, z-score units"), fig / "pretrain_loss.png")
     files["pretrain_loss"] = "figures/pretrain_loss.png"
     loss_series, val_series = {}, {}
     for n in sorted({r.n_train for r in runs}):
-        for init in ("s3d", "scratch"):  # the mean over seeds (every seed logs the same steps)
+        for init in ARMS:  # the mean over seeds (every seed logs the same steps)
             group = [r for r in runs if r.n_train == n and r.init == init]
             if not group:
                 continue
             loss_series[f"{init}, n={n}"] = _smooth(_mean_curve([r.loss for r in group]))
             if all(len(r.val_dice) > 1 for r in group):
                 val_series[f"{init}, n={n}"] = [(float(a), b) for a, b in _mean_curve([r.val_dice for r in group])]
-    _save_png(line_plot(loss_series, "fine-tuning loss (Dice + CE)", "step", "loss"),
-              fig / "finetune_loss.png")
+    save_png(line_plot(loss_series, "fine-tuning loss (Dice + CE), mean over seeds", "step", "loss"),
+             fig / "finetune_loss.png")
     files["finetune_loss"] = "figures/finetune_loss.png"
-    _save_png(line_plot(val_series, "validation Dice during fine-tuning", "step", "Dice"),
-              fig / "val_dice.png")
+    save_png(line_plot(val_series, "validation Dice during fine-tuning (tiles), mean over seeds", "step", "Dice"),
+             fig / "val_dice.png")
     files["val_dice"] = "figures/val_dice.png"
 
     # MAE reconstruction: the trainer's own snapshot (rows: 3 orthogonal slices; columns: input,
-    # masked input, reconstruction, target)
+    # masked input, reconstruction, target), cut into titled cells
     snaps = sorted((pre_dir / "snapshots").glob("*.png"))
-    if snaps:
-        im = Image.open(snaps[-1]).convert("L")
-        _save_png(im.resize((im.width * 3, im.height * 3), Image.NEAREST), fig / "mae_reconstruction.png")
+    if snaps and pretrain_patch is not None:
+        grid = _snapshot_cells(np.asarray(Image.open(snaps[-1]).convert("L")), pretrain_patch)
+        save_png(titled_grid(grid, ["input", "masked input", "reconstruction", "target"],
+                             ["sagittal (axis 0)", "coronal (axis 1)", "axial (axis 2)"], scale=SCALE,
+                             title=f"MAE reconstruction after the demo's {pretrain_steps} pre-training steps "
+                                   "(a held-out volume; z-score units, clipped to +-3)"),
+                 fig / "mae_reconstruction.png")
         files["mae"] = "figures/mae_reconstruction.png"
 
-    # prediction overlays on the first test case, smallest training set: image, truth, S3D, scratch
+    # prediction overlays on the first test case, smallest training set, first seed: image, truth, every arm
     n = min(r.n_train for r in runs)
     test = cohort.test_cases[0]
     img, _ = read_nifti(cohort.dataset_dir / "imagesTs" / f"{test}_0000.nii.gz")
     ref, _ = read_nifti(cohort.dataset_dir / "labelsTs" / f"{test}.nii.gz", dtype=np.int16)
-    panels = [overlay_panel(_axial(img), None), overlay_panel(_axial(img), _axial(ref))]
+    cells = [overlay_panel(_axial(img), None), overlay_panel(_axial(img), _axial(ref))]
+    titles = ["image", "ground truth"]
     seed = min(r.seed for r in runs)
-    for init in ("s3d", "scratch"):
-        r = next(x for x in runs if x.n_train == n and x.init == init and x.seed == seed)
+    for init in ARMS:
+        r = next((x for x in runs if x.n_train == n and x.init == init and x.seed == seed), None)
+        if r is None:
+            continue
         pred, _ = read_nifti(Path(r.run_dir) / "pred" / f"{test}.nii.gz", dtype=np.int16)
-        panels.append(overlay_panel(_axial(img), _axial(pred)))
-    _save_png(_row(panels), fig / "predictions.png")
+        cells.append(overlay_panel(_axial(img), _axial(pred)))
+        titles.append(f"{init} (Dice {r.dice_per_case.get(test, float('nan')):.2f})")
+    save_png(titled_grid([cells], titles, scale=SCALE, footer=_legend(labels),
+                         title=f"test case {test}: predictions after fine-tuning on {n} labelled cases, seed {seed}"),
+             fig / "predictions.png")
     files["predictions"] = "figures/predictions.png"
     return files

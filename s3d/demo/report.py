@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ARMS = ("s3d", "scratch")
+#: The demo's arms: the pre-trained weights with their recipe, random weights through exactly that recipe
+#: (the control), random weights with scratch's own recipe.
+ARMS = ("s3d", "control", "scratch")
 
 
 @dataclass
@@ -16,7 +18,7 @@ class RunResult:
     """One fine-tuning run of the comparison (one arm, one training-set size, one seed)."""
 
     n_train: int
-    init: str  # "s3d" (from the pre-trained weights) or "scratch"
+    init: str  # "s3d" (pre-trained weights), "control" (random weights, s3d's recipe) or "scratch"
     dice: float
     nsd: float
     dice_per_case: dict[str, float]
@@ -42,6 +44,7 @@ class DemoResult:
     conclusion: str
     timings_s: dict[str, float]
     settings: dict[str, Any]
+    probe: dict[str, Any] | None = None
 
 
 def _fmt(x: float) -> str:
@@ -66,15 +69,15 @@ def _runs(runs: list[RunResult], n: int, init: str) -> list[RunResult]:
     return sorted((r for r in runs if r.n_train == n and r.init == init), key=lambda r: r.seed)
 
 
-def deltas(runs: list[RunResult], n: int) -> list[float]:
-    """Per-seed ΔDice (S3D - scratch) at ``n`` labelled cases, paired by seed.
+def deltas(runs: list[RunResult], n: int, versus: str = "control") -> list[float]:
+    """Per-seed ΔDice (s3d - ``versus``) at ``n`` labelled cases, paired by seed.
 
     Example:
-        >>> deltas([RunResult(5, "s3d", 0.8, 0, {}, 1, 1, ""), RunResult(5, "scratch", 0.7, 0, {}, 1, 1, "")], 5)
+        >>> deltas([RunResult(5, "s3d", 0.8, 0, {}, 1, 1, ""), RunResult(5, "control", 0.7, 0, {}, 1, 1, "")], 5)
         [0.10000000000000009]
     """
     a = {r.seed: r.dice for r in _runs(runs, n, "s3d")}
-    b = {r.seed: r.dice for r in _runs(runs, n, "scratch")}
+    b = {r.seed: r.dice for r in _runs(runs, n, versus)}
     return [a[s] - b[s] for s in sorted(set(a) & set(b))]
 
 
@@ -86,82 +89,112 @@ def _case_means(rs: list[RunResult], cls: str | None = None) -> dict[str, float]
     return {c: _mean([r.dice_per_case_class.get(c, {}).get(cls, float("nan")) for r in rs]) for c in cases}
 
 
-def wins(runs: list[RunResult], n: int, cls: str | None = None) -> tuple[int, int, int]:
-    """(test cases S3D wins, cases scratch wins, cases in all) by seed-averaged Dice, of one class or the mean.
+def wins(runs: list[RunResult], n: int, cls: str | None = None, versus: str = "control") -> tuple[int, int, int]:
+    """(test cases s3d wins, cases ``versus`` wins, cases in all) by seed-averaged Dice, of one class or the mean.
 
     Example:
         >>> a = RunResult(5, "s3d", 0.8, 0, {"c1": 0.9, "c2": 0.5}, 1, 1, "")
-        >>> b = RunResult(5, "scratch", 0.7, 0, {"c1": 0.8, "c2": 0.6}, 1, 1, "")
+        >>> b = RunResult(5, "control", 0.7, 0, {"c1": 0.8, "c2": 0.6}, 1, 1, "")
         >>> wins([a, b], 5)
         (1, 1, 2)
     """
-    a, b = _case_means(_runs(runs, n, "s3d"), cls), _case_means(_runs(runs, n, "scratch"), cls)
+    a, b = _case_means(_runs(runs, n, "s3d"), cls), _case_means(_runs(runs, n, versus), cls)
     common = [c for c in a if c in b and math.isfinite(a[c]) and math.isfinite(b[c])]
     return sum(a[c] > b[c] for c in common), sum(b[c] > a[c] for c in common), len(common)
 
 
+def _spread(d: list[float]) -> str:
+    return f"{_mean(d):+.3f}" + (f" [{min(d):+.3f}, {max(d):+.3f}]" if len(d) > 1 else "")
+
+
 def results_table(runs: list[RunResult]) -> str:
-    """Markdown table: per training-set size, Dice and NSD of both arms over seeds, ΔDice per seed, wins."""
+    """Markdown table: per training-set size, Dice and NSD of every arm over seeds, ΔDice of s3d against the
+    control and against scratch (per seed: mean [min, max]), test cases s3d wins against the control."""
     seeds = sorted({r.seed for r in runs})
-    lines = [f"| labelled cases | Dice S3D | Dice scratch | ΔDice (mean [min, max] over {len(seeds)} seeds) | "
-             "NSD S3D | NSD scratch | test cases S3D better |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    arms = [a for a in ARMS if any(r.init == a for r in runs)]
+    k = len(seeds)
+    head = ["labelled cases", *(f"Dice {a}" for a in arms)]
+    head += [f"ΔDice s3d − {b} (mean [min, max] over {k} seeds)" for b in arms if b != "s3d"]
+    head += [*(f"NSD {a}" for a in arms)]
+    head += ["test cases s3d better than control"] if "control" in arms else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for n in sorted({r.n_train for r in runs}):
-        a, b = _runs(runs, n, "s3d"), _runs(runs, n, "scratch")
-        d = deltas(runs, n)
-        better, _, total = wins(runs, n)
-        spread = f" [{min(d):+.3f}, {max(d):+.3f}]" if len(d) > 1 else ""
-        lines.append(f"| {n} | {_pm([r.dice for r in a])} | {_pm([r.dice for r in b])} | {_mean(d):+.3f}{spread} | "
-                     f"{_pm([r.nsd for r in a])} | {_pm([r.nsd for r in b])} | {better}/{total} |")
+        cells = [str(n), *(_pm([r.dice for r in _runs(runs, n, a)]) for a in arms)]
+        cells += [_spread(deltas(runs, n, b)) for b in arms if b != "s3d"]
+        cells += [_pm([r.nsd for r in _runs(runs, n, a)]) for a in arms]
+        if "control" in arms:
+            better, _, total = wins(runs, n)
+            cells.append(f"{better}/{total}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def class_table(runs: list[RunResult]) -> str:
-    """Markdown table: per class and training-set size, the Dice of each arm and the test cases each wins.
+    """Markdown table: per class and training-set size, the Dice of every arm and the test cases s3d and the
+    control each win.
 
     Example:
         >>> r = RunResult(5, "s3d", 0.5, 0.5, {"c": 0.5}, 10, 1.0, "x", dice_per_class={"GM": 0.8},
         ...               dice_per_case_class={"c": {"GM": 0.8}})
-        >>> s = RunResult(5, "scratch", 0.4, 0.4, {"c": 0.4}, 10, 1.0, "x", dice_per_class={"GM": 0.7},
+        >>> s = RunResult(5, "control", 0.4, 0.4, {"c": 0.4}, 10, 1.0, "x", dice_per_class={"GM": 0.7},
         ...               dice_per_case_class={"c": {"GM": 0.7}})
         >>> class_table([r, s]).splitlines()[2]
         '| 5 | GM | 0.800 | 0.700 | +0.100 | 1 | 0 |'
     """
     names = list(dict.fromkeys(k for r in runs for k in r.dice_per_class))
-    lines = ["| labelled cases | class | Dice S3D | Dice scratch | ΔDice | test cases S3D wins | "
-             "test cases scratch wins |", "|---:|---|---:|---:|---:|---:|---:|"]
+    arms = [a for a in ARMS if any(r.init == a for r in runs)]
+    lines = ["| labelled cases | class | " + " | ".join(f"Dice {a}" for a in arms) + " | ΔDice s3d − control | "
+             "test cases s3d wins | test cases control wins |", "|---:|---|" + "---:|" * (len(arms) + 3)]
     for n in sorted({r.n_train for r in runs}):
         for k in names:
-            a = _mean([r.dice_per_class.get(k, float("nan")) for r in _runs(runs, n, "s3d")])
-            b = _mean([r.dice_per_class.get(k, float("nan")) for r in _runs(runs, n, "scratch")])
+            dice = {a: _mean([r.dice_per_class.get(k, float("nan")) for r in _runs(runs, n, a)]) for a in arms}
             wa, wb, _ = wins(runs, n, k)
-            lines.append(f"| {n} | {k} | {_fmt(a)} | {_fmt(b)} | {a - b:+.3f} | {wa} | {wb} |")
+            diff = dice.get("s3d", float("nan")) - dice.get("control", float("nan"))
+            cells = " | ".join(_fmt(dice[a]) for a in arms)
+            lines.append(f"| {n} | {k} | {cells} | {diff:+.3f} | {wa} | {wb} |")
     return "\n".join(lines)
 
 
-def conclusion(runs: list[RunResult]) -> str:
-    """One sentence derived from the measured per-seed ΔDice (never a fixed claim).
+def _verdicts(runs: list[RunResult], versus: str) -> dict[int, str]:
+    out = {}
+    for n in sorted({r.n_train for r in runs}):
+        d = deltas(runs, n, versus)
+        out[n] = "beat" if d and min(d) > 0 else "lost" if d and max(d) < 0 else "tie"
+    return out
 
-    The pre-trained arm "beats" scratch at a size when every seed's ΔDice is > 0 (the spread over seeds
-    excludes zero), "ties" when the mean ΔDice is within +-0.005 or the seeds disagree, and "loses" when
-    every seed's ΔDice is < 0.
+
+def conclusion(runs: list[RunResult]) -> str:
+    """Sentences derived from the measured per-seed ΔDice of s3d against the control (never a fixed claim),
+    then against scratch.
+
+    s3d "beats" an arm at a size when every seed's ΔDice is > 0 (the spread over seeds excludes zero),
+    "loses" when every seed's ΔDice is < 0, and is level otherwise.
     """
     sizes = sorted({r.n_train for r in runs})
-    verdict = {}
-    for n in sizes:
-        d = deltas(runs, n)
-        verdict[n] = "beat" if min(d) > 0 else "lost" if max(d) < 0 else "tie"
-    span = ", ".join(f"{n} cases: {_mean(deltas(runs, n)):+.3f}" for n in sizes)
     k = len({r.seed for r in runs})
     over = f"over {k} seed{'s' if k > 1 else ''}"
-    if all(v == "beat" for v in verdict.values()):
-        return f"In this run, fine-tuning the pre-trained weights beat training from scratch at every training-set " \
-               f"size, on every seed (mean ΔDice {span}; {over})."
-    if not any(v == "beat" for v in verdict.values()):
-        return (f"In this run, fine-tuning the pre-trained weights did NOT beat training from scratch on every seed "
-                f"at any training-set size (mean ΔDice {span}; {over}).")
-    won = [n for n in sizes if verdict[n] == "beat"]
-    rest = [n for n in sizes if verdict[n] != "beat"]
-    return (f"In this run, fine-tuning the pre-trained weights beat training from scratch on every seed with "
-            f"{', '.join(map(str, won))} labelled cases but not with {', '.join(map(str, rest))} "
-            f"(mean ΔDice {span}; {over}).")
+    parts = []
+    for versus, what in (("control", "the control (random weights through the same recipe)"), ("scratch", "it")):
+        if not any(r.init == versus for r in runs):
+            continue
+        v = _verdicts(runs, versus)
+        span = ", ".join(f"{n} cases: {_mean(deltas(runs, n, versus)):+.3f}" for n in sizes)
+        won = [n for n in sizes if v[n] == "beat"]
+        lost = [n for n in sizes if v[n] == "lost"]
+        if len(won) == len(sizes):
+            verdict = "beat " + what + " on every seed at every training-set size"
+        elif not won:
+            verdict = "did NOT beat " + what + " on every seed at any training-set size"
+        else:
+            rest = [n for n in sizes if n not in won]
+            verdict = (f"beat {what} on every seed with {', '.join(map(str, won))} labelled cases but not with "
+                       f"{', '.join(map(str, rest))}")
+        if lost:
+            verdict += f" (it lost on every seed with {', '.join(map(str, lost))})"
+        parts.append(f"{verdict} (mean ΔDice {span}; {over})")
+    if not parts:
+        return "In this run, no arm was compared with the pre-trained weights."
+    text = "In this run, fine-tuning the pre-trained weights " + parts[0] + "."
+    if len(parts) > 1:
+        text += " Compared with scratch (random weights, scratch's own recipe), it " + parts[1] + "."
+    return text

@@ -1,4 +1,4 @@
-"""The ``s3d demo`` run: data, weights, plan, a short pre-training, fine-tuning vs scratch over seeds, report.
+"""The ``s3d demo`` run: data, weights, plan, a short pre-training, three arms over seeds, the probe, report.
 
 Every call of the demo into data preparation (``s3d.data.scan``), training (``s3d.pretrain``,
 ``s3d.finetune`` via :mod:`s3d.demo.compare`), inference and metrics is in this module or that one.
@@ -18,7 +18,7 @@ from s3d.demo.compare import finetune_and_score
 from s3d.demo.figures import _write_figures
 from s3d.demo.markdown import report_md
 from s3d.demo.report import ARMS, DemoResult, RunResult, _fmt, conclusion, results_table
-from s3d.demo.settings import CONTROL_NOTE, DEMO_WEIGHTS, RECIPES, DemoSettings, plan_steps, time_train_step
+from s3d.demo.settings import DemoSettings, plan_steps, recipe_of, time_train_step
 from s3d.runtime.metrics import read_metrics
 
 MARKER = ".s3d-demo"
@@ -63,9 +63,11 @@ def _check(s: DemoSettings) -> None:
         raise ValueError(f"pretrain_steps (--pretrain-steps) must be >= 1, got {s.pretrain_steps}")
     if not s.seeds:
         raise ValueError("seeds (--seeds) must name at least one seed")
-    for arm in ARMS:
+    for arm in ("s3d", "scratch"):  # the control runs the s3d arm's recipe
         if arm not in s.recipes or s.recipes[arm].schedule not in SCHEDULES:
             raise ValueError(f"recipes[{arm!r}]: needs a schedule among {sorted(SCHEDULES)}")
+    if s.probe_steps < 0:
+        raise ValueError(f"probe_steps (--probe-steps) must be >= 0 (0: no probe), got {s.probe_steps}")
     n_train_max = max(s.train_sizes)
     if n_train_max > int(0.8 * s.num_labelled):
         need = math.ceil(n_train_max / 0.8)
@@ -116,12 +118,14 @@ def plan(s: DemoSettings, device: str, cfg: Any) -> dict[str, Any]:
         step_s = threads["step_s"][threads["chosen"]]
     pre_step_s = time_train_step(_pretrain_patch(s), s.batch_size, device, mae=True)
     n_runs = len(ARMS) * len(s.train_sizes) * len(s.seeds)
+    probe_s = OVERHEAD * 2 * len(s.seeds) * s.probe_steps * step_s
     finetune_s = OVERHEAD * n_runs * s.finetune_steps * step_s
-    pre_steps = s.pretrain_steps or plan_steps(s.minutes * 60.0, pre_step_s, finetune_s)
+    pre_steps = s.pretrain_steps or plan_steps(s.minutes * 60.0, pre_step_s, finetune_s + probe_s)
     return {"step_s": step_s, "pretrain_step_s": pre_step_s, "n_runs": n_runs, "finetune_s": finetune_s,
+            "probe_s": probe_s,
             "threads": threads,
             "pretrain_steps": pre_steps, "pretrain_s": pre_steps * pre_step_s,
-            "total_s": finetune_s + pre_steps * pre_step_s}
+            "total_s": finetune_s + probe_s + pre_steps * pre_step_s}
 
 
 def _choose_threads(device: str, step_s: float, time_step: Any) -> dict[str, Any]:
@@ -207,7 +211,11 @@ def run_demo(settings: DemoSettings) -> DemoResult | None:
         print(f"  cpu threads: {th['chosen']} (a step took " + ", ".join(
             f"{v:.2f} s with {k}" for k, v in th["step_s"].items()) + ")")
     print(f"  pre-trained arm ('s3d'): weights {what}; recipe {s.recipes['s3d'].label()}")
+    print(f"  control arm: random init of the same network; the s3d arm's recipe {s.recipes['s3d'].label()}")
     print(f"  scratch arm: random init ({cfg.name} ResEnc U-Net); recipe {s.recipes['scratch'].label()}")
+    if s.probe_steps:
+        print(f"  probe: a fresh decoder on the frozen encoder of {s.weights} and of random weights, "
+              f"{s.probe_n_train} labelled cases, {s.probe_steps} steps, {seeds} (~{p['probe_s'] / 60:.1f} min)")
     if s.plan_only:
         return None
     from s3d.nn.config import CONFIGS
@@ -243,22 +251,28 @@ def run_demo(settings: DemoSettings) -> DemoResult | None:
                 run_dir = out / "runs" / f"finetune_{arm}_n{n}_seed{seed}"
                 print(f"[3/5] fine-tuning {arm} on {n} labelled cases, seed {seed}, {s.finetune_steps} steps; "
                       f"[4/5] predicting and scoring {s.num_test} test cases")
-                r = finetune_and_score(ds, run_dir, init=arm, weights=s.weights if arm == "s3d" else None,
-                                       recipe=s.recipes[arm], n_train=n, seed=seed, steps=s.finetune_steps,
+                r = finetune_and_score(ds, run_dir, init=arm, weights=None if arm == "scratch" else s.weights,
+                                       recipe=recipe_of(s, arm), n_train=n, seed=seed, steps=s.finetune_steps,
                                        patch_size=s.patch_size, batch_size=s.batch_size, spacing_mm=s.spacing_mm,
-                                       device=device, architecture=cfg.name if arm == "scratch" else "tiny",
+                                       device=device, architecture=cfg.name,
                                        val_every=max(1, s.finetune_steps // 3), progress=s.progress)
                 runs.append(r)
                 classes = "  ".join(f"{k} {_fmt(v)}" for k, v in r.dice_per_class.items())
                 print(f"      Dice {_fmt(r.dice)} ({classes})  NSD {_fmt(r.nsd)}  ({r.seconds:.0f} s)")
     timings["finetune_predict_evaluate"] = time.perf_counter() - t
 
+    probe_d = None
+    if s.probe_steps:
+        t = time.perf_counter()
+        probe_d = _probe(s, ds, out, device)
+        timings["probe"] = time.perf_counter() - t
+
     t = time.perf_counter()
     table = results_table(runs)
     concl = conclusion(runs)
-    if s.weights == DEMO_WEIGHTS and s.recipes == RECIPES:
-        concl += " " + CONTROL_NOTE
-    figures = _write_figures(out, cohort, runs, pre_loss, pre_dir, s)
+    if probe_d is not None:
+        concl += " " + probe_sentence(probe_d)
+    figures = _write_figures(out, cohort, runs, pre_loss, pre_dir, s, _pretrain_patch(s), p["pretrain_steps"])
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     report = out / "report.md"
@@ -266,15 +280,50 @@ def run_demo(settings: DemoSettings) -> DemoResult | None:
     settings_d.update(source=source, device=device, weights_description=what, architecture=cfg.name,
                       pretrain_steps=p["pretrain_steps"], step_seconds=p["step_s"],
                       pretrain_step_seconds=p["pretrain_step_s"], cpu_threads=p["threads"]["chosen"],
-                      recipes={k: v.label() for k, v in s.recipes.items()})
-    write_text_atomic(report, report_md(table, concl, figures, timings, settings_d, runs, pre_loss))
+                      recipes={k: recipe_of(s, k).label() for k in ARMS})
+    write_text_atomic(report, report_md(table, concl, figures, timings, settings_d, runs, pre_loss, probe_d))
     write_json_atomic(out / "results.json", {"settings": settings_d, "timings_s": timings,
-                                             "runs": [asdict(r) for r in runs], "conclusion": concl})
+                                             "runs": [asdict(r) for r in runs], "probe": probe_d,
+                                             "conclusion": concl})
     print("[5/5] results (Dice: mean ± sd over seeds of the mean over the held-out test cases)\n")
     print(table)
     print(f"\n{concl}\n")
     print(f"report: {report.resolve()}")
-    return DemoResult(report, runs, table, concl, timings, settings_d)
+    return DemoResult(report, runs, table, concl, timings, settings_d, probe_d)
 
 
-__all__ = ["DEMO_WEIGHTS", "plan", "run_demo", "weights_info"]
+def _probe(s: DemoSettings, dataset: Path, out: Path, device: str) -> dict[str, Any]:
+    """The frozen-encoder probe of the s3d arm's weights against random weights (:func:`s3d.finetune.probe`)."""
+    from s3d.finetune.probing import probe
+
+    print(f"[4/5] probe: a fresh decoder on the frozen encoder of {s.weights} and of random weights, "
+          f"{s.probe_n_train} labelled cases, {s.probe_steps} steps, seeds {list(s.seeds)}")
+    r = probe(s.weights, dataset, out / "runs" / "probe", n_train=s.probe_n_train, seeds=s.seeds,
+              steps=s.probe_steps, peak_lr=s.probe_lr, patch_size=s.patch_size, batch_size=s.batch_size,
+              target_spacing_mm=(s.spacing_mm,) * 3, device=device, progress=s.progress)
+    print(f"      {r.summary()}")
+    return {"s3d": r.mean("weights"), "random": r.mean("random"),
+            "per_seed": {"s3d": r.dice("weights"), "random": r.dice("random")}, "deltas": r.deltas(),
+            "seeds": sorted({x.seed for x in r.runs}), "n_train": s.probe_n_train, "steps": s.probe_steps,
+            "peak_lr": r.settings["peak_lr"], "val_cases": sorted({c for x in r.runs for c in x.val_cases}),
+            "summary": r.summary()}
+
+
+def probe_sentence(p: dict[str, Any]) -> str:
+    """The probe's result in one sentence, derived from its per-seed Dice.
+
+    Example:
+        >>> probe_sentence({"s3d": 0.5, "random": 0.4, "deltas": [0.1, 0.1], "seeds": [0, 1]})[:42]
+        'Under a frozen-encoder probe, the encoder '
+    """
+    d = p["deltas"]
+    verdict = ("better than a random encoder on every seed" if d and min(d) > 0 else
+               "worse than a random encoder on every seed" if d and max(d) < 0 else
+               "not consistently better than a random encoder")
+    spread = f" [{min(d):+.3f}, {max(d):+.3f}]" if len(d) > 1 else ""
+    return (f"Under a frozen-encoder probe, the encoder of the pre-trained weights was {verdict} (validation Dice "
+            f"{p['s3d']:.3f} against {p['random']:.3f}, delta {sum(d) / len(d):+.3f}{spread} over seeds "
+            f"{p['seeds']}).")
+
+
+__all__ = ["plan", "probe_sentence", "run_demo", "weights_info"]

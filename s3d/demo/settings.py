@@ -1,8 +1,9 @@
 """Settings of one ``s3d demo`` run: sizes, seeds, the fine-tuning recipes, the budget and the time plan.
 
 :class:`DemoSettings` holds the sizes, seeds and switches; :func:`demo_settings` gives the default and
-the ``--quick`` CI run. :data:`RECIPES` are the fine-tuning recipes of the two arms, chosen on
-validation cases by ``benchmarks/demo_ablation.py --select`` (docs/quickstart.md has the table).
+the ``--quick`` CI run. :data:`RECIPES` are the fine-tuning recipes of the ``s3d`` and ``scratch`` arms,
+chosen on validation cases by ``benchmarks/demo_ablation.py --select`` (docs/quickstart.md has the
+table); the ``control`` arm runs the ``s3d`` arm's recipe (:func:`recipe_of`).
 :func:`time_train_step` measures a training step and :func:`plan_steps` gives the demo's own short
 pre-training the time the fine-tuning runs leave.
 """
@@ -51,13 +52,6 @@ RECIPES: dict[str, FinetuneRecipe] = {
     "scratch": FinetuneRecipe("scratch", 2e-1),
 }
 
-#: Said with every default run's result: the control measured when :data:`RECIPES` were chosen.
-CONTROL_NOTE = ("A control measured when these recipes were chosen (random weights fine-tuned with the "
-                "pre-trained arm's recipe; validation Dice 0.657 against 0.658 for s3d-demo) shows that most "
-                "of this margin comes from that recipe (a decoder-only warm-up, then lr 0.1), not from the "
-                "pre-trained weights: see docs/quickstart.md, 'The control'.")
-
-
 @dataclass
 class DemoSettings:
     """Sizes, seeds, budget and switches of one demo run.
@@ -81,7 +75,12 @@ class DemoSettings:
         finetune_steps: steps of every fine-tuning run (the recipes were chosen at this count).
         pretrain_steps: steps of the demo's own short pre-training (``None``: from the time budget).
         weights: weights of the pre-trained arm (``s3d-demo``, shipped; or ``s3d-b``, a path, a Hub repo).
-        recipes: the fine-tuning recipe of each arm (``"s3d"``, ``"scratch"``).
+        recipes: the fine-tuning recipe of the ``"s3d"`` and ``"scratch"`` arms (the ``"control"`` arm, random
+            weights, runs the ``"s3d"`` recipe).
+        probe_steps: steps of each run of the frozen-encoder probe of the weights against random weights
+            (:func:`s3d.finetune.probe`, one run per seed and arm; 0: no probe).
+        probe_n_train: labelled cases the probe trains on.
+        probe_lr: the probe's peak learning rate (PolyLR; 0.1 suits its short run, as for the arms).
         device: "auto" (CUDA when available), "cpu" or "cuda".
         data_seed: seed of the generated cohort.
         progress: show progress bars.
@@ -96,7 +95,7 @@ class DemoSettings:
     num_unlabelled: int = 40
     num_labelled: int = 25
     num_test: int = 10
-    train_sizes: tuple[int, ...] = (5, 10, 20)
+    train_sizes: tuple[int, ...] = (2, 10)
     seeds: tuple[int, ...] = (0, 1, 2)
     shape: tuple[int, int, int] = (48, 56, 48)
     spacing_mm: float = 3.5
@@ -106,6 +105,9 @@ class DemoSettings:
     pretrain_steps: int | None = None
     weights: str = DEMO_WEIGHTS
     recipes: dict[str, FinetuneRecipe] = field(default_factory=lambda: dict(RECIPES))
+    probe_steps: int = 60
+    probe_n_train: int = 5
+    probe_lr: float = 0.1
     device: str = "auto"
     data_seed: int = 0
     progress: bool = True
@@ -125,8 +127,18 @@ def demo_settings(
     if quick:
         s = replace(s, quick=True, minutes=2.0, num_unlabelled=8, num_labelled=7, num_test=3, train_sizes=(5,),
                     seeds=(0, 1), shape=(32, 40, 32), spacing_mm=5.0, patch_size=(32, 32, 32),
-                    pretrain_steps=8, finetune_steps=8)
+                    pretrain_steps=8, finetune_steps=8, probe_steps=4, probe_n_train=2)
     return replace(s, **overrides)
+
+
+def recipe_of(s: DemoSettings, arm: str) -> FinetuneRecipe:
+    """The recipe arm ``arm`` runs: its own, or for ``"control"`` exactly the ``"s3d"`` arm's.
+
+    Example:
+        >>> recipe_of(demo_settings("out"), "control") == recipe_of(demo_settings("out"), "s3d")
+        True
+    """
+    return s.recipes["s3d" if arm == "control" else arm]
 
 
 def time_train_step(

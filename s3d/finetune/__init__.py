@@ -13,7 +13,9 @@ The public face of fine-tuning (``from s3d import finetune``)::
 - :mod:`~s3d.finetune.patches`, :mod:`~s3d.finetune.loader` (per-step seeded batches, background
   prefetch), :mod:`~s3d.finetune.losses` (also the global batch's loss under DDP),
   :mod:`~s3d.finetune.phases` (what trains, the DDP wrapper), :mod:`~s3d.finetune.validation`;
-- :mod:`~s3d.finetune.trainer`: :class:`Trainer` and :func:`run` (one process, or N with ``torchrun``).
+- :mod:`~s3d.finetune.trainer`: :class:`Trainer` and :func:`run` (one process, or N with ``torchrun``);
+- :mod:`~s3d.finetune.probing`: :func:`probe`, the frozen-encoder probe of a set of weights against
+  random weights (``s3d probe``).
 
 Augmentation is :mod:`s3d.augment`; the dataset format is :mod:`s3d.data.nnunet`. See ``docs/finetuning.md``.
 """
@@ -22,6 +24,7 @@ from s3d.data.nnunet import DatasetError
 from s3d.finetune.config import FinetuneConfig, auto_patch_size, make_split
 from s3d.finetune.losses import DiceCELoss
 from s3d.finetune.patches import CachedCase, sample_patches
+from s3d.finetune.probing import ProbeResult, ProbeRun, probe
 from s3d.finetune.schedules import (
     PAPER_STEPS,
     PAPER_WARMUP_STEPS,
@@ -46,6 +49,8 @@ __all__ = [
     "DiceCELoss",
     "FinetuneConfig",
     "Phase",
+    "ProbeResult",
+    "ProbeRun",
     "Schedule",
     "StepRecord",
     "Trainer",
@@ -57,6 +62,7 @@ __all__ = [
     "make_split",
     "phase_at",
     "prepare_model",
+    "probe",
     "run",
     "sample_patches",
 ]

@@ -39,7 +39,7 @@ from s3d.finetune.validation import sliding_window_validation, tiled_validation
 from s3d.nn.resenc_unet import ResEncUNet, build_resenc_unet
 from s3d.runtime.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
 from s3d.runtime.device import autocast, resolve_amp, resolve_device
-from s3d.runtime.distributed import barrier, cleanup, init_distributed
+from s3d.runtime.distributed import DistInfo, barrier, cleanup, init_distributed
 from s3d.runtime.lr import lr_at, phase_at, set_lr
 from s3d.runtime.metrics import MetricsLog
 from s3d.runtime.optim import backward_and_step, grad_scaler, rng_state, set_rng_state, sgd
@@ -70,6 +70,9 @@ class Trainer:
         cfg: the run (``cfg.resume`` continues from the run folder's checkpoint).
         model: use this network instead of :func:`~s3d.finetune.prepare_model` (ignored on resume).
         on_step: called as ``on_step(trainer, record)`` after every step (e.g. to stop early).
+        dist: run as this process group member; ``None``: join the ``torchrun`` group the environment
+            describes (:func:`~s3d.runtime.distributed.init_distributed`). ``DistInfo()`` runs alone, e.g.
+            a probe on rank 0 of a pre-training run.
 
     Raises:
         FileExistsError: the run folder has a checkpoint and ``cfg.resume`` is off.
@@ -82,14 +85,14 @@ class Trainer:
     """
 
     def __init__(self, cfg: FinetuneConfig, model: ResEncUNet | None = None,
-                 on_step: Callable[[Trainer, StepRecord], None] | None = None) -> None:
+                 on_step: Callable[[Trainer, StepRecord], None] | None = None, dist: DistInfo | None = None) -> None:
         from s3d._optional import optional_import
         from s3d.data.nnunet import read_dataset_json
 
         optional_import("nibabel", "reading NIfTI")  # before the run folder is written
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
-        self.info = init_distributed(cfg.device)
+        self.info = init_distributed(cfg.device) if dist is None else dist
         self.main = self.info.is_main
         self.device = resolve_device(cfg.device, self.info.local_rank)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)

@@ -41,6 +41,14 @@ class PretrainConfig:
         resume: continue from ``RUN/checkpoint_latest.pt``.
         stop_after: stop after this global step as if killed (no export); for time-limited job slots.
         progress: show a progress bar (rank 0).
+        probe: an nnU-Net raw dataset: run the frozen-encoder probe (:mod:`s3d.pretrain.probing`) on the
+            current encoder after checkpoints, and once on the initial weights; ``None``: no probe.
+        probe_every: probe every this many steps (at checkpoints, so a multiple of ``checkpoint_every``);
+            0: whenever the probes' total time stays within ``probe_budget`` of the training time.
+        probe_budget: the probes' share of the training time with ``probe_every=0`` (0.05: 5 %).
+        probe_options: :func:`s3d.finetune.probe` arguments (``n_train``, ``seeds``, ``steps``, ``peak_lr``,
+            ``patch_size``, ``target_spacing_mm`` (default: the recipe's spacing), ...).
+        probe_timeout_s: how long the other ranks wait for rank 0's probe under torchrun (seconds).
 
     Example:
         >>> PretrainConfig(data="prep", out="runs/b", recipe="s3d-b", steps=1000).resolved_recipe().steps
@@ -74,6 +82,11 @@ class PretrainConfig:
     resume: bool = False
     stop_after: int | None = None
     progress: bool = True
+    probe: str | None = None
+    probe_every: int = 0
+    probe_budget: float = 0.05
+    probe_options: dict[str, Any] = field(default_factory=dict)
+    probe_timeout_s: float = 7200.0
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
@@ -86,6 +99,17 @@ class PretrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.probe is not None:
+            if int(self.probe_every) < 0 or (self.probe_every and self.probe_every % self.checkpoint_every):
+                raise ValueError(f"probe_every (--probe-every): the probe runs at checkpoints, so give 0 (by cost) or "
+                                 f"a multiple of checkpoint_every ({self.checkpoint_every}), got {self.probe_every}")
+            if not 0 < self.probe_budget <= 1:
+                raise ValueError(f"probe_budget (--probe-budget): must be in (0, 1], got {self.probe_budget}")
+            if self.probe_timeout_s <= 0:
+                raise ValueError(f"probe_timeout_s (--probe-timeout): must be > 0 seconds, got {self.probe_timeout_s}")
+            from s3d.finetune.probing import check_probe_options
+
+            check_probe_options(self.probe, self.probe_options)
 
     def resolved_recipe(self) -> PretrainRecipe:
         """The recipe with this config's overrides applied."""

@@ -1,29 +1,25 @@
 """The pre-training loop: one loop for every method, on CPU, one GPU or N processes (torchrun/DDP).
 
-:class:`PretrainRun` builds everything a run needs in its constructor (process group, device and
-AMP, recipe, data split, method, optimiser, a resumed checkpoint) and :meth:`PretrainRun.train`
-runs the steps:
+:class:`PretrainRun` builds everything a run needs in its constructor (process group, device and AMP,
+recipe, data split, method, optimiser, a resumed checkpoint) and :meth:`PretrainRun.train` runs the steps:
 
 - the recipe's SGD and per-step PolyLR (:mod:`s3d.runtime.lr`), gradient-norm clipping, AMP (bf16
-  where supported, fp16 with a GradScaler otherwise, off on CPU), optional channels_last_3d and
-  ``torch.compile``;
+  where supported, fp16 with a GradScaler otherwise, off on CPU), optional channels_last_3d and ``torch.compile``;
 - batched augmentation on the training device (:meth:`s3d.augment.AugmentConfig.pretraining`);
 - DDP when launched with ``torchrun`` (global batch split across ranks, data sharded per rank, a
   method's ``loss_weight`` normalised over the global batch, rank 0 logs and writes checkpoints);
-- a held-out validation loss (split by subject), PNG reconstruction snapshots, ``metrics.jsonl``,
-  optional TensorBoard, a progress bar with the loss and lr;
+- a held-out validation loss (split by subject), PNG reconstruction snapshots, ``metrics.jsonl``, optional
+  TensorBoard, a progress bar; with ``cfg.probe`` the frozen-encoder probe (:mod:`~s3d.pretrain.probing`);
 - complete atomic checkpoints (:mod:`s3d.runtime.checkpoint`: model, optimiser, scaler, RNG states,
   and the encoder engine ``engine="auto"`` picked, which a resumed run reuses);
 - the engine choice of ``engine="auto"`` (:mod:`s3d.sparse.autotune`, measured on the first step) printed
   once to stderr and recorded in ``metrics.jsonl`` (``{"step": 1, "engine_choice": {...}}``).
 
-Reproducibility: the crops, the augmentation and the method's own randomness (e.g. the MAE mask) of
-step ``t`` on rank ``r`` are drawn from streams seeded by ``(seed, r, t)``. Resuming at step ``t``
-therefore reproduces the uninterrupted run exactly (bitwise on CPU); the global RNG states are
-saved and restored too, for code that draws from them between steps.
+Reproducibility: the crops, the augmentation and the method's own randomness (e.g. the MAE mask) of step
+``t`` on rank ``r`` are drawn from streams seeded by ``(seed, r, t)``. Resuming at step ``t`` therefore
+reproduces the uninterrupted run exactly (bitwise on CPU); the global RNG states are saved and restored too.
 
-At the end the backbone is exported with :func:`s3d.hub.save_pretrained` (``RUN/backbone``) and as
-an nnssl checkpoint (``RUN/nnssl/checkpoint_final.pth`` + ``adaptation_plan.json``).
+At the end the backbone is exported as s3d safetensors (``RUN/backbone``) and an nnssl checkpoint (``RUN/nnssl``).
 """
 
 from __future__ import annotations
@@ -41,6 +37,7 @@ from torch import nn
 from s3d._fs import atomic_path, write_json_atomic
 from s3d.pretrain.config import PretrainConfig
 from s3d.pretrain.methods import build_method
+from s3d.pretrain.probing import probe_hook
 from s3d.pretrain.snapshots import reconstruction_panels, snapshot_image, write_png
 from s3d.runtime.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
 from s3d.runtime.device import autocast, resolve_amp, resolve_device
@@ -295,6 +292,7 @@ class PretrainRun:
         step = self.start_step
         last_loss = float("nan")
         engines_logged: set = set()
+        probe = probe_hook(self)  # on the initial weights first (a fresh run), then after checkpoints
         self.method.train()
         for batch in loader:
             x = self._prepare_input(batch)
@@ -347,6 +345,8 @@ class PretrainRun:
             if step % cfg.checkpoint_every == 0 or step == stop:
                 self.save_checkpoint(step)
                 barrier(info)
+                if probe is not None:
+                    probe.after_checkpoint(step, final=step >= recipe.steps)
         bar.close()
         if tb is not None:
             tb.close()
