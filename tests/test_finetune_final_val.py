@@ -11,10 +11,11 @@ import torch
 
 pytest.importorskip("scipy")
 
+from test_nnunet_data import make_sphere_dataset  # noqa: E402
+
 from s3d.finetune import FinetuneConfig, Trainer  # noqa: E402
 from s3d.finetune.validation import predict_tiled  # noqa: E402
 from s3d.infer import sliding_window_predict  # noqa: E402
-from tests.test_nnunet_data import make_sphere_dataset  # noqa: E402
 
 
 def _cfg(tmp_path: Path, name: str, **kw) -> FinetuneConfig:
