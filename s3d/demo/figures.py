@@ -121,9 +121,22 @@ def _axial(vol: np.ndarray) -> np.ndarray:
     return np.rot90(vol[:, :, vol.shape[2] // 2])
 
 
+def write_figures(out: Path, cohort: Any, runs: list[RunResult], pre_loss: list[tuple[int, float]],
+                  pre_dir: Path, s: DemoSettings) -> dict[str, str]:
+    """Write the report's PNG figures into ``out/figures``: the data, the learning curves, the MAE
+    reconstruction and prediction overlays on the first test case.
 
-def _write_figures(out: Path, cohort: Any, runs: list[RunResult], pre_loss: list[tuple[int, float]],
-                   pre_dir: Path, s: DemoSettings) -> dict[str, str]:
+    Args:
+        out: the demo's output folder.
+        cohort: the generated cohort (:func:`s3d.data.synthetic.write_demo_cohort`).
+        runs: every fine-tuning arm's result.
+        pre_loss: the pre-training loss curve, ``(step, loss)``.
+        pre_dir: the pre-training run folder (its ``snapshots/``).
+        s: the demo's settings.
+
+    Returns:
+        Figure name -> path relative to ``out`` (``"figures/data.png"``, ...).
+    """
     from PIL import Image
 
     from s3d.data.io import read_nifti

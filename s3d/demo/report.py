@@ -44,7 +44,13 @@ class DemoResult:
     settings: dict[str, Any]
 
 
-def _fmt(x: float) -> str:
+def fmt_score(x: float) -> str:
+    """A score for tables and logs: three decimals, ``"n/a"`` when not finite.
+
+    Example:
+        >>> fmt_score(0.91234), fmt_score(float("nan"))
+        ('0.912', 'n/a')
+    """
     return "n/a" if not math.isfinite(x) else f"{x:.3f}"
 
 
@@ -59,7 +65,7 @@ def _sd(xs: list[float]) -> float:
 
 def _pm(xs: list[float]) -> str:
     sd = _sd(xs)
-    return _fmt(_mean(xs)) + ("" if not math.isfinite(sd) else f" ± {sd:.3f}")
+    return fmt_score(_mean(xs)) + ("" if not math.isfinite(sd) else f" ± {sd:.3f}")
 
 
 def _runs(runs: list[RunResult], n: int, init: str) -> list[RunResult]:
@@ -135,7 +141,7 @@ def class_table(runs: list[RunResult]) -> str:
             a = _mean([r.dice_per_class.get(k, float("nan")) for r in _runs(runs, n, "s3d")])
             b = _mean([r.dice_per_class.get(k, float("nan")) for r in _runs(runs, n, "scratch")])
             wa, wb, _ = wins(runs, n, k)
-            lines.append(f"| {n} | {k} | {_fmt(a)} | {_fmt(b)} | {a - b:+.3f} | {wa} | {wb} |")
+            lines.append(f"| {n} | {k} | {fmt_score(a)} | {fmt_score(b)} | {a - b:+.3f} | {wa} | {wb} |")
     return "\n".join(lines)
 
 

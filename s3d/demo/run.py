@@ -15,9 +15,9 @@ from typing import Any
 
 from s3d._fs import write_json_atomic, write_text_atomic
 from s3d.demo.compare import finetune_and_score
-from s3d.demo.figures import _write_figures
+from s3d.demo.figures import write_figures
 from s3d.demo.markdown import report_md
-from s3d.demo.report import ARMS, DemoResult, RunResult, _fmt, conclusion, results_table
+from s3d.demo.report import ARMS, DemoResult, RunResult, conclusion, fmt_score, results_table
 from s3d.demo.settings import CONTROL_NOTE, DEMO_WEIGHTS, RECIPES, DemoSettings, plan_steps, time_train_step
 from s3d.runtime.metrics import read_metrics
 
@@ -249,8 +249,8 @@ def run_demo(settings: DemoSettings) -> DemoResult | None:
                                        device=device, architecture=cfg.name if arm == "scratch" else "tiny",
                                        val_every=max(1, s.finetune_steps // 3), progress=s.progress)
                 runs.append(r)
-                classes = "  ".join(f"{k} {_fmt(v)}" for k, v in r.dice_per_class.items())
-                print(f"      Dice {_fmt(r.dice)} ({classes})  NSD {_fmt(r.nsd)}  ({r.seconds:.0f} s)")
+                classes = "  ".join(f"{k} {fmt_score(v)}" for k, v in r.dice_per_class.items())
+                print(f"      Dice {fmt_score(r.dice)} ({classes})  NSD {fmt_score(r.nsd)}  ({r.seconds:.0f} s)")
     timings["finetune_predict_evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -258,7 +258,7 @@ def run_demo(settings: DemoSettings) -> DemoResult | None:
     concl = conclusion(runs)
     if s.weights == DEMO_WEIGHTS and s.recipes == RECIPES:
         concl += " " + CONTROL_NOTE
-    figures = _write_figures(out, cohort, runs, pre_loss, pre_dir, s)
+    figures = write_figures(out, cohort, runs, pre_loss, pre_dir, s)
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     report = out / "report.md"
