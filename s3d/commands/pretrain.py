@@ -18,17 +18,18 @@ import json
 import os
 import sys
 
+from s3d._triple import to_3tuple
 from s3d.commands._common import AMP_CHOICES
 
 
 def _patch(values: list[int] | None) -> tuple[int, int, int] | None:
+    """``--patch-size N`` or ``--patch-size D H W`` (voxels); anything else exits naming the flag."""
     if values is None:
         return None
-    if len(values) == 1:
-        return (values[0],) * 3  # type: ignore[return-value]
-    if len(values) == 3:
-        return tuple(values)  # type: ignore[return-value]
-    raise SystemExit(f"--patch-size: give 1 or 3 integers, got {values}")
+    try:
+        return to_3tuple(values[0] if len(values) == 1 else values, "--patch-size")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _shard(text: str) -> tuple[int, int]:

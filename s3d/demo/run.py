@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from s3d._fs import write_json_atomic, write_text_atomic
+from s3d._triple import triple
 from s3d.demo.compare import finetune_and_score
 from s3d.demo.figures import write_figures
 from s3d.demo.markdown import report_md
@@ -148,7 +149,7 @@ def _choose_threads(device: str, step_s: float, time_step: Any) -> dict[str, Any
 
 def _pretrain_patch(s: DemoSettings) -> tuple[int, int, int]:
     """The short pre-training's patch: the grid rounded down to the network stride 16, at most 48^3."""
-    return tuple(min(48, 16 * max(1, n // 16)) for n in s.shape)  # type: ignore[return-value]
+    return triple(min(48, 16 * max(1, n // 16)) for n in s.shape)
 
 
 def _pretrain(s: DemoSettings, cohort: Any, out: Path, steps: int, device: str) -> tuple[Path, list]:

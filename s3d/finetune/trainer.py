@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from s3d._fs import write_json_atomic
+from s3d._triple import triple
 from s3d.finetune.config import FinetuneConfig, auto_patch_size
 from s3d.finetune.data import load_finetune_data
 from s3d.finetune.loader import BatchStream, PatchPrefetcher
@@ -168,7 +169,7 @@ class Trainer:
         problem = check_spatial_size(tuple(ps), self.model.config.total_stride)
         if problem:
             raise ValueError(f"patch_size {tuple(ps)}: {problem}")
-        return tuple(int(p) for p in ps)  # type: ignore[return-value]
+        return triple(int(p) for p in ps)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from s3d._triple import to_3tuple
 from s3d.nn.config import ResEncUNetConfig, get_config
 
 #: Keys of the nnssl checkpoint dict that may hold the network weights, in order of preference.
@@ -360,8 +361,7 @@ def adaptation_plan(
     return {
         "architecture_plans": architecture,
         "pretrain_plan": None,
-        "recommended_downstream_patchsize": [int(patch_size)] * 3 if isinstance(patch_size, int)
-        else [int(p) for p in patch_size],
+        "recommended_downstream_patchsize": list(to_3tuple(patch_size, "patch_size")),
         "key_to_encoder": "encoder.stages",
         "key_to_stem": "encoder.stem",
         "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],

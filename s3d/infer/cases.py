@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from s3d._triple import triple
 from s3d.infer.inputs import CaseError, check_case_files
 from s3d.infer.sliding_window import Model, sliding_window_predict
 
@@ -113,7 +114,7 @@ def check_patch_size(patch_size: Sequence[int] | None, model: Model, source: str
         problem = check_spatial_size(sizes, stride)
         if problem:
             raise PatchSizeError(f"{source} {sizes}: not a tile size the network takes: {problem}")
-    return sizes  # type: ignore[return-value]
+    return triple(sizes)
 
 
 def regions_to_labels(probabilities: np.ndarray, regions_class_order: Sequence[int]) -> np.ndarray:

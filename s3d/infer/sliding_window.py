@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from s3d._triple import to_3tuple
 from s3d.runtime.device import autocast, resolve_amp
 from s3d.runtime.progress import progress as progress_bar
 
@@ -53,7 +54,7 @@ def gaussian_importance_map(
         >>> w.shape, float(w.max())
         (torch.Size([32, 32, 32]), 1.0)
     """
-    patch_size = _triple(patch_size, "patch_size")
+    patch_size = to_3tuple(patch_size, "patch_size")
     if not sigma_scale > 0:
         raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
     w = torch.ones((), dtype=torch.float64)
@@ -185,7 +186,7 @@ def sliding_window_predict(
             f"image of spatial shape {spatial} is {spatial[thin[0]]} voxel thick along axis {thin[0]} "
             "(D, H, W): a 2D slice, not a 3D volume; 3D sliding-window prediction needs at least 2 "
             "voxels along every axis")
-    patch = _triple(patch_size, "patch_size")
+    patch = to_3tuple(patch_size, "patch_size")
     if tile_batch < 1:
         raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
     if output not in ("logits", "probabilities"):
@@ -344,15 +345,6 @@ class _Sums:
         assert self.logits is not None
         out = self.logits if crop is None else self.logits[(slice(None), slice(None), *crop)].contiguous()
         return torch.softmax(out, dim=1) if softmax else out
-
-
-def _triple(value: Sequence[int] | int, name: str) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        value = (value,) * 3
-    out = tuple(int(v) for v in value)
-    if len(out) != 3 or any(v < 1 for v in out):
-        raise ValueError(f"{name}: expected three positive sizes (D, H, W) in voxels, got {tuple(value)}")
-    return out  # type: ignore[return-value]
 
 
 def _model_device(model: Model) -> torch.device:

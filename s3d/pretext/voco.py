@@ -27,14 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s3d._triple import to_3tuple
 from s3d.pretext._common import PretextOutput, check_backbone, device_generator, export_state, randint_between
-
-
-def _triple(v: int | Sequence[int], name: str) -> tuple[int, int, int]:
-    t = (int(v),) * 3 if isinstance(v, int) else tuple(int(a) for a in v)
-    if len(t) != 3 or any(a < 1 for a in t):
-        raise ValueError(f"voco: {name} must be a positive int or 3 positive ints, got {v}")
-    return t  # type: ignore[return-value]
 
 
 def base_grid(size: Sequence[int], crop: Sequence[int]) -> torch.Tensor:
@@ -111,7 +105,7 @@ class VoCo(nn.Module):
                  eps: float = 1e-6) -> None:
         super().__init__()
         check_backbone(backbone, "voco")
-        self.crop_size = _triple(crop_size, "crop_size")
+        self.crop_size = to_3tuple(crop_size, "voco: crop_size")
         if num_targets < 1:
             raise ValueError(f"voco: num_targets must be >= 1, got {num_targets}")
         if reg_weight < 0 or eps <= 0:

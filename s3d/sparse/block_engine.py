@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from s3d._triple import Triple, to_3tuple, triple
 from s3d.nn.blocks import BasicBlockD, ConvNormAct, StackedResidualBlocks
-from s3d.nn.config import Triple, _triple
 from s3d.nn.masked import stage_keeps
 
 #: Smallest block edge (voxels, at a stage's output resolution) that still runs in block layout;
@@ -294,7 +294,7 @@ def block_plan(encoder: nn.Module, block_size: int | Sequence[int], min_block_ed
         >>> block_plan(enc, 16, 8)  # stem, stages 0..4 for 16^3 mask cells
         [True, True, True, False, False, False]
     """
-    edge = list(_triple(block_size, "block_size"))
+    edge = list(to_3tuple(block_size, "block_size"))
     ok = min(edge) >= min_block_edge
     plan = [ok]
     for stage in encoder.stages:
@@ -344,7 +344,7 @@ def block_encoder_forward(
     """
     if x.dim() != 5:
         raise ValueError(f"x: expected (B, C, D, H, W), got {tuple(x.shape)}")
-    bs = _triple(block_size, "block_size")
+    bs = to_3tuple(block_size, "block_size")
     size = tuple(x.shape[2:])
     want = (x.shape[0], 1, *(s // b for s, b in zip(size, bs, strict=True)))
     if tuple(keep_grid.shape) != want or any(s % b for s, b in zip(size, bs, strict=True)):
@@ -384,9 +384,10 @@ def block_encoder_forward(
 
 
 def _cumulative_strides(encoder: nn.Module) -> list[Triple]:
-    out, acc = [], (1, 1, 1)
+    out: list[Triple] = []
+    acc: Triple = (1, 1, 1)
     for stage in encoder.stages:
         st = stage.blocks[0].conv1.conv.stride
-        acc = tuple(a * b for a, b in zip(acc, st, strict=True))
+        acc = triple(a * b for a, b in zip(acc, st, strict=True))
         out.append(acc)
-    return out  # type: ignore[return-value]
+    return out

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from s3d._triple import to_3tuple, triple
 from s3d.data.synthetic.factors import AnatomyRanges, seeded_rng, smooth_field, uniform, uniform_n
 from s3d.data.synthetic.templates import TEMPLATE_SIZE, outside_mm_at, tissue_at
 
@@ -51,12 +52,12 @@ class DemoSubject:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Grid shape (D, H, W), voxels."""
-        return tuple(int(s) for s in self.tissue_pv.shape[1:])  # type: ignore[return-value]
+        return triple(int(s) for s in self.tissue_pv.shape[1:])
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
         """Voxel size along (D, H, W), mm."""
-        return tuple(float(np.linalg.norm(self.affine[:3, i])) for i in range(3))  # type: ignore[return-value]
+        return triple(float(np.linalg.norm(self.affine[:3, i])) for i in range(3))
 
     @property
     def brain_fraction(self) -> np.ndarray:
@@ -79,13 +80,6 @@ class DemoSubject:
         if task == "lesion":
             return self.lesion_mask()
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-
-
-def _as3(v: float | Sequence[float], name: str) -> tuple[float, float, float]:
-    t = (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(x) for x in v)
-    if len(t) != 3 or min(t) <= 0:
-        raise ValueError(f"{name} must be one positive number or three, got {v!r}")
-    return t  # type: ignore[return-value]
 
 
 def _rotation(angles_rad: Sequence[float]) -> np.ndarray:
@@ -200,10 +194,10 @@ def make_subject(
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    shape_t: tuple[int, int, int] = tuple(int(s) for s in shape)  # type: ignore[assignment]
-    if len(shape_t) != 3 or min(shape_t) < 4:
+    shape_t = to_3tuple(shape, "shape")
+    if min(shape_t) < 4:
         raise ValueError(f"shape must be three sizes >= 4 voxels, got {shape!r}")
-    spacing = _as3(spacing_mm, "spacing_mm")
+    spacing = to_3tuple(spacing_mm, "spacing_mm", float)
     r = ranges or AnatomyRanges()
     seed_list = [int(v) for v in np.atleast_1d(seed)]
     rng = seeded_rng(seed_list)
