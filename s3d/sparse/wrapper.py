@@ -3,58 +3,58 @@
 The wrapper holds the backbone (the very module you later save and fine-tune) plus the
 densification modules (mask tokens, densify convs). One forward pass:
 
-1. sample (or take) a block keep-mask on the block grid (1 = visible, 0 = masked);
-2. expand it to the input and every encoder stage (:func:`s3d.nn.masked.stage_keeps`);
-3. run the encoder masked: input zeroed at masked voxels, every conv/pool/norm re-masked,
-   InstanceNorm statistics over visible voxels only (:meth:`SparseMAEWrapper.encode`, the single
-   place where an encoder engine plugs in);
-4. densify every skip (:class:`s3d.sparse.densify.Densifier`);
+1. sample (or take) a block keep-mask on the block grid (1 = visible, 0 = masked; the polarity is
+   stated once, in :mod:`s3d.sparse.plan`);
+2. build the forward's :class:`~s3d.sparse.plan.MaskPlan` (:meth:`SparseMAEWrapper.plan`): the boolean
+   grid, the cell size, the keep mask of the input and of every encoder stage, and lazily the block
+   layout; nothing below derives them again;
+3. run the encoder masked, ``engine(encoder, x, plan)``: input zeroed at masked voxels, every
+   conv/pool/norm re-masked, InstanceNorm statistics over visible voxels only
+   (:meth:`SparseMAEWrapper.encode`, the single place where an encoder engine plugs in);
+4. densify every skip with ``plan.keeps[1:]`` (:class:`s3d.sparse.densify.Densifier`);
 5. decode with the backbone's own decoder and head (``num_classes == in_channels``);
-6. loss: mean squared error in z-score space over the masked voxels of the whole batch.
+6. loss: mean squared error in z-score space over the masked voxels of the whole batch (``plan.keeps[0]``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 import s3d.sparse.autotune as autotune
-from s3d.nn.masked import expand_keep, stage_keeps
-from s3d.nn.resenc_unet import ResEncUNet, ResidualEncoder
-from s3d.sparse.block_engine import block_encoder_forward
+from s3d.nn.masked import expand_keep
+from s3d.nn.resenc_unet import ResEncUNet
+from s3d.sparse.block_engine import blocks_engine
 from s3d.sparse.densify import Densifier
 from s3d.sparse.mask import MaskRatio, block_grid_size, check_mask_ratio, sample_block_mask
-
-#: An encoder engine computes the masked ("sparse") encoder features, highest resolution first,
-#: exactly 0 at masked positions: whatever ``encoder(x, keeps)`` returns. It is called as
-#: ``engine(encoder, x, keep_grid=..., keeps=..., block_size=..., coarse=...)`` so that it may work
-#: from the keep grid (B, 1, d, h, w) or from the per-stage ``keeps`` (1 = visible).
-EncoderEngine = Callable[..., list[torch.Tensor]]
+from s3d.sparse.plan import COARSE_POLICIES, MaskPlan
 
 
-def _dense_engine(encoder: ResidualEncoder, x: torch.Tensor, *, keeps: Sequence[torch.Tensor],
-                  **_: object) -> list[torch.Tensor]:
-    """Masked-dense: dense kernels on zeroed inputs, re-masked after every layer (SparK-style)."""
-    return encoder(x, keeps)
+class EncoderEngine(Protocol):
+    """How the masked ("sparse") encoder runs: ``engine(encoder, x, plan, **options)``.
 
-
-def _blocks_engine(encoder: ResidualEncoder, x: torch.Tensor, *, keep_grid: torch.Tensor, block_size: int,
-                   coarse: str, min_block_edge: int | None = None, **_: object) -> list[torch.Tensor]:
-    """Block-sparse: convolutions on the visible blocks only (:mod:`s3d.sparse.block_engine`).
-
-    ``min_block_edge``: the crossover edge (voxels); ``None`` = the device's default.
+    Returns the encoder features, highest resolution first, exactly 0 at masked positions: whatever
+    ``encoder(x, plan.keeps)`` returns, to rounding. It reads the :class:`~s3d.sparse.plan.MaskPlan`
+    and derives nothing from the mask itself. Options an engine does not use are ignored (the autotuner
+    passes ``min_block_edge``, the crossover edge of the "blocks" engine, voxels).
     """
-    # the cell edge follows from the mask itself, so a mask on any grid that tiles x works
-    cell = tuple(s // g for s, g in zip(x.shape[2:], keep_grid.shape[2:], strict=True))
-    return block_encoder_forward(encoder, x, keep_grid, cell, coarse, min_block_edge)
+
+    def __call__(self, encoder: nn.Module, x: torch.Tensor, plan: MaskPlan, /, **options: Any
+                 ) -> list[torch.Tensor]: ...
 
 
-#: Registered encoder engines by name; every engine must return what "dense" returns.
-ENGINES: dict[str, EncoderEngine] = {"dense": _dense_engine, "blocks": _blocks_engine}
+def dense_engine(encoder: nn.Module, x: torch.Tensor, plan: MaskPlan, /, **_: Any) -> list[torch.Tensor]:
+    """The "dense" (masked-dense) engine: dense kernels on zeroed inputs, re-masked after every layer
+    (SparK-style), ``encoder(x, plan.keeps)``; the reference every engine equals."""
+    return encoder(x, plan.keeps)
+
+
+#: Registered encoder engines by name (:class:`EncoderEngine`); every engine must return what "dense" returns.
+ENGINES: dict[str, EncoderEngine] = {"dense": dense_engine, "blocks": blocks_engine}
 
 #: What ``engine="auto"`` runs per device type WITHOUT measuring (``S3D_ENGINE_AUTOTUNE=0``; normally
 #: "auto" times the engines on the run's input, :mod:`s3d.sparse.autotune`). On CPU the block-sparse
@@ -68,8 +68,6 @@ def resolve_engine(engine: str, device: torch.device) -> str:
     if engine == "auto":
         return AUTO_ENGINE.get(device.type, "dense")
     return engine
-
-COARSE_POLICIES = ("pool", "ones")
 
 
 class MAEOutput(NamedTuple):
@@ -245,44 +243,44 @@ class SparseMAEWrapper(nn.Module):
         return sample_block_mask(x.shape[0], x.shape[2:], self.block_size, self.mask_ratio,
                                  self.per_sample, generator, device=x.device)
 
-    def stage_keeps(self, mask: torch.Tensor, input_size: Sequence[int]) -> list[torch.Tensor]:
-        """Float keep masks ``[input, stage0, stage1, ...]`` for ``mask`` (1 = visible)."""
-        return stage_keeps(mask, input_size, self.backbone.config.stage_strides(), self.coarse)
+    def plan(self, mask: torch.Tensor, input_size: Sequence[int]) -> MaskPlan:
+        """The :class:`~s3d.sparse.plan.MaskPlan` of keep grid ``mask`` (1 = visible) for an input of
+        ``input_size`` voxels: the backbone's stage strides and this wrapper's ``coarse`` policy."""
+        return MaskPlan.build(mask, input_size, self.backbone.config.stage_strides(), self.coarse)
 
-    def encode(
-        self, x: torch.Tensor, mask: torch.Tensor, keeps: Sequence[torch.Tensor], sampled: bool = False
-    ) -> list[torch.Tensor]:
-        """Encoder features (highest resolution first) of ``x`` under the keep grid ``mask``.
+    def stage_keeps(self, mask: torch.Tensor, input_size: Sequence[int]) -> list[torch.Tensor]:
+        """Float keep masks ``[input, stage0, stage1, ...]`` for ``mask`` (1 = visible): ``plan(...).keeps``."""
+        return list(self.plan(mask, input_size).keeps)
+
+    def encode(self, x: torch.Tensor, plan: MaskPlan, sampled: bool = False) -> list[torch.Tensor]:
+        """Encoder features (highest resolution first) of ``x`` under the forward's mask ``plan``.
 
         ---- ENCODER ENGINE: the only place the encoder runs. ----
-        ``ENGINES[name](...)`` must equal ``encoder(x, keeps)`` (``keeps`` from :meth:`stage_keeps`).
-        With ``sparse=False`` the dense encoder sees the zeroed image. ``sampled``: ``mask`` was drawn
-        from ``mask_ratio`` (the autotune key then holds the ratio spec, not this mask's fraction).
+        ``ENGINES[name](encoder, x, plan)`` must equal ``encoder(x, plan.keeps)``. With ``sparse=False``
+        the dense encoder sees the zeroed image. ``sampled``: the mask was drawn from ``mask_ratio``
+        (the autotune key then holds the ratio spec, not this mask's fraction).
         """
         encoder = self.backbone.encoder
         if not self.sparse:
-            return encoder(x * keeps[0].to(x.dtype))
-        kwargs = {"keep_grid": mask, "keeps": keeps, "block_size": self.block_size, "coarse": self.coarse}
+            return encoder(x * plan.keeps[0].to(x.dtype))
         if self.engine != "auto":
-            return ENGINES[self.engine](encoder, x, **kwargs)
-        choice = self.engine_choice(x, mask, keeps, sampled)
-        return ENGINES[choice.engine](encoder, x, min_block_edge=choice.min_block_edge, **kwargs)
+            return ENGINES[self.engine](encoder, x, plan)
+        choice = self.engine_choice(x, plan, sampled)
+        return ENGINES[choice.engine](encoder, x, plan, min_block_edge=choice.min_block_edge)
 
     @torch.compiler.disable
-    def engine_choice(self, x: torch.Tensor, mask: torch.Tensor, keeps: Sequence[torch.Tensor],
-                      sampled: bool = False) -> autotune.EngineChoice:
+    def engine_choice(self, x: torch.Tensor, plan: MaskPlan, sampled: bool = False) -> autotune.EngineChoice:
         """What ``engine="auto"`` runs for this input: remembered, cached in the process, or measured now.
 
-        Runs eagerly under ``torch.compile`` (a graph break). ``sampled``: ``mask`` was drawn from
+        Runs eagerly under ``torch.compile`` (a graph break). ``sampled``: the plan's mask was drawn from
         ``mask_ratio``, so the key holds the ratio spec.
         """
         encoder = self.backbone.encoder
-        key = autotune.engine_key(encoder, self.backbone.config, x, mask, self.mask_ratio if sampled else None)
+        key = autotune.engine_key(encoder, self.backbone.config, x, plan, self.mask_ratio if sampled else None)
         choice = self.engine_choices.get(key)
         if choice is None:
             if autotune.autotune_enabled():
-                kwargs = {"keep_grid": mask, "keeps": keeps, "block_size": self.block_size, "coarse": self.coarse}
-                choice = autotune.choose_engine(ENGINES, encoder, x, key, kwargs)
+                choice = autotune.choose_engine(ENGINES, encoder, x, key, plan)
             else:
                 choice = autotune.table_choice(key, resolve_engine("auto", x.device), x.device)
             self.engine_choices[key] = choice
@@ -332,12 +330,12 @@ class SparseMAEWrapper(nn.Module):
             if mask.dim() != 5 or mask.shape[0] != x.shape[0] or mask.shape[1] != 1:
                 raise ValueError(f"mask: expected a keep grid (B={x.shape[0]}, 1, d, h, w) (1 = visible), "
                                  f"got {tuple(mask.shape)}")
-            mask = mask.to(device=x.device) != 0
-        keeps = self.stage_keeps(mask, size)
-        feats = self.encode(x, mask, keeps, sampled)
-        reconstruction = self.backbone.decoder(self.densifier(feats, keeps[1:]))
-        loss, loss_weight = masked_mse_loss(reconstruction, x, keeps[0], loss_mask, return_weight=True)
-        return MAEOutput(loss, reconstruction, mask, loss_weight)
+            mask = mask.to(device=x.device)
+        plan = self.plan(mask, size)
+        feats = self.encode(x, plan, sampled)
+        reconstruction = self.backbone.decoder(self.densifier(feats, plan.keeps[1:]))
+        loss, loss_weight = masked_mse_loss(reconstruction, x, plan.keeps[0], loss_mask, return_weight=True)
+        return MAEOutput(loss, reconstruction, plan.grid, loss_weight)
 
     # ---- export -------------------------------------------------------------------------------------
     def export_backbone(self) -> OrderedDict[str, torch.Tensor]:
