@@ -17,9 +17,13 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from s3d._triple import to_3tuple
 from s3d.commands._common import AMP_CHOICES
+
+if TYPE_CHECKING:
+    from s3d.runtime.method import PatchProblem
 
 
 def _patch(values: list[int] | None) -> tuple[int, int, int] | None:
@@ -211,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{data} is already prepared ({MANIFEST_NAME} exists)")
         return 0
 
-    from s3d.pretrain import PretrainConfig
+    from s3d.pretrain import PatchProblemError, PretrainConfig
     from s3d.pretrain import run as pretrain
 
     cfg = PretrainConfig(
@@ -225,10 +229,24 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, tensorboard=args.tensorboard,
         resume=args.resume, stop_after=args.stop_after,
         progress=not args.no_progress)
-    result = pretrain(cfg)
+    try:
+        result = pretrain(cfg)
+    except PatchProblemError as e:
+        raise ValueError(_flag_advice(e.problem)) from None
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result))
+        print(json.dumps(result.to_dict()))
     return 0
+
+
+def _flag_advice(problem: PatchProblem) -> str:
+    """The library's patch problem in this command's flags (``--patch-size``, ``--method-kwargs``)."""
+    fixes = []
+    if problem.fix_patch_size is not None:
+        fixes.append(f"--patch-size {' '.join(map(str, problem.fix_patch_size))}")
+    if problem.fix_method_kwargs:
+        fixes.append(f"--method-kwargs '{json.dumps(problem.fix_method_kwargs)}'")
+    use = f"; use {' or '.join(fixes)}" if fixes else ""
+    return f"--patch-size {' '.join(map(str, problem.patch_size))}: {problem.reason}{use}"
 
 
 def _merged_now(target, count: int) -> bool:

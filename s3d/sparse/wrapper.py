@@ -18,56 +18,26 @@ densification modules (mask tokens, densify convs). One forward pass:
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 import s3d.sparse.autotune as autotune
+from s3d._triple import triple
 from s3d.nn.masked import expand_keep
 from s3d.nn.resenc_unet import ResEncUNet
-from s3d.sparse.block_engine import blocks_engine
+from s3d.runtime.method import PatchProblem
 from s3d.sparse.densify import Densifier
+from s3d.sparse.engines import AUTO_ENGINE as AUTO_ENGINE  # re-exported: the engines' names as before
+from s3d.sparse.engines import ENGINES, resolve_engine
+from s3d.sparse.engines import EncoderEngine as EncoderEngine
+from s3d.sparse.engines import dense_engine as dense_engine
 from s3d.sparse.mask import MaskRatio, block_grid_size, check_mask_ratio, sample_block_mask
 from s3d.sparse.plan import COARSE_POLICIES, MaskPlan
-
-
-class EncoderEngine(Protocol):
-    """How the masked ("sparse") encoder runs: ``engine(encoder, x, plan, **options)``.
-
-    Returns the encoder features, highest resolution first, exactly 0 at masked positions: whatever
-    ``encoder(x, plan.keeps)`` returns, to rounding. It reads the :class:`~s3d.sparse.plan.MaskPlan`
-    and derives nothing from the mask itself. Options an engine does not use are ignored (the autotuner
-    passes ``min_block_edge``, the crossover edge of the "blocks" engine, voxels).
-    """
-
-    def __call__(self, encoder: nn.Module, x: torch.Tensor, plan: MaskPlan, /, **options: Any
-                 ) -> list[torch.Tensor]: ...
-
-
-def dense_engine(encoder: nn.Module, x: torch.Tensor, plan: MaskPlan, /, **_: Any) -> list[torch.Tensor]:
-    """The "dense" (masked-dense) engine: dense kernels on zeroed inputs, re-masked after every layer
-    (SparK-style), ``encoder(x, plan.keeps)``; the reference every engine equals."""
-    return encoder(x, plan.keeps)
-
-
-#: Registered encoder engines by name (:class:`EncoderEngine`); every engine must return what "dense" returns.
-ENGINES: dict[str, EncoderEngine] = {"dense": dense_engine, "blocks": blocks_engine}
-
-#: What ``engine="auto"`` runs per device type WITHOUT measuring (``S3D_ENGINE_AUTOTUNE=0``; normally
-#: "auto" times the engines on the run's input, :mod:`s3d.sparse.autotune`). On CPU the block-sparse
-#: engine was 1.3x/1.7x/1.9x faster per ResEnc-L step at 60/75/90 % masking (128^3, docs/block_engine.md).
-AUTO_ENGINE: dict[str, str] = {"cpu": "blocks"}
-
-
-def resolve_engine(engine: str, device: torch.device) -> str:
-    """The engine name ``engine`` stands for on ``device`` without measuring (``"auto"``: :data:`AUTO_ENGINE`,
-    else dense). What a wrapper really ran is in :attr:`SparseMAEWrapper.engine_choices`."""
-    if engine == "auto":
-        return AUTO_ENGINE.get(device.type, "dense")
-    return engine
 
 
 class MAEOutput(NamedTuple):
@@ -82,12 +52,14 @@ class MAEOutput(NamedTuple):
             ``sum(w * err) / max(loss_weight, 1)``. Multi-process training uses it to normalise by the
             masked-voxel count of the global batch (:func:`s3d.runtime.distributed.global_weighted_loss`).
             ``None`` when not computed.
+        target: ``None``: the reconstruction's target is the input itself.
     """
 
     loss: torch.Tensor
     reconstruction: torch.Tensor
     mask: torch.Tensor
     loss_weight: torch.Tensor | None = None
+    target: torch.Tensor | None = None
 
 
 def masked_mse_loss(
@@ -287,7 +259,8 @@ class SparseMAEWrapper(nn.Module):
         return choice
 
     def restore_engine_choices(self, choices: Sequence[dict]) -> None:
-        """Reuse choices saved by :meth:`autotune.EngineChoice.to_dict` (a resumed run runs what it ran)."""
+        """Reuse choices saved by :meth:`autotune.EngineChoice.to_dict` (a resumed run runs what it ran);
+        ``load_state_dict`` calls it with the choices of the state dict (:meth:`get_extra_state`)."""
         for d in choices:
             c = autotune.EngineChoice.from_dict(d, source="checkpoint")
             self.engine_choices[c.key] = c
@@ -336,6 +309,51 @@ class SparseMAEWrapper(nn.Module):
         reconstruction = self.backbone.decoder(self.densifier(feats, plan.keeps[1:]))
         loss, loss_weight = masked_mse_loss(reconstruction, x, plan.keeps[0], loss_mask, return_weight=True)
         return MAEOutput(loss, reconstruction, plan.grid, loss_weight)
+
+    # ---- the pre-training method contract (s3d.runtime.method.PretrainMethod) -------------------------
+    def prepare_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch :meth:`forward` takes: the loop's z-scored patches (B, C, D, H, W) as they are."""
+        return x
+
+    def patch_problem(self, patch_size: Sequence[int]) -> PatchProblem | None:
+        """``None`` when patches of ``patch_size`` (D, H, W voxels) hold a whole number of mask blocks, at
+        least 2 (one visible, one masked); else what to change (``patch_size`` or ``block_size``).
+
+        Example:
+            >>> from s3d import build_resenc_unet
+            >>> mae = SparseMAEWrapper(build_resenc_unet("tiny", num_classes=1), block_size=32)
+            >>> mae.patch_problem((32, 32, 32)).fix_patch_size
+            (32, 32, 64)
+        """
+        patch, bs = tuple(int(p) for p in patch_size), self.block_size
+        try:
+            if math.prod(block_grid_size(patch, bs)) >= 2:
+                return None
+        except ValueError:  # not a whole number of blocks along some axis
+            pass
+        fit = [-(-p // bs) * bs for p in patch]  # each axis up to a whole block
+        if math.prod(f // bs for f in fit) < 2:
+            fit[-1] *= 2
+        return PatchProblem(triple(patch), f"with mask block_size {bs} the patch must be a multiple of the block "
+                            "along every axis and hold at least 2 blocks (one visible, one masked)",
+                            triple(fit), {"block_size": max(1, bs // 2)})
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The engine choices of ``engine="auto"`` (:attr:`engine_choices`): part of ``state_dict()``, so a
+        checkpoint holds them and a resumed run runs the engine it measured."""
+        return {"engine_choices": [c.to_dict() for c in self.engine_choices.values()]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_extra_state` (choices marked ``source="checkpoint"``)."""
+        self.restore_engine_choices(state.get("engine_choices", []))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # noqa: ANN001 - nn.Module's signature
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "_extra_state"
+        if key in missing_keys:  # a state dict from before the engine choices were part of it: none to restore
+            missing_keys.remove(key)
 
     # ---- export -------------------------------------------------------------------------------------
     def export_backbone(self) -> OrderedDict[str, torch.Tensor]:
