@@ -25,7 +25,7 @@ from typing import Any
 from s3d.pretrain.config import PretrainConfig
 from s3d.pretrain.job import run
 from s3d.pretrain.loop import StepRecord, Trainer
-from s3d.pretrain.methods import METHODS, Method, build_method, get_method
+from s3d.pretrain.methods import METHODS, Method, build_backbone, build_method, get_method
 from s3d.pretrain.recipes import RECIPES, PretrainRecipe, get_recipe, list_recipes, register_recipe
 from s3d.runtime.method import MethodOutput, PatchProblem, PatchProblemError, PretrainMethod
 from s3d.runtime.metrics import read_metrics
@@ -44,6 +44,7 @@ __all__ = [
     "PretrainRecipe",
     "StepRecord",
     "Trainer",
+    "build_backbone",
     "build_method",
     "get_method",
     "get_recipe",

@@ -5,10 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from s3d._fs import atomic_path, write_json_atomic
 from s3d.pretrain.recipes import PretrainRecipe
 from s3d.runtime.method import PretrainMethod
+
+
+def backbone_model(method: PretrainMethod) -> nn.Module:
+    """A fresh copy of the method's backbone (CPU, as built) holding the pre-trained weights.
+
+    Example:
+        >>> from s3d.pretrain import build_backbone, build_method
+        >>> backbone_model(build_method("mae", build_backbone("tiny"), block_size=16)).config.name
+        'tiny'
+    """
+    from s3d.nn import build_resenc_unet
+
+    model = build_resenc_unet(method.backbone.config)
+    model.load_state_dict(method.export_backbone())
+    return model
 
 
 def export_backbone(method: PretrainMethod, recipe: PretrainRecipe, out: Path, data: str, n_train: int
@@ -28,10 +44,8 @@ def export_backbone(method: PretrainMethod, recipe: PretrainRecipe, out: Path, d
     """
     from s3d.hub import nnssl_checkpoint, save_pretrained
     from s3d.hub.nnssl import adaptation_plan
-    from s3d.nn import build_resenc_unet
 
-    backbone = build_resenc_unet(method.backbone.config)
-    backbone.load_state_dict(method.export_backbone())
+    backbone = backbone_model(method)
     provenance = (f"Pre-trained with s3d recipe {recipe.name!r} ({recipe.method}) for {recipe.steps} steps at "
                   f"batch {recipe.batch_size} on {n_train} images of {data}.")
     hub_dir = save_pretrained(backbone, out / "backbone", recipe=recipe.to_dict(), provenance=provenance)

@@ -45,9 +45,9 @@ from torch import nn
 
 from s3d._fs import write_json_atomic
 from s3d.pretrain.config import PretrainConfig
-from s3d.pretrain.export import export_backbone
+from s3d.pretrain.export import backbone_model, export_backbone
 from s3d.pretrain.heldout import validation_loss, write_snapshot
-from s3d.pretrain.methods import build_method
+from s3d.pretrain.methods import build_backbone, build_method
 from s3d.runtime.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
 from s3d.runtime.device import autocast, resolve_amp, resolve_device
 from s3d.runtime.distributed import barrier, global_weighted_loss, init_distributed, mean_across
@@ -100,8 +100,6 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, on_step: Callable[[Trainer, StepRecord], None] | None = None) -> None:
         from s3d.data.pretrain_dataset import shard_cases, split_subjects
         from s3d.data.scan import read_manifest, training_cases
-        from s3d.nn import build_resenc_unet
-
         self.cfg = cfg
         self.on_step = on_step
         self.info = init_distributed(cfg.device)
@@ -124,9 +122,8 @@ class Trainer:
         self.n_train, self.n_val = len(train), len(val)
 
         torch.manual_seed(cfg.seed)
-        backbone = build_resenc_unet(self.recipe.architecture, in_channels=1, num_classes=1,
-                                     deep_supervision=False)
-        self.method = build_method(self.recipe.method, backbone, **self.recipe.method_kwargs)
+        self.method = build_method(self.recipe.method, build_backbone(self.recipe.architecture),
+                                   **self.recipe.method_kwargs)
         problem = self.method.patch_problem(self.recipe.patch_size)
         if problem is not None:
             raise PatchProblemError(problem)
@@ -318,7 +315,6 @@ class Trainer:
         """
         from s3d.augment import Augment, AugmentConfig
         from s3d.data.pretrain_dataset import LoaderStats, build_pretrain_loader
-        from s3d.nn import build_resenc_unet
 
         cfg, info, recipe = self.cfg, self.info, self.recipe
         if info.is_main:
@@ -353,12 +349,10 @@ class Trainer:
         if finished and info.is_main:
             paths.update(self.export())
         barrier(info)
-        model = build_resenc_unet(self.method.backbone.config)
-        model.load_state_dict(self.method.export_backbone())
         metrics = {"loss": self.last_loss}
         if self.last_val_loss is not None:
             metrics["val_loss"] = self.last_val_loss
-        return JobResult(model, self.out, self.step, finished, paths, metrics)
+        return JobResult(backbone_model(self.method), self.out, self.step, finished, paths, metrics)
 
     def train(self) -> JobResult:
         """Deprecated name of :meth:`fit` (as the fine-tuning :class:`s3d.finetune.Trainer` calls it)."""

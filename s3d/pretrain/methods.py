@@ -61,6 +61,20 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown pre-training method {name!r}; available: {sorted(METHODS)}") from None
 
 
+def build_backbone(architecture: str) -> nn.Module:
+    """The network a recipe pre-trains: the ``architecture`` preset with 1 input channel and 1 output (the
+    reconstruction), deep supervision off. The ResEnc U-Net presets (:func:`s3d.build_resenc_unet`); another
+    model family adds its presets here, not in the loop.
+
+    Example:
+        >>> build_backbone("tiny").config.num_classes
+        1
+    """
+    from s3d.nn import build_resenc_unet
+
+    return build_resenc_unet(architecture, in_channels=1, num_classes=1, deep_supervision=False)
+
+
 def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> PretrainMethod:
     """The pre-training module of method ``name`` around ``backbone``.
 
