@@ -211,5 +211,8 @@ def test_one_of_each_shared_mechanism() -> None:
     assert _definitions(r"^def to_3tuple\b") == ["s3d/_triple.py"]
     assert _definitions(r"def _triple\b|def _as3\b|type: ignore\[return-value\]") == []
     assert _definitions(r"instancenorm\.InstanceNorm3d|\"torch\.nn\.LeakyReLU\"") == ["s3d/nn/blocks.py"]
+    # one sliding-window predictor (fine-tuning's validation included) and one Dice
+    assert _definitions(r"^class SlidingWindowInferer\b") == ["s3d/infer/sliding_window.py"]
+    assert _definitions(r"^def _tile_starts\b|^def dice\b") == ["s3d/metrics/overlap.py"]
     # the pre-training loop asks a method nothing but its contract (s3d.runtime.method.PretrainMethod)
     assert "s3d/pretrain/loop.py" not in _definitions(r"\b(hasattr|getattr)\(")
