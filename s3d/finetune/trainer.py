@@ -45,6 +45,7 @@ from s3d.runtime.lr import lr_at, phase_at, set_lr
 from s3d.runtime.metrics import MetricsLog
 from s3d.runtime.optim import backward_and_step, grad_scaler, rng_state, set_rng_state, sgd
 from s3d.runtime.progress import progress
+from s3d.runtime.result import JobResult
 
 JOB = "finetune"
 
@@ -301,8 +302,8 @@ class Trainer:
         self.step += 1
         return StepRecord(self.step, float(value), lr, self.phases[index].name)
 
-    def fit(self) -> ResEncUNet:
-        """Run the schedule (from the checkpoint's step when resumed); returns the trained model.
+    def fit(self) -> JobResult:
+        """Run the schedule (from the checkpoint's step when resumed); returns :meth:`result`.
 
         The lr is a function of the step and each batch a function of (seed, rank, step), so a resumed
         run continues exactly where the checkpoint left off. Under torchrun every rank calls this; rank 0
@@ -343,7 +344,24 @@ class Trainer:
                     v = self.final_validate()
                     print(f"step {self.step}: final validation Dice (sliding window) {v['final_dice']:.4f}")
         barrier(self.info)
-        return self.model
+        return self.result()
+
+    def result(self) -> JobResult:
+        """The job's :class:`~s3d.runtime.result.JobResult`: ``.model`` (the network), ``.paths`` (``"metrics"``,
+        ``"checkpoint"``, and ``"model"`` once finished), ``.metrics`` (the last ``"loss"``, ``"val_dice"``,
+        ``"final_dice"`` this process computed)."""
+        finished = self.step >= self.cfg.steps
+        paths = {"metrics": self.metrics.path, "checkpoint": self.checkpoint_path}
+        if finished:
+            paths["model"] = self.out / "model"
+        metrics: dict[str, float] = {}
+        if self.history:
+            metrics["loss"] = float(self.history[-1].loss)
+        if self.val_history:
+            metrics["val_dice"] = float(self.val_history[-1]["val_dice"])
+        if self.final_val is not None:
+            metrics["final_dice"] = float(self.final_val["final_dice"])
+        return JobResult(self.model, self.out, self.step, finished, paths, metrics)
 
     def export(self, directory: str | os.PathLike[str]) -> Path:
         """Save the model (without deep supervision) with ``save_pretrained`` plus ``preprocessing.json``."""
@@ -358,32 +376,68 @@ class Trainer:
         return Path(out)
 
 
-def run(config: FinetuneConfig | str | os.PathLike[str] | None = None, out_dir: str | os.PathLike[str] | None = None,
-        /, *, model: ResEncUNet | None = None, **fields: Any) -> ResEncUNet:
-    """Fine-tune on an nnU-Net v2 raw dataset: ``run(cfg)`` or ``run(dataset, out_dir, **fields)``.
+#: the keywords :func:`run` took before it had the same names as :func:`s3d.pretrain.run` (deprecated)
+_OLD_KEYWORDS = {"dataset": "data", "out_dir": "out"}
+
+
+def run(config: FinetuneConfig | str | os.PathLike[str] | None = None, out: str | os.PathLike[str] | None = None,
+        /, *, model: ResEncUNet | None = None, **fields: Any) -> JobResult:
+    """Fine-tune on an nnU-Net v2 raw dataset: ``run(data=..., out=..., **fields)`` or ``run(FinetuneConfig(...))``.
+
+    The same arguments and result as :func:`s3d.pretrain.run`: the data (``data``, here the nnU-Net v2 raw
+    dataset folder) and the run folder (``out``), positional or by keyword, and a
+    :class:`~s3d.runtime.result.JobResult`. The old keywords ``dataset=`` and ``out_dir=`` still work with a
+    ``DeprecationWarning``; so does using the result as the model (``result(x)``, ``result.state_dict()``).
 
     Args:
-        config: a :class:`FinetuneConfig`, or the dataset folder (then ``out_dir`` and ``fields`` are
-            the other :class:`FinetuneConfig` fields; with a config, ``fields`` override its fields).
-        out_dir: the run folder (with a dataset folder as ``config``).
+        config: a :class:`FinetuneConfig` (``fields`` override its fields), or the dataset folder (as ``data``).
+        out: the run folder, after a dataset folder.
         model: start from this network instead of :func:`~s3d.finetune.prepare_model`.
+        **fields: ``data``, ``out`` and the other :class:`FinetuneConfig` fields (``pretrained``, ``steps``, ...).
 
     Returns:
-        The trained model; ``out_dir/model`` holds it for ``s3d predict -m``.
+        :class:`~s3d.runtime.result.JobResult`: ``.model`` (the trained network), ``.paths["model"]`` (the folder
+        ``s3d predict -m`` takes), ``.paths["metrics"]``, ``.paths["checkpoint"]``, ``.metrics`` (``"loss"``,
+        ``"val_dice"``, ``"final_dice"``), ``.step``, ``.finished``.
+
+    Raises:
+        TypeError: no dataset or run folder, or one given twice.
 
     Under ``torchrun`` every process calls this (``torchrun --nproc_per_node N -m s3d finetune ...``);
     rank 0 writes the run folder, and the process group is left at the end.
 
     Example:
-        >>> net = s3d.finetune.run("Dataset001_Brain", "runs/brain", pretrained="s3d-b", schedule="best",
-        ...                        steps=37_500, warmup_steps=12_500)
+        >>> result = s3d.finetune.run(data="Dataset001_Brain", out="runs/brain", pretrained="s3d-b",
+        ...                           schedule="best", steps=37_500, warmup_steps=12_500)
+        >>> result.paths["model"], result.metrics["final_dice"]
+        (PosixPath('runs/brain/model'), 0.91)
     """
-    if isinstance(config, FinetuneConfig):
+    for old, new in _OLD_KEYWORDS.items():
+        if old in fields:
+            warnings.warn(f"s3d.finetune.run({old}=...) is deprecated: use {new}=... (as s3d.pretrain.run)",
+                          DeprecationWarning, stacklevel=2)
+            if new in fields:
+                raise TypeError(f"run: give {new}= or the deprecated {old}=, not both")
+            fields[new] = fields.pop(old)
+    if not isinstance(config, FinetuneConfig) and config is not None:
+        if "data" in fields:
+            raise TypeError("run: the dataset folder given twice (positional and data=)")
+        fields["data"], config = config, None
+    if out is not None:
+        if "out" in fields:
+            raise TypeError("run: the run folder given twice (positional and out=)")
+        fields["out"] = out
+    for new, name in (("data", "dataset"), ("out", "out_dir")):
+        if new in fields:
+            fields[name] = str(fields.pop(new))
+    if config is not None:
         cfg = dataclasses.replace(config, **fields)
     else:
-        if config is None or out_dir is None:
-            raise TypeError("run: give a FinetuneConfig, or the dataset folder and the run folder")
-        cfg = FinetuneConfig(dataset=str(config), out_dir=str(out_dir), **fields)
+        missing = [k for k, name in (("data", "dataset"), ("out", "out_dir")) if name not in fields]
+        if missing:
+            raise TypeError(f"run: give a FinetuneConfig, or data= (the dataset folder) and out= (the run folder); "
+                            f"missing {', '.join(missing)}")
+        cfg = FinetuneConfig(**fields)
     try:
         return Trainer(cfg, model=model).fit()
     finally:

@@ -66,3 +66,17 @@ class JobResult:
         warnings.warn("`key in result`: s3d.pretrain.run returns a JobResult now; use result.paths / result.metrics",
                       DeprecationWarning, stacklevel=2)
         return key in self._legacy()
+
+    # ---- the model that s3d.finetune.run returned before (deprecated) ----
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        warnings.warn("result(x): s3d.finetune.run returns a JobResult now; call result.model(x)",
+                      DeprecationWarning, stacklevel=2)
+        return self.__dict__["model"](*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # only names a JobResult does not have: the model's
+        model = self.__dict__.get("model")
+        if name.startswith("_") or model is None or not hasattr(model, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        warnings.warn(f"result.{name}: s3d.finetune.run returns a JobResult now; use result.model.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(model, name)
