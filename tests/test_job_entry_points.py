@@ -56,7 +56,7 @@ def test_finetune_run_new_and_old_keywords(tmp_path) -> None:
     with pytest.warns(DeprecationWarning, match=r"result\.state_dict: .* use result\.model\.state_dict"):
         sd = old.state_dict()
     assert sd.keys() == old.model.state_dict().keys()
-    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 2, 32, 32, 32, generator=torch.Generator().manual_seed(0))
     old.model.eval()
     with torch.no_grad():
         want = old.model(x)
