@@ -26,7 +26,7 @@ TINY = dict(config="tiny", batch_size=2, patch_size=(32, 32, 32), schedule="best
 def test_both_entry_points_name_their_folders_data_and_out() -> None:
     for run in (s3d.pretrain.run, s3d.finetune.run):
         assert inspect.signature(run).return_annotation in (JobResult, "JobResult")
-    assert s3d.finetune.run.__module__ == "s3d.finetune.trainer" and s3d.pretrain.run.__module__ == "s3d.pretrain.job"
+    assert s3d.finetune.run.__module__ == "s3d.finetune.job" and s3d.pretrain.run.__module__ == "s3d.pretrain.job"
 
 
 def _records(run_dir) -> list[dict]:

@@ -40,7 +40,7 @@ from s3d.finetune.validation import sliding_window_validation, tiled_validation
 from s3d.nn.resenc_unet import ResEncUNet, build_resenc_unet
 from s3d.runtime.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
 from s3d.runtime.device import autocast, resolve_amp, resolve_device
-from s3d.runtime.distributed import barrier, cleanup, init_distributed
+from s3d.runtime.distributed import barrier, init_distributed
 from s3d.runtime.lr import lr_at, phase_at, set_lr
 from s3d.runtime.metrics import MetricsLog
 from s3d.runtime.optim import backward_and_step, grad_scaler, rng_state, set_rng_state, sgd
@@ -374,71 +374,3 @@ class Trainer:
         out = save_pretrained(plain, directory, recipe=recipe)
         self.spec.save(Path(out) / "preprocessing.json")
         return Path(out)
-
-
-#: the keywords :func:`run` took before it had the same names as :func:`s3d.pretrain.run` (deprecated)
-_OLD_KEYWORDS = {"dataset": "data", "out_dir": "out"}
-
-
-def run(config: FinetuneConfig | str | os.PathLike[str] | None = None, out: str | os.PathLike[str] | None = None,
-        /, *, model: ResEncUNet | None = None, **fields: Any) -> JobResult:
-    """Fine-tune on an nnU-Net v2 raw dataset: ``run(data=..., out=..., **fields)`` or ``run(FinetuneConfig(...))``.
-
-    The same arguments and result as :func:`s3d.pretrain.run`: the data (``data``, here the nnU-Net v2 raw
-    dataset folder) and the run folder (``out``), positional or by keyword, and a
-    :class:`~s3d.runtime.result.JobResult`. The old keywords ``dataset=`` and ``out_dir=`` still work with a
-    ``DeprecationWarning``; so does using the result as the model (``result(x)``, ``result.state_dict()``).
-
-    Args:
-        config: a :class:`FinetuneConfig` (``fields`` override its fields), or the dataset folder (as ``data``).
-        out: the run folder, after a dataset folder.
-        model: start from this network instead of :func:`~s3d.finetune.prepare_model`.
-        **fields: ``data``, ``out`` and the other :class:`FinetuneConfig` fields (``pretrained``, ``steps``, ...).
-
-    Returns:
-        :class:`~s3d.runtime.result.JobResult`: ``.model`` (the trained network), ``.paths["model"]`` (the folder
-        ``s3d predict -m`` takes), ``.paths["metrics"]``, ``.paths["checkpoint"]``, ``.metrics`` (``"loss"``,
-        ``"val_dice"``, ``"final_dice"``), ``.step``, ``.finished``.
-
-    Raises:
-        TypeError: no dataset or run folder, or one given twice.
-
-    Under ``torchrun`` every process calls this (``torchrun --nproc_per_node N -m s3d finetune ...``);
-    rank 0 writes the run folder, and the process group is left at the end.
-
-    Example:
-        >>> result = s3d.finetune.run(data="Dataset001_Brain", out="runs/brain", pretrained="s3d-b",
-        ...                           schedule="best", steps=37_500, warmup_steps=12_500)
-        >>> result.paths["model"], result.metrics["final_dice"]
-        (PosixPath('runs/brain/model'), 0.91)
-    """
-    for old, new in _OLD_KEYWORDS.items():
-        if old in fields:
-            warnings.warn(f"s3d.finetune.run({old}=...) is deprecated: use {new}=... (as s3d.pretrain.run)",
-                          DeprecationWarning, stacklevel=2)
-            if new in fields:
-                raise TypeError(f"run: give {new}= or the deprecated {old}=, not both")
-            fields[new] = fields.pop(old)
-    if not isinstance(config, FinetuneConfig) and config is not None:
-        if "data" in fields:
-            raise TypeError("run: the dataset folder given twice (positional and data=)")
-        fields["data"], config = config, None
-    if out is not None:
-        if "out" in fields:
-            raise TypeError("run: the run folder given twice (positional and out=)")
-        fields["out"] = out
-    for new, name in (("data", "dataset"), ("out", "out_dir")):
-        if new in fields:
-            fields[name] = str(fields.pop(new))
-    if config is not None:
-        cfg = dataclasses.replace(config, **fields)
-    else:
-        missing = [k for k, name in (("data", "dataset"), ("out", "out_dir")) if name not in fields]
-        if missing:
-            raise TypeError(f"run: give a FinetuneConfig, or data= (the dataset folder) and out= (the run folder); "
-                            f"missing {', '.join(missing)}")
-        cfg = FinetuneConfig(**fields)
-    try:
-        return Trainer(cfg, model=model).fit()
-    finally:
-        cleanup()
