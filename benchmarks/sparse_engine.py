@@ -24,7 +24,7 @@ import torch
 import s3d
 from s3d._profiling import Timing
 from s3d._profiling import measure as _measure
-from s3d.sparse.block_engine import block_encoder_forward, block_plan
+from s3d.sparse.block_engine import block_plan, blocks_engine
 from s3d.sparse.mask import sample_block_mask
 from s3d.sparse.wrapper import SparseMAEWrapper, masked_mse_loss
 
@@ -49,14 +49,13 @@ def make_step(mae: SparseMAEWrapper, opt: torch.optim.Optimizer, x: torch.Tensor
         opt.zero_grad(set_to_none=True)
         ctx = torch.autocast(x.device.type, dtype=amp) if amp else contextlib.nullcontext()
         with ctx:
-            keeps = mae.stage_keeps(keep, x.shape[2:])
+            plan = mae.plan(keep, x.shape[2:])  # one mask plan per step, as the wrapper's forward builds it
             if engine == "dense":
-                feats = mae.backbone.encoder(x, keeps)
+                feats = mae.backbone.encoder(x, plan.keeps)
             else:
-                feats = block_encoder_forward(mae.backbone.encoder, x, keep, mae.block_size, mae.coarse,
-                                              min_block_edge)
-            rec = mae.backbone.decoder(mae.densifier(feats, keeps[1:]))
-        loss = masked_mse_loss(rec, x, keeps[0])
+                feats = blocks_engine(mae.backbone.encoder, x, plan, min_block_edge=min_block_edge)
+            rec = mae.backbone.decoder(mae.densifier(feats, plan.keeps[1:]))
+        loss = masked_mse_loss(rec, x, plan.keeps[0])
         loss.backward()
         opt.step()
 
@@ -121,7 +120,7 @@ def main() -> None:
             if args.auto:
                 ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
                 with ctx:
-                    choice = mae.engine_choice(x, keep, mae.stage_keeps(keep, x.shape[2:]))
+                    choice = mae.engine_choice(x, mae.plan(keep, x.shape[2:]))
                 print(f"# {choice.message()}", flush=True)
 
 if __name__ == "__main__":

@@ -7,23 +7,21 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from badinput import OUTCOMES, Case
+from badinput import CASES, OUTCOMES, Case
 
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "docs" / "bad-input.md"
 
 
 def _corpus() -> list[Case]:
-    """Every registered case. The corpus files import the harness as ``badinput`` or as ``tests.badinput``:
-    two module objects with two ``CASES`` lists, so both are read."""
+    """Every registered case: the corpus files import the one harness (``badinput``, on ``pythonpath``)."""
     for path in sorted(HERE.glob("test_bad_input_*.py")):
         if path.stem != "test_bad_input_doc":
             importlib.import_module(path.stem)
-    harnesses = {id(m): m for name, m in list(sys.modules.items()) if name in ("badinput", "tests.badinput")}
-    cases = list(dict.fromkeys(c for m in harnesses.values() for c in m.CASES))  # a module imported twice
-    keys = Counter((c.command, c.test) for c in cases)
+    assert "tests.badinput" not in sys.modules, "a corpus file imports the harness as tests.badinput: use badinput"
+    keys = Counter((c.command, c.test) for c in CASES)
     assert all(n == 1 for n in keys.values()), [k for k, n in keys.items() if n > 1]
-    return cases
+    return list(CASES)
 
 
 def _rows() -> list[list[str]]:

@@ -14,8 +14,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
-from tests.badinput import assert_no_traceback, assert_user_error, case, run_s3d, snapshot
+from badinput import assert_no_traceback, assert_user_error, case, run_s3d, snapshot
 
 pytest.importorskip("scipy.ndimage")
 

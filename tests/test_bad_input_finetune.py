@@ -23,8 +23,8 @@ from badinput import Result, assert_user_error, case, run_s3d, snapshot
 
 pytest.importorskip("scipy")
 
-from tests.test_finetune_checks import make_dataset  # noqa: E402
-from tests.test_nnunet_data import make_sphere_dataset  # noqa: E402
+from test_finetune_checks import make_dataset  # noqa: E402
+from test_nnunet_data import make_sphere_dataset  # noqa: E402
 
 TINY = ("--config", "tiny", "--patch-size", "32", "32", "32", "--schedule", "scratch", "--val-every", "1000",
         "--no-progress", "--loader-threads", "1")

@@ -19,11 +19,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from badinput import assert_no_traceback, assert_user_error, case, run_s3d, snapshot
 
 import s3d
 from s3d.data.nnunet import PreprocessingSpec
 from s3d.hub import save_pretrained
-from tests.badinput import assert_no_traceback, assert_user_error, case, run_s3d, snapshot
 
 pytest.importorskip("scipy")
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("scipy")
 
+from test_nnunet_data import make_sphere_dataset  # noqa: E402
+
 from s3d.finetune import (  # noqa: E402
     SCHEDULES,
     CachedCase,
@@ -27,7 +29,6 @@ from s3d.finetune import (  # noqa: E402
     sample_patches,
 )
 from s3d.nn import build_resenc_unet  # noqa: E402
-from tests.test_nnunet_data import make_sphere_dataset  # noqa: E402
 
 
 # ---- schedules -----------------------------------------------------------------------------------

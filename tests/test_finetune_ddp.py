@@ -75,7 +75,7 @@ def _worker(data: Path, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> tuple[Path, Path]:
-    from tests.test_nnunet_data import make_sphere_dataset
+    from test_nnunet_data import make_sphere_dataset
 
     data = make_sphere_dataset(tmp_path_factory.mktemp("ds") / "ds", n=4, size=32)
     out = tmp_path_factory.mktemp("ddp")

@@ -11,10 +11,11 @@ import torch
 
 pytest.importorskip("scipy")
 
+from test_nnunet_data import make_sphere_dataset  # noqa: E402
+
 from s3d.finetune import FinetuneConfig, Trainer  # noqa: E402
 from s3d.finetune.validation import predict_tiled  # noqa: E402
 from s3d.infer import sliding_window_predict  # noqa: E402
-from tests.test_nnunet_data import make_sphere_dataset  # noqa: E402
 
 
 def _cfg(tmp_path: Path, name: str, **kw) -> FinetuneConfig:
@@ -66,7 +67,7 @@ def test_final_validation_is_sliding_window_dice_logged_once(tmp_path: Path, ds4
     assert final["final_dice_per_label"] == {"1": pytest.approx(float(np.mean(ref)), rel=1e-12, abs=0)}
     assert tiled[-1]["val_dice"] == pytest.approx(float(np.mean(ref_tiled)), rel=1e-12, abs=0)
     assert final["final_dice"] != tiled[-1]["val_dice"]                      # not the tiled predictor
-    assert tr.model.deep_supervision and final["val_time_s"] >= 0
+    assert tr.model.deep_supervision
 
     # resuming the finished run does not validate (or log) again
     again = Trainer(_cfg(tmp_path, "run", resume=True))

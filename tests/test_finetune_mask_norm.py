@@ -75,7 +75,7 @@ def test_mask_for_norm_matches_nnunet_and_auto_follows_its_rule(tmp_path: Path) 
 
 
 def test_auto_is_off_for_images_without_a_zero_border(tmp_path: Path) -> None:
-    from tests.test_finetune_checks import make_dataset
+    from test_finetune_checks import make_dataset
 
     root = make_dataset(tmp_path / "ds", [(20, 24, 28)] * 3)  # noise + 3: no voxel is 0, box = image
     assert _cached(tmp_path, root, "auto").spec.use_mask_for_norm is False

@@ -10,8 +10,9 @@ import pytest
 
 pytest.importorskip("scipy")
 
+from test_nnunet_data import make_sphere_dataset  # noqa: E402
+
 from s3d.cli import main  # noqa: E402
-from tests.test_nnunet_data import make_sphere_dataset  # noqa: E402
 
 
 def _finetune(tmp_path: Path, steps: int) -> Path:

@@ -95,7 +95,7 @@ def test_three_shards_merge_into_the_single_machine_manifest_and_train_alike(raw
     a = pretrain(data=str(tmp_path / "one"), out=str(tmp_path / "run_one"), **TINY)
     b = pretrain(data=str(out), out=str(tmp_path / "run_sharded"), **TINY)
     la, lb = read_metrics(tmp_path / "run_one"), read_metrics(tmp_path / "run_sharded")
-    assert sorted(la) == [1, 2] and la == lb and a["loss"] == b["loss"]
+    assert sorted(la) == [1, 2] and la == lb and a.metrics["loss"] == b.metrics["loss"]
     wait = read_metrics(tmp_path / "run_one", "loader_wait")  # logged: does the step wait for data?
     assert sorted(wait) == [1, 2] and all(0 <= w <= 1 for w in wait.values())
 

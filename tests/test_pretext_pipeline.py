@@ -12,13 +12,14 @@ import torch
 
 pytest.importorskip("scipy")
 
+from test_nnunet_data import make_sphere_dataset  # noqa: E402
+from test_pretrain import prepared  # noqa: E402,F401  (module fixture: 5 tiny prepared images)
+
 import s3d.pretext  # noqa: E402,F401  (registers the recipes "mg", "vf", "voco")
 from s3d.cli import main  # noqa: E402
 from s3d.hub import load_pretrained  # noqa: E402
 from s3d.nn import build_resenc_unet  # noqa: E402
 from s3d.pretrain import get_recipe, list_recipes  # noqa: E402
-from tests.test_nnunet_data import make_sphere_dataset  # noqa: E402
-from tests.test_pretrain import prepared  # noqa: E402,F401  (module fixture: 5 tiny prepared images)
 
 PATCH = {"mg": ["32"], "vf": ["32"], "voco": ["64", "32", "32"]}
 KWARGS = {"mg": None, "vf": None, "voco": '{"crop_size": [32, 16, 16], "num_targets": 2, "proj_hidden": 64}'}

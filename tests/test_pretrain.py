@@ -44,9 +44,9 @@ def _cfg(prepared: Path, out: Path, **kw) -> PretrainConfig:
 def test_kill_and_resume_is_bitwise(prepared: Path, tmp_path: Path) -> None:
     common = {"steps": 20, "checkpoint_every": 10, "val_every": 10, "snapshot_every": 10}
     full = pretrain(_cfg(prepared, tmp_path / "full", **common))
-    assert full["finished"] and full["step"] == 20
+    assert full.finished and full.step == 20
     killed = pretrain(_cfg(prepared, tmp_path / "cut", stop_after=10, **common))
-    assert not killed["finished"] and killed["step"] == 10 and "backbone" not in killed
+    assert not killed.finished and killed.step == 10 and "backbone" not in killed.paths
     assert load_checkpoint(tmp_path / "cut", job="pretrain")["step"] == 10
     # a killed process may have logged steps after its last checkpoint: they must be dropped
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
@@ -54,14 +54,18 @@ def test_kill_and_resume_is_bitwise(prepared: Path, tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="--resume"):
         pretrain(_cfg(prepared, tmp_path / "cut", **common))
     resumed = pretrain(_cfg(prepared, tmp_path / "cut", resume=True, workers=2, **common))
-    assert resumed["finished"] and resumed["step"] == 20
+    assert resumed.finished and resumed.step == 20
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert sorted(b) == list(range(1, 21))
     assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]  # bitwise equal floats
     assert read_metrics(tmp_path / "full", "val_loss") == read_metrics(tmp_path / "cut", "val_loss")
     sa = load_checkpoint(tmp_path / "full", job="pretrain")["model"]
     sb = load_checkpoint(tmp_path / "cut", job="pretrain")["model"]
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa if k != "_extra_state")
+    # the engine choices travel in the method's state: the resumed run ran the uninterrupted run's
+    chosen = [{k: v for k, v in c.items() if k != "source"} for c in sa["_extra_state"]["engine_choices"]]
+    assert chosen and chosen == [{k: v for k, v in c.items() if k != "source"}
+                                 for c in sb["_extra_state"]["engine_choices"]]
     assert len(list((tmp_path / "full" / "snapshots").glob("*.png"))) == 2
 
 
@@ -74,11 +78,13 @@ def test_exports_load_back(prepared: Path, tmp_path: Path) -> None:
                         snapshot_every=3))
     trained = load_checkpoint(tmp_path / "run", job="pretrain")["model"]
     backbone = {k[len("backbone."):]: v for k, v in trained.items() if k.startswith("backbone.")}
-    net = load_pretrained(res["backbone"], num_classes=1)
+    net = load_pretrained(res.paths["backbone"], num_classes=1)
+    for k, v in res.model.state_dict().items():  # the result's model is the exported backbone
+        assert torch.equal(v, backbone[k]), k
     assert net.config.name == "tiny"
     for k, v in net.state_dict().items():
         assert torch.equal(v, backbone[k]), k
-    state, cfg, _ = load_state(res["nnssl"])
+    state, cfg, _ = load_state(res.paths["nnssl"])
     assert cfg.features_per_stage == net.config.features_per_stage
     assert set(state) == set(backbone) and all(torch.equal(state[k], backbone[k]) for k in state)
     img = np.asarray(Image.open(tmp_path / "run" / "snapshots" / "step_00000003.png"))
@@ -110,11 +116,11 @@ def test_engine_choice_is_logged_checkpointed_and_reused_on_resume(prepared: Pat
     choice = recs[0]["engine_choice"]
     assert choice["engine"] == "dense" and choice["timings_ms"]["blocks@4"] == 3.0
     assert choice["key"]["shape"] == [2, 1, 32, 32, 32] and choice["key"]["grad"] is True
-    assert load_checkpoint(run, job="pretrain")["engine_choices"] == [choice]
+    assert load_checkpoint(run, job="pretrain")["model"]["_extra_state"]["engine_choices"] == [choice]
     autotune.clear_cache()
     monkeypatch.setattr(autotune, "measure_engines", lambda *a, **k: pytest.fail("the resumed run measured"))
-    assert pretrain(_cfg(prepared, run, resume=True, **common))["finished"]
-    (restored,) = load_checkpoint(run, job="pretrain")["engine_choices"]
+    assert pretrain(_cfg(prepared, run, resume=True, **common)).finished
+    (restored,) = load_checkpoint(run, job="pretrain")["model"]["_extra_state"]["engine_choices"]
     assert restored == {**choice, "source": "checkpoint"}
     autotune.clear_cache()
 
@@ -136,7 +142,7 @@ def test_torchrun_two_processes_then_single_process_resume(prepared: Path, tmp_p
     with pytest.warns(UserWarning, match="2 process"):
         res = pretrain(_cfg(prepared, run, steps=4, resume=True, val_every=0, snapshot_every=0,
                             checkpoint_every=10))
-    assert res["finished"] and res["step"] == 4 and Path(res["backbone"]).is_dir()
+    assert res.finished and res.step == 4 and res.paths["backbone"].is_dir()
 
 
 def test_crop_stream_is_a_function_of_the_index(prepared: Path) -> None:
@@ -179,10 +185,10 @@ def test_validation_loss_is_the_masked_voxel_mean_of_the_whole_set(prepared, tmp
     import torch.nn.functional as F
 
     from s3d.data.pretrain_dataset import CenterCropDataset
-    from s3d.pretrain.loop import _VAL, PretrainRun
+    from s3d.pretrain.loop import _VAL, Trainer
     from s3d.runtime.optim import stream_seed
 
-    run = PretrainRun(_cfg(prepared, tmp_path / "run", val_fraction=0.6, method_kwargs={"block_size": 8}))
+    run = Trainer(_cfg(prepared, tmp_path / "run", val_fraction=0.6, method_kwargs={"block_size": 8}))
     assert len(run.val_files) == 3 and run.local_batch == 2  # batches of 2 and 1 images
     value = run.validate()
 

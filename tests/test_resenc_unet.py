@@ -203,3 +203,26 @@ def test_resenc_l_forward_flops_at_160_match_the_design_figure() -> None:
         net(x)
     # an integer count against a printed figure: within half a unit of its last digit
     assert counter.get_total_flops() == pytest.approx(2.80e12, abs=0.005e12)
+
+
+def test_norm_and_activation_factory_covers_every_config_name() -> None:
+    """One table builds the layers and names them in nnssl plans: each name resolves to its class (importlib)."""
+    import importlib
+
+    from s3d.hub.nnssl import adaptation_plan
+    from s3d.nn.blocks import ACTIVATIONS, NORM_LAYERS, make_nonlin, make_norm
+    from s3d.nn.config import NONLINS, NORMS
+
+    assert set(NORM_LAYERS) == set(NORMS) and set(ACTIVATIONS) == set(NONLINS)
+    for table in (NORM_LAYERS, ACTIVATIONS):
+        for layer in table.values():
+            module, _, name = layer.import_path.rpartition(".")
+            assert getattr(importlib.import_module(module), name) is layer.cls
+    for nonlin in NONLINS:
+        cfg = get_config("tiny").replace(nonlin=nonlin, norm="batch", norm_eps=1e-3)
+        act, norm = make_nonlin(cfg), make_norm(cfg, 4)
+        plan = adaptation_plan(cfg)["architecture_plans"]["arch_kwargs"]
+        module, _, name = plan["nonlin"].rpartition(".")
+        rebuilt = getattr(importlib.import_module(module), name)(**plan["nonlin_kwargs"])  # as DNA builds it
+        assert type(rebuilt) is type(act) and repr(rebuilt) == repr(act)
+        assert isinstance(norm, nn.BatchNorm3d) and norm.eps == 1e-3 and norm.affine

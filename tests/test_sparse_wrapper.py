@@ -306,11 +306,3 @@ def test_overfits_one_volume_tiny_preset(engine: str) -> None:
     losses = _overfit(_net(), 32, 8, 200, engine)
     first, last = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
     assert first / last > 10, (first, last)
-
-
-@pytest.mark.slow
-def test_example_runs() -> None:
-    import runpy
-    from pathlib import Path
-
-    runpy.run_path(str(Path(__file__).parents[1] / "examples" / "pretrain_minimal.py"), run_name="__main__")

@@ -17,18 +17,23 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
+from s3d._triple import to_3tuple
 from s3d.commands._common import AMP_CHOICES
+
+if TYPE_CHECKING:
+    from s3d.runtime.method import PatchProblem
 
 
 def _patch(values: list[int] | None) -> tuple[int, int, int] | None:
+    """``--patch-size N`` or ``--patch-size D H W`` (voxels); anything else exits naming the flag."""
     if values is None:
         return None
-    if len(values) == 1:
-        return (values[0],) * 3  # type: ignore[return-value]
-    if len(values) == 3:
-        return tuple(values)  # type: ignore[return-value]
-    raise SystemExit(f"--patch-size: give 1 or 3 integers, got {values}")
+    try:
+        return to_3tuple(values[0] if len(values) == 1 else values, "--patch-size")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -225,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{data} is already prepared ({MANIFEST_NAME} exists)")
         return 0
 
-    from s3d.pretrain import PretrainConfig
+    from s3d.pretrain import PatchProblemError, PretrainConfig
     from s3d.pretrain import run as pretrain
 
     cfg = PretrainConfig(
@@ -241,9 +246,12 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, probe=args.probe, probe_every=args.probe_every,
         probe_budget=args.probe_budget, probe_options=_json_option("--probe-options", args.probe_options),
         probe_timeout_s=args.probe_timeout)
-    result = pretrain(cfg)
+    try:
+        result = pretrain(cfg)
+    except PatchProblemError as e:
+        raise ValueError(_flag_advice(e.problem)) from None
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result))
+        print(json.dumps(result.to_dict()))
     return 0
 
 
@@ -258,6 +266,17 @@ def _json_option(flag: str, text: str | None) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{flag}: expected a JSON object like '{{\"key\": value}}', got {text}")
     return value
+
+
+def _flag_advice(problem: PatchProblem) -> str:
+    """The library's patch problem in this command's flags (``--patch-size``, ``--method-kwargs``)."""
+    fixes = []
+    if problem.fix_patch_size is not None:
+        fixes.append(f"--patch-size {' '.join(map(str, problem.fix_patch_size))}")
+    if problem.fix_method_kwargs:
+        fixes.append(f"--method-kwargs '{json.dumps(problem.fix_method_kwargs)}'")
+    use = f"; use {' or '.join(fixes)}" if fixes else ""
+    return f"--patch-size {' '.join(map(str, problem.patch_size))}: {problem.reason}{use}"
 
 
 def _merged_now(target, count: int) -> bool:

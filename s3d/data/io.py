@@ -15,6 +15,7 @@ import numpy as np
 
 from s3d._fs import atomic_path
 from s3d._optional import optional_import
+from s3d._triple import triple
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -32,7 +33,7 @@ class ImageHeader:
     @property
     def fov_mm(self) -> tuple[float, float, float]:
         """Field of view along each axis, mm (shape times spacing)."""
-        return tuple(float(n * s) for n, s in zip(self.shape[:3], self.spacing_mm))  # type: ignore[return-value]
+        return triple(float(n * s) for n, s in zip(self.shape[:3], self.spacing_mm))
 
 
 def _nibabel(feature: str = "reading NIfTI"):

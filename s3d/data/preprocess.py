@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from s3d._triple import triple
+
 ANISOTROPY_THRESHOLD = 3.0
 
 
@@ -31,13 +33,13 @@ def nonzero_bbox(image: np.ndarray) -> tuple[slice, slice, slice]:
         raise ValueError(f"expected (C, D, H, W), got shape {image.shape}")
     nz = np.any(image != 0, axis=0)
     if not nz.any():
-        return tuple(slice(0, n) for n in image.shape[1:])  # type: ignore[return-value]
+        return triple(slice(0, n) for n in image.shape[1:])
     out = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         idx = np.flatnonzero(nz.any(axis=other))
         out.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(out)  # type: ignore[return-value]
+    return triple(out)
 
 
 def nonzero_mask(image: np.ndarray) -> np.ndarray:
@@ -109,7 +111,7 @@ def shape_for_spacing(
     shape: Sequence[int], spacing_mm: Sequence[float], target_spacing_mm: Sequence[float]
 ) -> tuple[int, int, int]:
     """Voxel shape after resampling ``shape`` from ``spacing_mm`` to ``target_spacing_mm``."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing_mm, target_spacing_mm))  # type: ignore[return-value]
+    return triple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing_mm, target_spacing_mm))
 
 
 def anisotropic_axis(

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from s3d._fs import atomic_path
+from s3d._triple import triple
 
 #: store name -> file suffix
 STORE_SUFFIXES = {"b2nd": ".b2nd", "npy": ".npy"}
@@ -194,4 +195,4 @@ def random_crop_start(
     for n, p in zip(shape, size, strict=True):
         lo, hi = (0, n - p) if n >= p else (n - p, 0)
         out.append(int(rng.integers(lo, hi + 1)))
-    return tuple(out)  # type: ignore[return-value]
+    return triple(out)

@@ -56,7 +56,6 @@ def _axial(vol: np.ndarray) -> np.ndarray:
     return np.rot90(vol[:, :, vol.shape[2] // 2])
 
 
-
 def _legend(label_names: dict[int, str]) -> str:
     return "colours: " + ", ".join(f"{name} {_COLOUR_NAMES[v]}" for v, name in sorted(label_names.items())
                                    if v in _COLOUR_NAMES)
@@ -73,9 +72,25 @@ def _snapshot_cells(snapshot: np.ndarray, patch: tuple[int, int, int]) -> list[l
     return rows
 
 
-def _write_figures(out: Path, cohort: Any, runs: list[RunResult], pre_loss: list[tuple[int, float]],
-                   pre_dir: Path, s: DemoSettings, pretrain_patch: tuple[int, int, int] | None = None,
-                   pretrain_steps: int | None = None) -> dict[str, str]:
+def write_figures(out: Path, cohort: Any, runs: list[RunResult], pre_loss: list[tuple[int, float]],
+                  pre_dir: Path, s: DemoSettings, pretrain_patch: tuple[int, int, int] | None = None,
+                  pretrain_steps: int | None = None) -> dict[str, str]:
+    """Write the report's PNG figures into ``out/figures``: the data, the learning curves, the MAE
+    reconstruction and prediction overlays on the first test case, every panel titled.
+
+    Args:
+        out: the demo's output folder.
+        cohort: the generated cohort (:func:`s3d.data.synthetic.write_demo_cohort`).
+        runs: every fine-tuning arm's result.
+        pre_loss: the pre-training loss curve, ``(step, loss)``.
+        pre_dir: the pre-training run folder (its ``snapshots/``).
+        s: the demo's settings.
+        pretrain_patch: the pre-training patch (D, H, W) in voxels, to cut the reconstruction snapshot.
+        pretrain_steps: the pre-training's steps, for the reconstruction's title.
+
+    Returns:
+        Figure name -> path relative to ``out`` (``"figures/data.png"``, ...).
+    """
     from PIL import Image
 
     from s3d.data.io import read_nifti

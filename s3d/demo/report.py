@@ -47,7 +47,13 @@ class DemoResult:
     probe: dict[str, Any] | None = None
 
 
-def _fmt(x: float) -> str:
+def fmt_score(x: float) -> str:
+    """A score for tables and logs: three decimals, ``"n/a"`` when not finite.
+
+    Example:
+        >>> fmt_score(0.91234), fmt_score(float("nan"))
+        ('0.912', 'n/a')
+    """
     return "n/a" if not math.isfinite(x) else f"{x:.3f}"
 
 
@@ -62,7 +68,7 @@ def _sd(xs: list[float]) -> float:
 
 def _pm(xs: list[float]) -> str:
     sd = _sd(xs)
-    return _fmt(_mean(xs)) + ("" if not math.isfinite(sd) else f" ± {sd:.3f}")
+    return fmt_score(_mean(xs)) + ("" if not math.isfinite(sd) else f" ± {sd:.3f}")
 
 
 def _runs(runs: list[RunResult], n: int, init: str) -> list[RunResult]:
@@ -150,7 +156,7 @@ def class_table(runs: list[RunResult]) -> str:
             dice = {a: _mean([r.dice_per_class.get(k, float("nan")) for r in _runs(runs, n, a)]) for a in arms}
             wa, wb, _ = wins(runs, n, k)
             diff = dice.get("s3d", float("nan")) - dice.get("control", float("nan"))
-            cells = " | ".join(_fmt(dice[a]) for a in arms)
+            cells = " | ".join(fmt_score(dice[a]) for a in arms)
             lines.append(f"| {n} | {k} | {cells} | {diff:+.3f} | {wa} | {wb} |")
     return "\n".join(lines)
 

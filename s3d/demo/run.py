@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from s3d._fs import write_json_atomic, write_text_atomic
+from s3d._triple import triple
 from s3d.demo.compare import finetune_and_score
-from s3d.demo.figures import _write_figures
+from s3d.demo.figures import write_figures
 from s3d.demo.markdown import report_md
-from s3d.demo.report import ARMS, DemoResult, RunResult, _fmt, conclusion, results_table
+from s3d.demo.report import ARMS, DemoResult, RunResult, conclusion, fmt_score, results_table
 from s3d.demo.settings import DemoSettings, plan_steps, recipe_of, time_train_step
 from s3d.runtime.metrics import read_metrics
 
@@ -152,7 +153,7 @@ def _choose_threads(device: str, step_s: float, time_step: Any) -> dict[str, Any
 
 def _pretrain_patch(s: DemoSettings) -> tuple[int, int, int]:
     """The short pre-training's patch: the grid rounded down to the network stride 16, at most 48^3."""
-    return tuple(min(48, 16 * max(1, n // 16)) for n in s.shape)  # type: ignore[return-value]
+    return triple(min(48, 16 * max(1, n // 16)) for n in s.shape)
 
 
 def _pretrain(s: DemoSettings, cohort: Any, out: Path, steps: int, device: str) -> tuple[Path, list]:
@@ -257,8 +258,8 @@ def run_demo(settings: DemoSettings) -> DemoResult | None:
                                        device=device, architecture=cfg.name,
                                        val_every=max(1, s.finetune_steps // 3), progress=s.progress)
                 runs.append(r)
-                classes = "  ".join(f"{k} {_fmt(v)}" for k, v in r.dice_per_class.items())
-                print(f"      Dice {_fmt(r.dice)} ({classes})  NSD {_fmt(r.nsd)}  ({r.seconds:.0f} s)")
+                classes = "  ".join(f"{k} {fmt_score(v)}" for k, v in r.dice_per_class.items())
+                print(f"      Dice {fmt_score(r.dice)} ({classes})  NSD {fmt_score(r.nsd)}  ({r.seconds:.0f} s)")
     timings["finetune_predict_evaluate"] = time.perf_counter() - t
 
     probe_d = None
@@ -272,7 +273,7 @@ def run_demo(settings: DemoSettings) -> DemoResult | None:
     concl = conclusion(runs)
     if probe_d is not None:
         concl += " " + probe_sentence(probe_d)
-    figures = _write_figures(out, cohort, runs, pre_loss, pre_dir, s, _pretrain_patch(s), p["pretrain_steps"])
+    figures = write_figures(out, cohort, runs, pre_loss, pre_dir, s, _pretrain_patch(s), p["pretrain_steps"])
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     report = out / "report.md"

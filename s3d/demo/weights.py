@@ -151,11 +151,11 @@ def make_demo_weights(out: str | os.PathLike[str], w: WeightsRecipe | None = Non
                       batch_size=w.batch_size, patch_size=w.patch_size, method_kwargs={"block_size": w.block_size},
                       seed=w.seed, device=device, workers=0, val_fraction=0.02, val_every=500, val_max_cases=16,
                       snapshot_every=2000, checkpoint_every=250, resume=True, progress=progress)
-    if not result.get("finished"):
-        raise RuntimeError(f"{run_dir}: pre-training stopped at step {result.get('step')}; run again to resume")
+    if not result.finished:
+        raise RuntimeError(f"{run_dir}: pre-training stopped at step {result.step}; run again to resume")
     info = json.loads((run_dir / "run.json").read_text())
     hours = _elapsed_hours(run_dir / "metrics.jsonl", fallback_s=time.perf_counter() - t0)
-    net = load_pretrained(result["backbone"], in_channels=1, num_classes=1)
+    net = load_pretrained(result.paths["backbone"], in_channels=1, num_classes=1)
     card = model_card(w, _loss_curve(run_dir / "metrics.jsonl"), info["n_train"], info["n_val"], hours, command)
     recipe = {"name": "s3d-demo", **asdict(w), "pretrain_recipe": info["recipe"],
               "data": {"n_train": info["n_train"], "n_val": info["n_val"]}, "command": command}

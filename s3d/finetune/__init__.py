@@ -13,7 +13,8 @@ The public face of fine-tuning (``from s3d import finetune``)::
 - :mod:`~s3d.finetune.patches`, :mod:`~s3d.finetune.loader` (per-step seeded batches, background
   prefetch), :mod:`~s3d.finetune.losses` (also the global batch's loss under DDP),
   :mod:`~s3d.finetune.phases` (what trains, the DDP wrapper), :mod:`~s3d.finetune.validation`;
-- :mod:`~s3d.finetune.trainer`: :class:`Trainer` and :func:`run` (one process, or N with ``torchrun``);
+- :mod:`~s3d.finetune.trainer`: :class:`Trainer` (one process, or N with ``torchrun``);
+  :mod:`~s3d.finetune.job`: :func:`run`;
 - :mod:`~s3d.finetune.probing`: :func:`probe`, the frozen-encoder probe of a set of weights against
   random weights (``s3d probe``).
 
@@ -22,6 +23,7 @@ Augmentation is :mod:`s3d.augment`; the dataset format is :mod:`s3d.data.nnunet`
 
 from s3d.data.nnunet import DatasetError
 from s3d.finetune.config import FinetuneConfig, auto_patch_size, make_split
+from s3d.finetune.job import run
 from s3d.finetune.losses import DiceCELoss
 from s3d.finetune.patches import CachedCase, sample_patches
 from s3d.finetune.probing import ProbeResult, ProbeRun, probe
@@ -36,7 +38,7 @@ from s3d.finetune.schedules import (
     lr_at,
     phase_at,
 )
-from s3d.finetune.trainer import StepRecord, Trainer, run
+from s3d.finetune.trainer import StepRecord, Trainer
 from s3d.finetune.transfer import decoder_parameters, encoder_parameters, prepare_model
 
 __all__ = [

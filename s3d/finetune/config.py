@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from s3d._dataclasses import from_dict_strict, to_jsonable_dict
+from s3d._triple import to_3tuple
 from s3d.finetune.schedules import PAPER_STEPS, get_schedule
 from s3d.runtime.device import AMP_MODES
 
@@ -132,8 +133,8 @@ class FinetuneConfig:
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.patch_size is not None:
-            self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
-        self.target_spacing_mm = tuple(float(v) for v in self.target_spacing_mm)  # type: ignore[assignment]
+            self.patch_size = to_3tuple(self.patch_size, "patch_size")
+        self.target_spacing_mm = to_3tuple(self.target_spacing_mm, "target_spacing_mm", float)
         get_schedule(self.schedule).plan(self.steps, self.warmup_steps, self.peak_lr)  # too short: one line now
 
     def to_dict(self) -> dict[str, Any]:

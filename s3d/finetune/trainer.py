@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from s3d._fs import write_json_atomic
+from s3d._triple import triple
 from s3d.finetune.config import FinetuneConfig, auto_patch_size
 from s3d.finetune.data import load_finetune_data
 from s3d.finetune.loader import BatchStream, PatchPrefetcher
@@ -39,11 +40,12 @@ from s3d.finetune.validation import sliding_window_validation, tiled_validation
 from s3d.nn.resenc_unet import ResEncUNet, build_resenc_unet
 from s3d.runtime.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
 from s3d.runtime.device import autocast, resolve_amp, resolve_device
-from s3d.runtime.distributed import DistInfo, barrier, cleanup, init_distributed
+from s3d.runtime.distributed import DistInfo, barrier, init_distributed
 from s3d.runtime.lr import lr_at, phase_at, set_lr
 from s3d.runtime.metrics import MetricsLog
 from s3d.runtime.optim import backward_and_step, grad_scaler, rng_state, set_rng_state, sgd
 from s3d.runtime.progress import progress
+from s3d.runtime.result import JobResult
 
 JOB = "finetune"
 
@@ -173,7 +175,7 @@ class Trainer:
         problem = check_spatial_size(tuple(ps), self.model.config.total_stride)
         if problem:
             raise ValueError(f"patch_size {tuple(ps)}: {problem}")
-        return tuple(int(p) for p in ps)  # type: ignore[return-value]
+        return triple(int(p) for p in ps)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -305,8 +307,8 @@ class Trainer:
         self.step += 1
         return StepRecord(self.step, float(value), lr, self.phases[index].name)
 
-    def fit(self) -> ResEncUNet:
-        """Run the schedule (from the checkpoint's step when resumed); returns the trained model.
+    def fit(self) -> JobResult:
+        """Run the schedule (from the checkpoint's step when resumed); returns :meth:`result`.
 
         The lr is a function of the step and each batch a function of (seed, rank, step), so a resumed
         run continues exactly where the checkpoint left off. Under torchrun every rank calls this; rank 0
@@ -347,7 +349,24 @@ class Trainer:
                     v = self.final_validate()
                     print(f"step {self.step}: final validation Dice (sliding window) {v['final_dice']:.4f}")
         barrier(self.info)
-        return self.model
+        return self.result()
+
+    def result(self) -> JobResult:
+        """The job's :class:`~s3d.runtime.result.JobResult`: ``.model`` (the network), ``.paths`` (``"metrics"``,
+        ``"checkpoint"``, and ``"model"`` once finished), ``.metrics`` (the last ``"loss"``, ``"val_dice"``,
+        ``"final_dice"`` this process computed)."""
+        finished = self.step >= self.cfg.steps
+        paths = {"metrics": self.metrics.path, "checkpoint": self.checkpoint_path}
+        if finished:
+            paths["model"] = self.out / "model"
+        metrics: dict[str, float] = {}
+        if self.history:
+            metrics["loss"] = float(self.history[-1].loss)
+        if self.val_history:
+            metrics["val_dice"] = float(self.val_history[-1]["val_dice"])
+        if self.final_val is not None:
+            metrics["final_dice"] = float(self.final_val["final_dice"])
+        return JobResult(self.model, self.out, self.step, finished, paths, metrics)
 
     def export(self, directory: str | os.PathLike[str]) -> Path:
         """Save the model (without deep supervision) with ``save_pretrained`` plus ``preprocessing.json``."""
@@ -360,35 +379,3 @@ class Trainer:
         out = save_pretrained(plain, directory, recipe=recipe)
         self.spec.save(Path(out) / "preprocessing.json")
         return Path(out)
-
-
-def run(config: FinetuneConfig | str | os.PathLike[str] | None = None, out_dir: str | os.PathLike[str] | None = None,
-        /, *, model: ResEncUNet | None = None, **fields: Any) -> ResEncUNet:
-    """Fine-tune on an nnU-Net v2 raw dataset: ``run(cfg)`` or ``run(dataset, out_dir, **fields)``.
-
-    Args:
-        config: a :class:`FinetuneConfig`, or the dataset folder (then ``out_dir`` and ``fields`` are
-            the other :class:`FinetuneConfig` fields; with a config, ``fields`` override its fields).
-        out_dir: the run folder (with a dataset folder as ``config``).
-        model: start from this network instead of :func:`~s3d.finetune.prepare_model`.
-
-    Returns:
-        The trained model; ``out_dir/model`` holds it for ``s3d predict -m``.
-
-    Under ``torchrun`` every process calls this (``torchrun --nproc_per_node N -m s3d finetune ...``);
-    rank 0 writes the run folder, and the process group is left at the end.
-
-    Example:
-        >>> net = s3d.finetune.run("Dataset001_Brain", "runs/brain", pretrained="s3d-b", schedule="best",
-        ...                        steps=37_500, warmup_steps=12_500)
-    """
-    if isinstance(config, FinetuneConfig):
-        cfg = dataclasses.replace(config, **fields)
-    else:
-        if config is None or out_dir is None:
-            raise TypeError("run: give a FinetuneConfig, or the dataset folder and the run folder")
-        cfg = FinetuneConfig(dataset=str(config), out_dir=str(out_dir), **fields)
-    try:
-        return Trainer(cfg, model=model).fit()
-    finally:
-        cleanup()

@@ -1,11 +1,12 @@
 """Validation during and after fine-tuning: per-label Dice of held-out cases in preprocessed space.
 
-Two predictors share the Dice bookkeeping (:func:`validation_dice`):
+Both predictors are :class:`s3d.infer.SlidingWindowInferer` s (fine-tuning has no tiler of its own) and
+share the Dice bookkeeping (:func:`validation_dice`, Dice by :func:`s3d.metrics.dice`):
 
-- :func:`predict_tiled`: non-overlapping patch tiles, cheap, for the periodic validations that track
-  progress during training;
+- :func:`predict_tiled` (:func:`tiles_inferer`): non-overlapping patch tiles, uniform weights, the image
+  zero-padded at its end to whole tiles; cheap, for the periodic validations that track progress;
 - :func:`predict_sliding_window`: the prediction users get from :mod:`s3d.infer` (Gaussian-weighted
-  overlapping windows, :func:`s3d.infer.sliding_window_predict`), for the final validation.
+  windows overlapping by half a patch), for the final validation.
 """
 
 from __future__ import annotations
@@ -18,22 +19,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from s3d.runtime.device import autocast
+from s3d.infer.sliding_window import SlidingWindowInferer
+from s3d.metrics.overlap import EmptyPolicy, dice
 
 
 def dice_per_label(pred: np.ndarray, target: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
-    """Dice of each label in ``labels`` (NaN where the label is in neither map).
+    """Dice of each label in ``labels`` (:func:`s3d.metrics.dice`: NaN where the label is in neither map).
 
     Example:
         >>> dice_per_label(np.array([0, 1, 1]), np.array([0, 1, 0]), [1])
         {1: 0.6666666666666666}
     """
-    out = {}
-    for v in labels:
-        p, t = pred == v, target == v
-        denom = int(p.sum()) + int(t.sum())
-        out[int(v)] = float("nan") if denom == 0 else 2.0 * int((p & t).sum()) / denom
-    return out
+    return {int(v): dice(pred == v, target == v, EmptyPolicy.NAN) for v in labels}
 
 
 def validation_dice(
@@ -70,22 +67,27 @@ def validation_dice(
     return mean, per_label
 
 
-def _tile_starts(padded: Sequence[int], ps: Sequence[int]) -> list[tuple[int, int, int]]:
-    return [(d, h, w) for d in range(0, padded[0], ps[0]) for h in range(0, padded[1], ps[1])
-            for w in range(0, padded[2], ps[2])]
+def tiles_inferer(patch_size: Sequence[int], device: torch.device, amp_dtype: torch.dtype | None = None,
+                  tile_batch: int = 4) -> SlidingWindowInferer:
+    """The periodic validation's predictor: non-overlapping tiles (``step=1``), uniform weights, the image
+    zero-padded at its end to whole tiles (``padding="tiles"``), no mirroring, ``tile_batch`` per pass.
+
+    Example:
+        >>> tiles_inferer((32, 32, 32), torch.device("cpu")).padding
+        'tiles'
+    """
+    return SlidingWindowInferer(patch_size, step=1.0, mirror=False, tile_batch=tile_batch, device=device,
+                                amp=amp_dtype, gaussian=False, padding="tiles")
 
 
-@torch.no_grad()
 def predict_tiled(model: nn.Module, data: np.ndarray, patch_size: Sequence[int], device: torch.device,
                   amp_dtype: torch.dtype | None = None, tile_batch: int = 4,
                   return_logits: bool = False) -> np.ndarray:
-    """Labels (D, H, W) of a preprocessed case (C, D, H, W) by non-overlapping patch tiles (validation).
+    """Labels (D, H, W) of a preprocessed case (C, D, H, W) by non-overlapping patch tiles (:func:`tiles_inferer`).
 
-    The case is zero-padded to whole tiles and the tiles go through the network ``tile_batch`` at a
-    time (one forward pass per batch of tiles; the network treats samples independently, instance
-    norm included, so batching changes only the rounding). The full prediction with
-    Gaussian-weighted overlapping windows is :func:`predict_sliding_window` (:mod:`s3d.infer`); this
-    cheap tiling only tracks progress during training.
+    One forward pass per ``tile_batch`` tiles (the network treats samples independently, instance norm
+    included, so batching changes only the rounding). The full prediction with Gaussian-weighted
+    overlapping windows is :func:`predict_sliding_window`; this cheap tiling only tracks progress.
 
     Args:
         model: the network, in eval mode, on ``device`` (a deep-supervision model counts by its
@@ -100,49 +102,16 @@ def predict_tiled(model: nn.Module, data: np.ndarray, patch_size: Sequence[int],
     Example:
         >>> pred = predict_tiled(net.eval(), case.data, (32, 32, 32), torch.device("cpu"), tile_batch=4)
     """
-    if tile_batch < 1:
-        raise ValueError(f"tile_batch: must be >= 1, got {tile_batch}")
-    ps = [int(p) for p in patch_size]
-    shape = data.shape[1:]
-    padded = [max(p, math.ceil(s / p) * p) for s, p in zip(shape, ps, strict=True)]
-    x = np.zeros((data.shape[0], *padded), dtype=np.float32)
-    x[(slice(None), *(slice(0, s) for s in shape))] = data
-    xt = torch.from_numpy(x)
-    starts = _tile_starts(padded, ps)
-    labels = None if return_logits else np.zeros(padded, dtype=np.int64)
-    logits_out: np.ndarray | None = None
-    for i in range(0, len(starts), tile_batch):
-        group = starts[i:i + tile_batch]
-        sls = [(slice(d, d + ps[0]), slice(h, h + ps[1]), slice(w, w + ps[2])) for d, h, w in group]
-        tiles = torch.stack([xt[(slice(None), *sl)] for sl in sls]).to(device)
-        with autocast(device, amp_dtype):
-            logits = model(tiles)
-        if isinstance(logits, (list, tuple)):
-            logits = logits[0]
-        if return_logits:
-            if logits_out is None:
-                logits_out = np.zeros((logits.shape[1], *padded), dtype=np.float32)
-            out_np = logits.float().cpu().numpy()
-            for j, sl in enumerate(sls):
-                logits_out[(slice(None), *sl)] = out_np[j]
-        else:
-            assert labels is not None
-            lab = logits.float().argmax(1).cpu().numpy()
-            for j, sl in enumerate(sls):
-                labels[sl] = lab[j]
-    crop = tuple(slice(0, s) for s in shape)
-    if return_logits:
-        assert logits_out is not None
-        return logits_out[(slice(None), *crop)]
-    assert labels is not None
-    return labels[crop]
+    image = torch.from_numpy(np.array(data, dtype=np.float32))  # a writable copy (the cache is read-only)
+    logits = tiles_inferer(patch_size, device, amp_dtype, tile_batch)(image, model)
+    return logits.cpu().numpy() if return_logits else logits.argmax(0).cpu().numpy()
 
 
 def predict_sliding_window(model: nn.Module, data: np.ndarray, patch_size: Sequence[int], device: torch.device,
                            amp: str | torch.dtype | None = None, **kwargs: Any) -> np.ndarray:
     """Labels (D, H, W) of a preprocessed case (C, D, H, W) as ``s3d predict`` makes them.
 
-    The argmax of :func:`s3d.infer.sliding_window_predict` with its defaults (tiles overlapping by
+    The argmax of a :class:`s3d.infer.SlidingWindowInferer` with its defaults (tiles overlapping by
     half a patch, Gaussian importance with sigma = patch / 8, no mirroring) unless ``kwargs`` say
     otherwise. A deep-supervision model counts by its full-resolution output. Set ``model.eval()``.
 
@@ -152,15 +121,13 @@ def predict_sliding_window(model: nn.Module, data: np.ndarray, patch_size: Seque
         patch_size: (D, H, W) tile size in voxels.
         device: where the model runs (the logits accumulate there, or on the CPU when it is full).
         amp: autocast dtype or :data:`~s3d.runtime.device.AMP_MODES` name (``None`` = fp32).
-        **kwargs: more :func:`s3d.infer.sliding_window_predict` arguments (``step``, ``tile_batch``...).
+        **kwargs: more :class:`s3d.infer.SlidingWindowInferer` settings (``step``, ``tile_batch``...).
 
     Example:
         >>> pred = predict_sliding_window(net.eval(), case.data, (32, 32, 32), torch.device("cpu"))
     """
-    from s3d.infer import sliding_window_predict
-
     image = torch.from_numpy(np.array(data, dtype=np.float32))  # a writable copy (the cache is read-only)
-    logits = sliding_window_predict(model, image, patch_size, device=device, amp=amp, **kwargs)
+    logits = SlidingWindowInferer(patch_size, device=device, amp=amp, **kwargs)(image, model)
     return logits.argmax(0).cpu().numpy()
 
 
@@ -191,7 +158,7 @@ def sliding_window_validation(model: nn.Module, cases: Iterable[Any], labels: Se
                               amp_dtype: torch.dtype | None = None, step: int = 0) -> dict[str, Any]:
     """The final validation record, predicted as ``s3d predict`` does (:func:`predict_sliding_window`).
 
-    Gaussian-weighted tiles overlapping by half a patch (:func:`s3d.infer.sliding_window_predict`'s
+    Gaussian-weighted tiles overlapping by half a patch (:class:`s3d.infer.SlidingWindowInferer`'s
     defaults), in preprocessed space, under the autocast dtype, from the full-resolution output.
 
     Returns:
@@ -216,4 +183,4 @@ def sliding_window_validation(model: nn.Module, cases: Iterable[Any], labels: Se
 
 
 __all__ = ["dice_per_label", "predict_sliding_window", "predict_tiled", "sliding_window_validation",
-           "tiled_validation", "validation_dice"]
+           "tiled_validation", "tiles_inferer", "validation_dice"]

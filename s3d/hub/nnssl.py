@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from s3d._triple import to_3tuple
+from s3d.nn.blocks import ACTIVATIONS, NORM_LAYERS, nonlin_kwargs, norm_kwargs
 from s3d.nn.config import ResEncUNetConfig, get_config
 
 #: Keys of the nnssl checkpoint dict that may hold the network weights, in order of preference.
@@ -323,9 +325,6 @@ def adaptation_plan(
         >>> plan["key_to_stem"]
         'encoder.stem'
     """
-    norm = {"instance": "torch.nn.modules.instancenorm.InstanceNorm3d",
-            "batch": "torch.nn.modules.batchnorm.BatchNorm3d"}[config.norm]
-    nonlin = {"leaky_relu": "torch.nn.LeakyReLU", "relu": "torch.nn.ReLU", "gelu": "torch.nn.GELU"}[config.nonlin]
     arch_kwargs = {
         "n_stages": config.n_stages,
         "features_per_stage": list(config.features_per_stage),
@@ -335,15 +334,12 @@ def adaptation_plan(
         "n_blocks_per_stage": list(config.n_blocks_per_stage),
         "n_conv_per_stage_decoder": list(config.n_conv_per_stage_decoder),
         "conv_bias": config.conv_bias,
-        "norm_op": norm,
-        "norm_op_kwargs": {"eps": config.norm_eps, "affine": config.norm_affine},
+        "norm_op": NORM_LAYERS[config.norm].import_path,
+        "norm_op_kwargs": norm_kwargs(config),
         "dropout_op": None,
         "dropout_op_kwargs": None,
-        "nonlin": nonlin,
-        "nonlin_kwargs": {
-            "inplace": True,
-            **({"negative_slope": config.negative_slope} if config.nonlin == "leaky_relu" else {}),
-        },
+        "nonlin": ACTIVATIONS[config.nonlin].import_path,
+        "nonlin_kwargs": nonlin_kwargs(config),
     }
     shape_only = {"in_channels": 1, "num_classes": 1, "deep_supervision": False, "name": ""}
     is_preset = config.replace(**shape_only) == get_config("resenc_l").replace(**shape_only)
@@ -360,8 +356,7 @@ def adaptation_plan(
     return {
         "architecture_plans": architecture,
         "pretrain_plan": None,
-        "recommended_downstream_patchsize": [int(patch_size)] * 3 if isinstance(patch_size, int)
-        else [int(p) for p in patch_size],
+        "recommended_downstream_patchsize": list(to_3tuple(patch_size, "patch_size")),
         "key_to_encoder": "encoder.stages",
         "key_to_stem": "encoder.stem",
         "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],

@@ -3,7 +3,7 @@
 :func:`predict_case` (and :func:`~s3d.infer.folder.predict_folder`, alias ``s3d.predict``, for a
 folder) reads one case's NIfTI files (``{case}_{XXXX}.nii.gz``, one file per channel), preprocesses
 them with the model directory's ``preprocessing.json``, predicts
-(:func:`~s3d.infer.sliding_window_predict`), brings the result back to the input's voxel grid and
+(:class:`~s3d.infer.SlidingWindowInferer`), brings the result back to the input's voxel grid and
 writes a label map with the input's affine and header (optionally the probabilities as ``.npz``).
 
 Axis convention: spatial axes (D, H, W) are nibabel's voxel axes (i, j, k), as in :mod:`s3d.data.io`.
@@ -11,6 +11,7 @@ Axis convention: spatial axes (D, H, W) are nibabel's voxel axes (i, j, k), as i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from s3d._triple import triple
 from s3d.infer.inputs import CaseError, check_case_files
-from s3d.infer.sliding_window import Model, sliding_window_predict
+from s3d.infer.sliding_window import Model, SlidingWindowInferer
 
 
 @dataclass
@@ -113,7 +115,7 @@ def check_patch_size(patch_size: Sequence[int] | None, model: Model, source: str
         problem = check_spatial_size(sizes, stride)
         if problem:
             raise PatchSizeError(f"{source} {sizes}: not a tile size the network takes: {problem}")
-    return sizes  # type: ignore[return-value]
+    return triple(sizes)
 
 
 def regions_to_labels(probabilities: np.ndarray, regions_class_order: Sequence[int]) -> np.ndarray:
@@ -143,23 +145,17 @@ def predict_case(
     model: Model,
     spec: Any,
     *,
+    inferer: SlidingWindowInferer | None = None,
     patch_size: Sequence[int] | None = None,
     output_path: str | os.PathLike[str] | None = None,
     probabilities_path: str | os.PathLike[str] | None = None,
-    step: float = 0.5,
-    mirror: bool | Sequence[int] = True,
-    tile_batch: int = 4,
-    device: torch.device | str | None = None,
-    accumulate_device: torch.device | str = "auto",
-    accumulate_limit_bytes: int | None = None,
-    amp: str | torch.dtype | None = "off",
-    progress: bool = False,
+    **options: Any,
 ) -> CasePrediction:
     """Predict one case: check, preprocess, sliding window, back to the input grid, optionally write files.
 
     Steps: :func:`~s3d.infer.inputs.check_case_files` (headers) ->
     :func:`s3d.data.nnunet.preprocess_case` (crop to nonzero, z-score; a constant channel becomes 0,
-    with a note; resample to ``spec.target_spacing_mm``) -> :func:`sliding_window_predict` (mirrored
+    with a note; resample to ``spec.target_spacing_mm``) -> the :class:`SlidingWindowInferer` (mirrored
     over all three axes by default) -> softmax, or sigmoid for a region model ->
     :func:`s3d.data.nnunet.restore_geometry` (probabilities resampled linearly to the input's voxel
     grid; background outside the crop) -> argmax, or :func:`regions_to_labels`.
@@ -168,24 +164,22 @@ def predict_case(
         image_paths: one NIfTI file per channel, in ``spec.channel_names`` order.
         model: the network (``model(x)`` -> logits (N, K, d, h, w)), in eval mode.
         spec: the :class:`~s3d.data.nnunet.PreprocessingSpec` the model was trained with.
-        patch_size: tile size (voxels); default ``spec.patch_size``.
+        inferer: how to predict (its ``output`` is ignored: the logits are used); ``None``: a
+            :class:`SlidingWindowInferer` of ``patch_size`` and ``options``.
+        patch_size: tile size (voxels) when no ``inferer`` is given; default ``spec.patch_size``.
         output_path: write the label map here (NIfTI, the first channel's affine and header).
         probabilities_path: write ``probabilities`` (K, D, H, W) float32 and ``labels`` (the label
             values of the K channels) here as ``.npz``; written as a pair with ``output_path``.
-        mirror: mirroring test-time augmentation: ``True`` (all three axes, as nnU-Net), ``False``, or axes.
-        step: as in :func:`sliding_window_predict`.
-        tile_batch: as in :func:`sliding_window_predict`.
-        device: as in :func:`sliding_window_predict`.
-        accumulate_device: as in :func:`sliding_window_predict`.
-        accumulate_limit_bytes: as in :func:`sliding_window_predict`.
-        amp: as in :func:`sliding_window_predict`.
-        progress: as in :func:`sliding_window_predict`.
+        **options: :class:`SlidingWindowInferer` settings when no ``inferer`` is given (``step``, ``mirror``,
+            ``tile_batch``, ``device``, ``accumulate_device``, ``accumulate_limit_bytes``, ``amp``,
+            ``progress``); ``mirror`` defaults to ``True`` here (all three axes, as nnU-Net).
 
     Returns:
         :class:`CasePrediction` in the input's voxel grid.
 
     Raises:
         CaseError / ValueError: an input file that cannot be used (the message names it), or no patch size.
+        TypeError: both an ``inferer`` and ``patch_size`` or ``options``.
 
     Example:
         >>> model, spec = load_model_dir("model")
@@ -197,16 +191,22 @@ def predict_case(
 
     if not image_paths:
         raise ValueError("image_paths: need at least one channel file")
+    if inferer is not None and (patch_size is not None or options):
+        raise TypeError(f"predict_case: give an inferer or its settings, not both (got inferer and "
+                        f"{sorted([*options, *(['patch_size'] if patch_size is not None else [])])})")
     headers = check_case_files(image_paths)
-    patch = check_patch_size(patch_size if patch_size is not None else spec.patch_size, model)
+    if inferer is None:
+        patch = check_patch_size(patch_size if patch_size is not None else spec.patch_size, model)
+        inferer = SlidingWindowInferer(patch, **{"mirror": True, **options})
+    else:
+        check_patch_size(inferer.patch_size, model, "inferer.patch_size")
     image, props = preprocess_case(image_paths, spec, constant_channels="zero")
     notes = [f"channel {c} ({spec.channel_names[c]}, {Path(image_paths[c]).name}) is constant inside the "
              "nonzero crop: set to 0 (the z-scored mean) instead of z-scored" for c in props["constant_channels"]]
+    if inferer.output != "logits":
+        inferer = dataclasses.replace(inferer, output="logits")
     try:
-        logits = sliding_window_predict(
-            model, torch.from_numpy(image), patch, step=step, mirror=mirror, tile_batch=tile_batch,
-            device=device, accumulate_device=accumulate_device, accumulate_limit_bytes=accumulate_limit_bytes,
-            amp=amp, output="logits", progress=progress)
+        logits = inferer(torch.from_numpy(image), model)
     except ValueError as e:
         raise CaseError(image_paths[0], f"after resampling to {spec.target_spacing_mm} mm: {e}") from e
     regions = spec.has_regions

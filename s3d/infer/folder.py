@@ -16,6 +16,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +24,7 @@ from s3d._optional import optional_import
 from s3d.infer.cases import check_patch_size, load_model_dir, predict_case
 from s3d.infer.inputs import CaseError, CaseFailure, scan_input_folder
 from s3d.infer.outputs import sweep_partial
+from s3d.infer.sliding_window import SlidingWindowInferer
 from s3d.runtime.device import resolve_device
 from s3d.runtime.progress import progress as progress_bar
 
@@ -55,16 +57,12 @@ def predict_folder(
     output_dir: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
     *,
-    step: float = 0.5,
-    mirror: bool | Sequence[int] = True,
-    tile_batch: int = 4,
+    inferer: SlidingWindowInferer | None = None,
     device: torch.device | str | None = "auto",
-    accumulate_device: torch.device | str = "auto",
-    accumulate_limit_bytes: int | None = None,
-    amp: str | torch.dtype | None = "off",
     patch_size: Sequence[int] | None = None,
     save_probabilities: bool = False,
     progress: bool = True,
+    **options: Any,
 ) -> list[Path]:
     """Predict every case of ``input_dir`` with the model in ``model_dir``; write label NIfTIs.
 
@@ -85,18 +83,19 @@ def predict_folder(
         output_dir: created if missing; existing predictions are replaced (atomically); temporaries of
             an interrupted run are removed first.
         model_dir: see above.
-        mirror: mirroring test-time augmentation; default all three axes (8 passes per tile), as
-            nnU-Net's default for 3D models; ``False`` for speed.
-        step: as in :func:`~s3d.infer.sliding_window_predict`.
-        tile_batch: as in :func:`~s3d.infer.sliding_window_predict`.
-        accumulate_device: as in :func:`~s3d.infer.sliding_window_predict`.
-        accumulate_limit_bytes: as in :func:`~s3d.infer.sliding_window_predict`.
-        amp: as in :func:`~s3d.infer.sliding_window_predict`.
-        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        patch_size: tile size (voxels); default ``preprocessing.json``'s ``patch_size``.
+        inferer: how every case is predicted (:class:`~s3d.infer.SlidingWindowInferer`; its ``output`` is
+            ignored); ``None``: one of ``patch_size`` and ``options``, on ``device``.
+        device: where the model is loaded (and runs): ``"auto"`` (CUDA if available), ``"cpu"``,
+            ``"cuda"``, ``"cuda:1"``...
+        patch_size: tile size (voxels) when no ``inferer`` is given; default ``preprocessing.json``'s
+            ``patch_size``.
         save_probabilities: also write ``{case}.npz`` (without it, an old ``{case}.npz`` is removed when
             ``{case}``'s new label map is written).
-        progress: a tqdm bar over cases (and one over each case's tiles).
+        progress: a tqdm bar over cases (and, without an ``inferer``, one over each case's tiles).
+        **options: :class:`~s3d.infer.SlidingWindowInferer` settings when no ``inferer`` is given (``step``,
+            ``mirror``, ``tile_batch``, ``accumulate_device``, ``accumulate_limit_bytes``, ``amp``); ``mirror``
+            defaults to ``True`` here: all three axes (8 passes per tile), as nnU-Net's default for 3D models;
+            ``False`` for speed.
 
     Returns:
         Paths of the label files written, in case order.
@@ -112,11 +111,18 @@ def predict_folder(
         [PosixPath('predictions/case_001.nii.gz'), ...]
     """
     optional_import("nibabel", "reading NIfTI")  # before anything is read or written
+    if inferer is not None and (patch_size is not None or options):
+        raise TypeError(f"predict_folder: give an inferer or its settings, not both (got inferer and "
+                        f"{sorted([*options, *(['patch_size'] if patch_size is not None else [])])})")
     model_dir = Path(model_dir)
-    dev = resolve_device(device)
+    dev = resolve_device(device if inferer is None or inferer.device is None else inferer.device)
     model, spec = load_model_dir(model_dir, device=dev)
-    source = "patch_size" if patch_size is not None else f"{model_dir / 'preprocessing.json'}: patch_size"
-    patch = check_patch_size(patch_size if patch_size is not None else spec.patch_size, model, source)
+    if inferer is None:
+        source = "patch_size" if patch_size is not None else f"{model_dir / 'preprocessing.json'}: patch_size"
+        patch = check_patch_size(patch_size if patch_size is not None else spec.patch_size, model, source)
+        inferer = SlidingWindowInferer(patch, **{"mirror": True, "device": dev, "progress": progress, **options})
+    else:
+        check_patch_size(inferer.patch_size, model, "inferer.patch_size")
     scan = scan_input_folder(input_dir, len(spec.channel_names), spec.file_ending)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -140,11 +146,8 @@ def predict_folder(
             try:
                 if not save_probabilities:
                     npz.unlink(missing_ok=True)  # an old .npz must not sit next to a new label map
-                pred = predict_case(paths, model, spec, patch_size=patch, output_path=out,
-                                    probabilities_path=npz if save_probabilities else None, step=step,
-                                    mirror=mirror, tile_batch=tile_batch, device=dev,
-                                    accumulate_device=accumulate_device,
-                                    accumulate_limit_bytes=accumulate_limit_bytes, amp=amp, progress=progress)
+                pred = predict_case(paths, model, spec, inferer=inferer, output_path=out,
+                                    probabilities_path=npz if save_probabilities else None)
             except Exception as e:  # noqa: BLE001 - one case never stops the batch; it is reported below
                 file, reason = _blame(e, paths)
                 _remove_outputs(output_dir, case, spec.file_ending)

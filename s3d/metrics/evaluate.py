@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from s3d.metrics.labels import ROUND_TOL, LabelSet, load_labels, to_label_map
-from s3d.metrics.outputs import OUTPUTS, discard_evaluation, write_evaluation
+from s3d.metrics.outputs import OUTPUTS, FolderEvaluation, discard_evaluation, write_evaluation
 from s3d.metrics.overlap import EmptyPolicy, as_policy, dice
 from s3d.metrics.surface import nsd
 
@@ -168,46 +168,6 @@ def _evaluate_files(
     except Exception as e:  # noqa: BLE001 - one bad case never stops the batch
         return _CaseResult(case, error=f"{type(e).__name__}: {e} (an internal error while evaluating "
                                        f"{pred_path}; please report it)")
-
-
-@dataclass
-class FolderEvaluation:
-    """Result of :func:`evaluate_folder`: per-case metrics, per-case errors, rounding counts and the summary.
-
-    ``rounded[case]`` is ``{"prediction": voxels, "reference": voxels}`` for the cases whose float label
-    values were rounded (within ``ROUND_TOL`` of an integer); cases with exact integer labels are absent.
-    """
-
-    per_case: dict[str, dict[str, dict[str, float]]]
-    errors: dict[str, str]
-    summary: dict[str, Any] = field(default_factory=dict)
-    rounded: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def case_means(self, metric: str = "dice") -> dict[str, float]:
-        """Foreground mean of ``metric`` per case (nanmean over classes; NaN if all classes are NaN)."""
-        out = {}
-        for case, classes in self.per_case.items():
-            vals = np.array([c[metric] for c in classes.values()], dtype=float)
-            out[case] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
-        return out
-
-    def table(self) -> str:
-        """The summary as a printable table."""
-        lines = [f"{'class':<24}{'dice':>10}{'nsd':>10}"]
-        for name, m in self.summary["mean"].items():
-            lines.append(f"{name:<24}{_fmt(m['dice']):>10}{_fmt(m['nsd']):>10}")
-        fg = self.summary["foreground_mean"]
-        lines.append(f"{'foreground mean':<24}{_fmt(fg['dice']):>10}{_fmt(fg['nsd']):>10}")
-        lines.append(f"{self.summary['n_cases']} cases evaluated, {len(self.errors)} failed")
-        if self.rounded:
-            total = sum(sum(r.values()) for r in self.rounded.values())
-            lines.append(f"rounded {total} voxels to the nearest integer label (all within {ROUND_TOL:g}) "
-                         f"in {len(self.rounded)} case(s)")
-        return "\n".join(lines)
-
-
-def _fmt(x: float | None) -> str:
-    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
 def _nanmean(values: Sequence[float]) -> float:

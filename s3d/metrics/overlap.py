@@ -60,7 +60,13 @@ def empty_value(ref_empty: bool, pred_empty: bool, policy: EmptyPolicy | str) ->
     return None
 
 
-def _binary(name: str, mask: np.ndarray) -> np.ndarray:
+def binary_mask(name: str, mask: np.ndarray) -> np.ndarray:
+    """``mask`` as a bool array; ``ValueError`` naming ``name`` unless it is bool or holds only 0 and 1.
+
+    Example:
+        >>> binary_mask("pred", np.array([0, 1, 1])).tolist()
+        [False, True, True]
+    """
     mask = np.asarray(mask)
     if mask.dtype != bool:
         values = np.unique(mask)
@@ -94,7 +100,7 @@ def dice(
         >>> dice(a, a)
         1.0
     """
-    pred, ref = _binary("pred", pred), _binary("ref", ref)
+    pred, ref = binary_mask("pred", pred), binary_mask("ref", ref)
     if pred.shape != ref.shape:
         raise ValueError(f"pred has shape {pred.shape} but ref has shape {ref.shape}")
     if valid is not None:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from s3d.metrics.overlap import EmptyPolicy, _binary, empty_value
+from s3d.metrics.overlap import EmptyPolicy, binary_mask, empty_value
 
 _CORNERS: tuple[tuple[int, int, int], ...] = tuple(itertools.product((0, 1), repeat=3))  # bit b -> corner
 
@@ -291,7 +291,7 @@ def nsd(
         >>> nsd(m, np.roll(m, 1, axis=0), (1.0, 1.0, 1.0), tau_mm=1.0)
         1.0
     """
-    pred, ref = _binary("pred", pred), _binary("ref", ref)
+    pred, ref = binary_mask("pred", pred), binary_mask("ref", ref)
     if valid is not None:
         valid = np.asarray(valid, dtype=bool)
         pred, ref = pred & valid, ref & valid

@@ -9,6 +9,8 @@ Attribute names follow dynamic-network-architectures so state-dict keys match nn
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import nn
 
@@ -16,20 +18,53 @@ from s3d.nn.config import ResEncUNetConfig, Triple
 from s3d.nn.masked import masked_instance_norm
 
 
+class LayerType(NamedTuple):
+    """A layer the config names: its class, and the dotted name nnU-Net/nnssl plans import it by."""
+
+    cls: type[nn.Module]
+    import_path: str
+
+
+#: The norm/activation factory's table (MONAI-style: a name and its keyword arguments make the layer):
+#: ``ResEncUNetConfig.norm`` / ``.nonlin`` -> :class:`LayerType`. :func:`make_norm` and :func:`make_nonlin`
+#: build layers from it; :func:`s3d.hub.nnssl.adaptation_plan` writes its ``import_path`` into plans.
+NORM_LAYERS: dict[str, LayerType] = {
+    "instance": LayerType(nn.InstanceNorm3d, "torch.nn.modules.instancenorm.InstanceNorm3d"),
+    "batch": LayerType(nn.BatchNorm3d, "torch.nn.modules.batchnorm.BatchNorm3d"),
+}
+ACTIVATIONS: dict[str, LayerType] = {
+    "leaky_relu": LayerType(nn.LeakyReLU, "torch.nn.LeakyReLU"),
+    "relu": LayerType(nn.ReLU, "torch.nn.ReLU"),
+    "gelu": LayerType(nn.GELU, "torch.nn.GELU"),
+}
+
+
+def norm_kwargs(cfg: ResEncUNetConfig) -> dict[str, Any]:
+    """Keyword arguments of the norm layer besides the channel count (DNA's ``norm_op_kwargs``)."""
+    return {"eps": cfg.norm_eps, "affine": cfg.norm_affine}
+
+
+def nonlin_kwargs(cfg: ResEncUNetConfig) -> dict[str, Any]:
+    """Keyword arguments of the activation (DNA's ``nonlin_kwargs``); GELU has no ``inplace``.
+
+    Example:
+        >>> from s3d.nn.config import get_config
+        >>> nonlin_kwargs(get_config("tiny"))
+        {'inplace': True, 'negative_slope': 0.01}
+    """
+    if cfg.nonlin == "gelu":
+        return {}
+    return {"inplace": True, **({"negative_slope": cfg.negative_slope} if cfg.nonlin == "leaky_relu" else {})}
+
+
 def make_norm(cfg: ResEncUNetConfig, channels: int) -> nn.Module:
-    """The norm layer named by ``cfg.norm`` for ``channels`` channels."""
-    if cfg.norm == "instance":
-        return nn.InstanceNorm3d(channels, eps=cfg.norm_eps, affine=cfg.norm_affine)
-    return nn.BatchNorm3d(channels, eps=cfg.norm_eps, affine=cfg.norm_affine)
+    """The norm layer named by ``cfg.norm`` (:data:`NORM_LAYERS`) for ``channels`` channels."""
+    return NORM_LAYERS[cfg.norm].cls(channels, **norm_kwargs(cfg))
 
 
 def make_nonlin(cfg: ResEncUNetConfig) -> nn.Module:
-    """The activation named by ``cfg.nonlin``."""
-    if cfg.nonlin == "leaky_relu":
-        return nn.LeakyReLU(cfg.negative_slope, inplace=True)
-    if cfg.nonlin == "relu":
-        return nn.ReLU(inplace=True)
-    return nn.GELU()
+    """The activation named by ``cfg.nonlin`` (:data:`ACTIVATIONS`)."""
+    return ACTIVATIONS[cfg.nonlin].cls(**nonlin_kwargs(cfg))
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -14,24 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from s3d._dataclasses import from_dict_strict, to_jsonable_dict
-
-Triple = tuple[int, int, int]
+from s3d._triple import Triple, to_3tuple, triple
 
 NORMS = ("instance", "batch")
 NONLINS = ("leaky_relu", "relu", "gelu")
-
-
-def _triple(value: Any, name: str) -> Triple:
-    """Turn ``k`` or ``[kd, kh, kw]`` into a 3-tuple of positive ints, naming ``name`` on error."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value, value)
-    try:
-        out = tuple(int(v) for v in value)
-    except TypeError:
-        raise ValueError(f"{name}: expected an int or 3 ints, got {value!r}") from None
-    if len(out) != 3 or any(v < 1 for v in out):
-        raise ValueError(f"{name}: expected an int or 3 positive ints, got {value!r}")
-    return out  # type: ignore[return-value]
 
 
 @dataclass
@@ -89,8 +75,8 @@ class ResEncUNetConfig:
             self.strides = (1,) + (self.strides,) * (n - 1)
         if isinstance(self.kernel_sizes, int):
             self.kernel_sizes = (self.kernel_sizes,) * n
-        self.strides = tuple(_triple(s, f"strides[{i}]") for i, s in enumerate(self.strides))
-        self.kernel_sizes = tuple(_triple(k, f"kernel_sizes[{i}]") for i, k in enumerate(self.kernel_sizes))
+        self.strides = tuple(to_3tuple(s, f"strides[{i}]") for i, s in enumerate(self.strides))
+        self.kernel_sizes = tuple(to_3tuple(k, f"kernel_sizes[{i}]") for i, k in enumerate(self.kernel_sizes))
         self.n_blocks_per_stage = tuple(int(b) for b in self.n_blocks_per_stage)
         self.n_conv_per_stage_decoder = tuple(int(c) for c in self.n_conv_per_stage_decoder)
         for fname, want in (
@@ -128,15 +114,16 @@ class ResEncUNetConfig:
     @property
     def total_stride(self) -> Triple:
         """Downsampling from the input to the bottleneck, per axis (voxels)."""
-        return tuple(math.prod(s[a] for s in self.strides) for a in range(3))  # type: ignore[return-value]
+        return triple(math.prod(s[a] for s in self.strides) for a in range(3))
 
     def stage_strides(self) -> list[Triple]:
         """Cumulative stride of each encoder stage's output relative to the input, per axis."""
-        out, acc = [], (1, 1, 1)
+        out: list[Triple] = []
+        acc: Triple = (1, 1, 1)
         for s in self.strides:
-            acc = tuple(a * b for a, b in zip(acc, s, strict=True))
+            acc = triple(a * b for a, b in zip(acc, s, strict=True))
             out.append(acc)
-        return out  # type: ignore[return-value]
+        return out
 
     # ---- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from torch.utils.checkpoint import checkpoint
 
 from s3d.nn.blocks import StackedConvBlocks, StackedResidualBlocks
 from s3d.nn.config import ResEncUNetConfig, get_config
-from s3d.nn.masked import stage_keeps
 
 Keeps = Sequence[torch.Tensor] | None
 
@@ -27,6 +26,8 @@ class ResidualEncoder(nn.Module):
 
     def __init__(self, cfg: ResEncUNetConfig) -> None:
         super().__init__()
+        #: the architecture (the model's own config object); its ``stage_strides()`` place every stage
+        self.config = cfg
         stem_channels = cfg.stem_channels or cfg.features_per_stage[0]
         self.stem = StackedConvBlocks(cfg, 1, cfg.in_channels, stem_channels, cfg.kernel_sizes[0])
         stages, cin = [], stem_channels
@@ -43,8 +44,8 @@ class ResidualEncoder(nn.Module):
         """Encode ``x`` (B, C, D, H, W) into one feature map per stage (highest resolution first).
 
         Args:
-            keeps: ``None`` for the dense network, or the list from
-                :func:`s3d.nn.masked.stage_keeps` (input resolution, then one per stage; 1 = visible).
+            keeps: ``None`` for the dense network, or a mask plan's ``keeps``
+                (:class:`s3d.sparse.plan.MaskPlan`: input resolution, then one per stage; 1 = visible).
                 With masks, the input is zeroed at masked voxels and every layer re-masks.
         """
         if keeps is not None:
@@ -165,14 +166,17 @@ class ResEncUNet(nn.Module):
             mask: optional keep mask (1 = visible, 0 = masked), (B, 1, d, h, w) on any grid that
                 tiles the input (e.g. a 32^3-voxel block grid). The encoder then runs masked
                 (input zeroed, every conv re-masked, norm statistics over visible voxels) and the
-                decoder sees the masked features. ``None``: the ordinary dense network.
+                decoder sees the masked features; the mask goes down as one
+                :class:`s3d.sparse.plan.MaskPlan`, as in the MAE wrapper. ``None``: the dense network.
         """
         self.check_input(x)
         keeps = None
         if mask is not None:
+            from s3d.sparse.plan import MaskPlan
+
             if mask.dim() != 5 or mask.shape[0] != x.shape[0] or mask.shape[1] != 1:
                 raise ValueError(f"mask: expected (B={x.shape[0]}, 1, d, h, w), got {tuple(mask.shape)}")
-            keeps = stage_keeps(mask, x.shape[2:], self.config.stage_strides())
+            keeps = MaskPlan.build(mask, x.shape[2:], self.config.stage_strides()).keeps
         return self.decoder(self.encoder(x, keeps))
 
 

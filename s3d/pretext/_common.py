@@ -1,10 +1,12 @@
-"""Pieces shared by the pretext methods: the output type, random streams, box masks, decoder features."""
+"""Pieces shared by the pretext methods: the output type, what they provide as pre-training methods
+(:class:`PretextMethod`), random streams, box masks, decoder features."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -18,12 +20,42 @@ class PretextOutput(NamedTuple):
         reconstruction: (B, C, D, H, W) what the network produced for snapshots, or ``None``.
         target: (B, C, D, H, W) what it should have produced, or ``None``.
         extras: method-specific tensors (e.g. the transformed input, the labels), may be empty.
+        loss_weight: ``None``: every sample weighs the same when losses are combined across processes.
+        mask: ``None``: the input is not masked (a snapshot shows it as it is).
     """
 
     loss: torch.Tensor
     reconstruction: torch.Tensor | None = None
     target: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] | None = None
+    loss_weight: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+class PretextMethod(nn.Module):
+    """What the pretext methods share as pre-training methods (:class:`s3d.runtime.method.PretrainMethod`):
+    they take the loop's patches as they are, any patch their backbone takes works (unless a method says
+    otherwise), they choose nothing at run time, and their export is the backbone's state dict.
+
+    Subclasses set ``self.backbone`` and implement ``forward(x, generator=None) -> PretextOutput``.
+    """
+
+    backbone: nn.Module
+    #: nothing is chosen at run time (the MAE wrapper's encoder engine is)
+    engine_choices: Mapping[Any, Any] = MappingProxyType({})
+
+    def prepare_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch ``forward`` takes: the z-scored patches (B, C, D, H, W) as they are."""
+        return x
+
+    def patch_problem(self, patch_size: Sequence[int]) -> Any:
+        """``None``: any patch the backbone takes works (a subclass with a constraint says otherwise)."""
+        return None
+
+    def export_backbone(self) -> OrderedDict[str, torch.Tensor]:
+        """A detached copy of the backbone's state dict (loads strictly into ``build_resenc_unet(config)``;
+        method heads are not part of it)."""
+        return export_state(self.backbone)
 
 
 def device_generator(x: torch.Tensor, generator: torch.Generator | None) -> torch.Generator:
@@ -31,7 +63,7 @@ def device_generator(x: torch.Tensor, generator: torch.Generator | None) -> torc
     global torch RNG (so ``torch.manual_seed`` before the call makes the draw reproducible).
 
     Example:
-        >>> torch.manual_seed(0); g = device_generator(torch.zeros(1), None)
+        >>> _ = torch.manual_seed(0); g = device_generator(torch.zeros(1), None)
     """
     if generator is not None:
         return generator

@@ -28,7 +28,6 @@ Differences from the official code (deliberate, for batching and testable proper
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -37,11 +36,11 @@ from torch import nn
 
 from s3d.augment import mirror
 from s3d.pretext._common import (
+    PretextMethod,
     PretextOutput,
     box_mask,
     check_backbone,
     device_generator,
-    export_state,
     rand,
     randint_between,
 )
@@ -270,7 +269,7 @@ def genesis_transform(
     return inp, target, d
 
 
-class ModelsGenesis(nn.Module):
+class ModelsGenesis(PretextMethod):
     """Models Genesis restoration pre-training around a ResEnc U-Net (``num_classes == in_channels``).
 
     Args:
@@ -334,7 +333,3 @@ class ModelsGenesis(nn.Module):
             pred = pred[0]
         loss = F.mse_loss(pred.float(), target.float())
         return PretextOutput(loss, pred, target, {"input": inp})
-
-    def export_backbone(self) -> OrderedDict[str, torch.Tensor]:
-        """A detached copy of the backbone's state dict (loads strictly into ``build_resenc_unet``)."""
-        return export_state(self.backbone)

@@ -20,21 +20,15 @@ The decoder is not used and is frozen; the exported backbone keeps its initial d
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s3d.pretext._common import PretextOutput, check_backbone, device_generator, export_state, randint_between
-
-
-def _triple(v: int | Sequence[int], name: str) -> tuple[int, int, int]:
-    t = (int(v),) * 3 if isinstance(v, int) else tuple(int(a) for a in v)
-    if len(t) != 3 or any(a < 1 for a in t):
-        raise ValueError(f"voco: {name} must be a positive int or 3 positive ints, got {v}")
-    return t  # type: ignore[return-value]
+from s3d._triple import to_3tuple, triple
+from s3d.pretext._common import PretextMethod, PretextOutput, check_backbone, device_generator, randint_between
+from s3d.runtime.method import PatchProblem
 
 
 def base_grid(size: Sequence[int], crop: Sequence[int]) -> torch.Tensor:
@@ -87,7 +81,7 @@ def extract_crops(x: torch.Tensor, lo: torch.Tensor, crop: Sequence[int]) -> tor
     return crops.permute(0, 1, 5, 2, 3, 4).reshape(b * k, x.shape[1], *[int(c) for c in crop])
 
 
-class VoCo(nn.Module):
+class VoCo(PretextMethod):
     """VoCo position-contrast pre-training of a ResEnc U-Net's encoder.
 
     Args:
@@ -111,7 +105,7 @@ class VoCo(nn.Module):
                  eps: float = 1e-6) -> None:
         super().__init__()
         check_backbone(backbone, "voco")
-        self.crop_size = _triple(crop_size, "crop_size")
+        self.crop_size = to_3tuple(crop_size, "voco: crop_size")
         if num_targets < 1:
             raise ValueError(f"voco: num_targets must be >= 1, got {num_targets}")
         if reg_weight < 0 or eps <= 0:
@@ -124,6 +118,22 @@ class VoCo(nn.Module):
         self.projector = nn.Sequential(nn.Linear(feats, proj_hidden), nn.ReLU(inplace=True),
                                        nn.Linear(proj_hidden, proj_dim))
         backbone.decoder.requires_grad_(False)
+
+    def patch_problem(self, patch_size: Sequence[int]) -> PatchProblem | None:
+        """``None`` when patches of ``patch_size`` (D, H, W voxels) are a whole number of crops along every
+        axis (the base crops tile the patch); else a patch size that is.
+
+        Example:
+            >>> from s3d.nn import build_resenc_unet
+            >>> VoCo(build_resenc_unet("tiny", num_classes=1), crop_size=32).patch_problem((48, 64, 32)).fix_patch_size
+            (64, 64, 32)
+        """
+        patch = triple(int(p) for p in patch_size)
+        if all(p % c == 0 for p, c in zip(patch, self.crop_size, strict=True)):
+            return None
+        fit = triple(max(c, -(-p // c) * c) for p, c in zip(patch, self.crop_size, strict=True))
+        return PatchProblem(patch, f"with voco crop_size {self.crop_size} the patch must be a multiple of the crop "
+                            "along every axis (the base crops tile it)", fit)
 
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
         """Projected, pooled multi-scale encoder features (N, proj_dim) of crops (N, C, d, h, w)."""
@@ -172,7 +182,3 @@ class VoCo(nn.Module):
         extras = {"logits": logits, "overlap": overlap, "pred_loss": pred_loss.detach(),
                   "reg_loss": reg_loss.detach(), "target_lo": target_lo}
         return PretextOutput(loss, None, None, extras)
-
-    def export_backbone(self) -> OrderedDict[str, torch.Tensor]:
-        """A detached copy of the backbone's state dict (the projection head is not part of it)."""
-        return export_state(self.backbone)

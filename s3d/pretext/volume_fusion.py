@@ -16,19 +16,18 @@ so :meth:`VolumeFusion.export_backbone` is a plain ResEnc U-Net state dict.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from s3d.pretext._common import (
+    PretextMethod,
     PretextOutput,
     box_mask,
     check_backbone,
     decoder_features,
     device_generator,
-    export_state,
     randint_between,
 )
 
@@ -97,7 +96,7 @@ def fuse(a: torch.Tensor, b: torch.Tensor, label: torch.Tensor, num_classes: int
     return alpha * a + (1 - alpha) * b
 
 
-class VolumeFusion(nn.Module):
+class VolumeFusion(PretextMethod):
     """VolumeFusion pseudo-segmentation pre-training around a ResEnc U-Net.
 
     Args:
@@ -163,7 +162,3 @@ class VolumeFusion(nn.Module):
         pred = logits.detach().argmax(1, keepdim=True).to(x.dtype)
         extras = {"input": fused, "label": label, "logits": logits}
         return PretextOutput(loss, pred, label.to(x.dtype), extras)
-
-    def export_backbone(self) -> OrderedDict[str, torch.Tensor]:
-        """A detached copy of the backbone's state dict (the fusion head is not part of it)."""
-        return export_state(self.backbone)

@@ -1,25 +1,34 @@
-"""The pre-training loop: one loop for every method, on CPU, one GPU or N processes (torchrun/DDP).
+"""The pre-training loop: one loop for every method, on CPU, one GPU or N processes (torchrun/DDP); the entry
+point :func:`s3d.pretrain.run` is :mod:`~s3d.pretrain.job`.
 
-:class:`PretrainRun` builds everything a run needs in its constructor (process group, device and AMP,
-recipe, data split, method, optimiser, a resumed checkpoint) and :meth:`PretrainRun.train` runs the steps:
+:class:`Trainer` builds everything a run needs in its constructor (process group, device and AMP,
+recipe, data split, method, optimiser, a resumed checkpoint); :meth:`Trainer.fit` runs the steps, each
+one :meth:`Trainer.train_step` (lr, forward, backward, update) then :meth:`Trainer.after_step` (logs,
+validation, snapshots, checkpoints), as the fine-tuning :class:`s3d.finetune.Trainer` does:
 
 - the recipe's SGD and per-step PolyLR (:mod:`s3d.runtime.lr`), gradient-norm clipping, AMP (bf16
-  where supported, fp16 with a GradScaler otherwise, off on CPU), optional channels_last_3d and ``torch.compile``;
+  where supported, fp16 with a GradScaler otherwise, off on CPU), optional channels_last_3d and
+  ``torch.compile``;
 - batched augmentation on the training device (:meth:`s3d.augment.AugmentConfig.pretraining`);
 - DDP when launched with ``torchrun`` (global batch split across ranks, data sharded per rank, a
   method's ``loss_weight`` normalised over the global batch, rank 0 logs and writes checkpoints);
-- a held-out validation loss (split by subject), PNG reconstruction snapshots, ``metrics.jsonl``, optional
-  TensorBoard, a progress bar; with ``cfg.probe`` the frozen-encoder probe (:mod:`~s3d.pretrain.probing`);
-- complete atomic checkpoints (:mod:`s3d.runtime.checkpoint`: model, optimiser, scaler, RNG states,
-  and the encoder engine ``engine="auto"`` picked, which a resumed run reuses);
-- the engine choice of ``engine="auto"`` (:mod:`s3d.sparse.autotune`, measured on the first step) printed
-  once to stderr and recorded in ``metrics.jsonl`` (``{"step": 1, "engine_choice": {...}}``).
+- a held-out validation loss (split by subject), PNG reconstruction snapshots, ``metrics.jsonl``,
+  optional TensorBoard, a progress bar with the loss and lr; with ``cfg.probe`` the frozen-encoder probe
+  (:mod:`~s3d.pretrain.probing`) on the initial weights and after checkpoints;
+- complete atomic checkpoints (:mod:`s3d.runtime.checkpoint`: the method's state, with what it chose at
+  run time, e.g. the encoder engine of ``engine="auto"``; optimiser, scaler, RNG states);
+- each run-time choice (e.g. measured on the first step by :mod:`s3d.sparse.autotune`) printed once to
+  stderr and recorded in ``metrics.jsonl`` (``{"step": 1, "engine_choice": {...}}``).
 
-Reproducibility: the crops, the augmentation and the method's own randomness (e.g. the MAE mask) of step
-``t`` on rank ``r`` are drawn from streams seeded by ``(seed, r, t)``. Resuming at step ``t`` therefore
-reproduces the uninterrupted run exactly (bitwise on CPU); the global RNG states are saved and restored too.
+The loop knows a method only through :class:`s3d.runtime.method.PretrainMethod`.
 
-At the end the backbone is exported as s3d safetensors (``RUN/backbone``) and an nnssl checkpoint (``RUN/nnssl``).
+Reproducibility: the crops, the augmentation and the method's own randomness (e.g. the MAE mask) of
+step ``t`` on rank ``r`` are drawn from streams seeded by ``(seed, r, t)``. Resuming at step ``t``
+therefore reproduces the uninterrupted run exactly (bitwise on CPU); the global RNG states are
+saved and restored too, for code that draws from them between steps.
+
+At the end the backbone is exported (:mod:`s3d.pretrain.export`): ``RUN/backbone`` and
+``RUN/nnssl/checkpoint_final.pth`` + ``adaptation_plan.json``.
 """
 
 from __future__ import annotations
@@ -28,51 +37,73 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from s3d._fs import atomic_path, write_json_atomic
+from s3d._fs import write_json_atomic
 from s3d.pretrain.config import PretrainConfig
-from s3d.pretrain.methods import build_method
+from s3d.pretrain.export import backbone_model, export_backbone
+from s3d.pretrain.heldout import validation_loss, write_snapshot
+from s3d.pretrain.methods import build_backbone, build_method
 from s3d.pretrain.probing import probe_hook
-from s3d.pretrain.snapshots import reconstruction_panels, snapshot_image, write_png
 from s3d.runtime.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
 from s3d.runtime.device import autocast, resolve_amp, resolve_device
-from s3d.runtime.distributed import barrier, cleanup, global_weighted_loss, init_distributed, mean_across
+from s3d.runtime.distributed import barrier, global_weighted_loss, init_distributed, mean_across
 from s3d.runtime.lr import lr_at, set_lr
+from s3d.runtime.method import PatchProblemError
 from s3d.runtime.metrics import MetricsLog
 from s3d.runtime.optim import backward_and_step, grad_scaler, rng_state, set_rng_state, sgd, stream_seed
 from s3d.runtime.progress import progress
-from s3d.sparse.mask import block_grid_size
+from s3d.runtime.result import JobResult
 
 JOB = "pretrain"
 # purposes of the derived random streams
 _AUGMENT, _METHOD, _VAL = 1, 2, 3
 
 
-class PretrainRun:
+class StepRecord(NamedTuple):
+    """What one pre-training step computed (tensors: no host sync until a log step reads them).
+
+    Attributes:
+        step: the global step count after this step.
+        loss: this rank's loss (0-d tensor).
+        global_loss: the global batch's loss under torchrun when the method weighs its loss, else ``None``.
+        lr: the learning rate of this step.
+        grad_norm: the global gradient norm before clipping (0-d tensor; NaN without clipping).
+    """
+
+    step: int
+    loss: torch.Tensor
+    global_loss: torch.Tensor | None
+    lr: float
+    grad_norm: torch.Tensor
+
+
+class Trainer:
     """One pre-training run: everything is built and (with ``cfg.resume``) restored in the constructor.
 
     Args:
         cfg: the run's settings.
+        on_step: called as ``on_step(trainer, record)`` after every step's :meth:`after_step`.
 
     Raises:
         FileExistsError: ``cfg.out`` already holds a checkpoint and ``cfg.resume`` is off.
+        PatchProblemError: the method cannot train on the recipe's patch size (names the parameters to change).
         ResumeError / CheckpointError: the checkpoint does not fit the settings or is damaged.
 
     Example:
-        >>> PretrainRun(PretrainConfig(data="prep", out="runs/a", architecture="tiny", steps=10)).train()
+        >>> Trainer(PretrainConfig(data="prep", out="runs/a", architecture="tiny", steps=10)).fit()
     """
 
-    def __init__(self, cfg: PretrainConfig) -> None:
+    def __init__(self, cfg: PretrainConfig, on_step: Callable[[Trainer, StepRecord], None] | None = None) -> None:
         from s3d.data.pretrain_dataset import shard_cases, split_subjects
         from s3d.data.scan import read_manifest, training_cases
-        from s3d.nn import build_resenc_unet
-
         self.cfg = cfg
+        self.on_step = on_step
         self.info = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.info.local_rank)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
@@ -93,19 +124,24 @@ class PretrainRun:
         self.n_train, self.n_val = len(train), len(val)
 
         torch.manual_seed(cfg.seed)
-        backbone = build_resenc_unet(self.recipe.architecture, in_channels=1, num_classes=1,
-                                     deep_supervision=False)
-        self.method: nn.Module = build_method(self.recipe.method, backbone, **self.recipe.method_kwargs)
-        _check_mask_blocks(self.recipe.patch_size, getattr(self.method, "block_size", None))
+        self.method = build_method(self.recipe.method, build_backbone(self.recipe.architecture),
+                                   **self.recipe.method_kwargs)
+        problem = self.method.patch_problem(self.recipe.patch_size)
+        if problem is not None:
+            raise PatchProblemError(problem)
         self.method.to(self.device)
         if cfg.channels_last:
-            self.method = self.method.to(memory_format=torch.channels_last_3d)
+            self.method.to(memory_format=torch.channels_last_3d)
         r = self.recipe
         self.optimizer = sgd(self.method.parameters(), r.lr, momentum=r.momentum, nesterov=r.nesterov,
                              weight_decay=r.weight_decay)
         self.lr_phases = r.lr_phases()
         self.scaler = grad_scaler(self.amp_dtype, self.device)
-        self.start_step = 0
+        self._probe = None  # the pre-training probe (s3d.pretrain.probing), set up by fit()
+        self.net: nn.Module = self.method  # what a step runs: DDP and/or torch.compile around it in fit()
+        self.start_step = self.step = 0
+        self.last_loss = float("nan")
+        self.last_val_loss: float | None = None
         self._resume()
 
     # ---- checkpoints ----
@@ -120,7 +156,7 @@ class PretrainRun:
             return
         save_checkpoint(self.out, {
             "step": step,
-            "model": self.method.state_dict(),
+            "model": self.method.state_dict(),  # with the method's run-time choices (its extra state)
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -129,7 +165,6 @@ class PretrainRun:
             "data": {"seed": self.cfg.seed, "step": step, "world_size": self.info.world_size,
                      "local_batch": self.local_batch, "n_train": self.n_train, "n_val": self.n_val},
             "recipe": self.recipe.to_dict(),
-            "engine_choices": [c.to_dict() for c in getattr(self.method, "engine_choices", {}).values()],
         }, job=JOB)
 
     def _resume(self) -> None:
@@ -143,13 +178,11 @@ class PretrainRun:
             return
         ckpt = load_checkpoint(self.out, job=JOB, map_location=self.device)
         check_resume(ckpt["resume_fields"], self.resume_fields(), path)
-        self.method.load_state_dict(ckpt["model"])
+        self.method.load_state_dict(ckpt["model"])  # also what the method chose: a resumed run runs the same
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        if ckpt.get("engine_choices") and hasattr(self.method, "restore_engine_choices"):
-            self.method.restore_engine_choices(ckpt["engine_choices"])  # same engine as before: bitwise resume
-        self.start_step = int(ckpt["step"])
+        self.start_step = self.step = int(ckpt["step"])
         if ckpt["data"]["world_size"] != self.info.world_size and self.info.is_main:
             warnings.warn(f"checkpoint written by {ckpt['data']['world_size']} process(es), resuming on "
                           f"{self.info.world_size}: the data stream differs from an uninterrupted run",
@@ -162,74 +195,26 @@ class PretrainRun:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return x
 
-    @torch.no_grad()
     def validate(self) -> float | None:
-        """The method's loss over the held-out images (centre crops); ``None`` without held-out images.
-
-        For a method that reports ``loss_weight`` (MAE: masked voxels) the value is the weighted mean
-        over the whole set, as the training loss is over the global batch; otherwise the image mean.
-        """
-        from s3d.data.pretrain_dataset import CenterCropDataset
-
-        if not self.val_files:
-            return None
-        ds = CenterCropDataset(self.val_files, self.recipe.patch_size)
-        total, n = 0.0, 0.0
-        self.method.eval()
+        """The method's loss over the held-out images (:func:`~s3d.pretrain.heldout.validation_loss`: the
+        weighted mean over the whole set for a method with a ``loss_weight``); ``None`` without held-out images."""
         torch.manual_seed(stream_seed(self.cfg.seed, 0, 0, _VAL))
-        for i in range(0, len(ds), self.local_batch):
-            x = self._prepare_input(torch.stack([ds[j] for j in range(i, min(i + self.local_batch, len(ds)))]))
-            with autocast(self.device, self.amp_dtype):
-                out = self.method(x)
-            weight = getattr(out, "loss_weight", None)
-            w = float(weight) if weight is not None else float(x.shape[0])
-            total, n = total + float(out.loss) * w, n + w
-        self.method.train()
-        return total / n if n > 0 else float("nan")
+        return validation_loss(self.method, self.val_files, self.recipe.patch_size, self.local_batch,
+                               self._prepare_input, self.amp_dtype)
 
-    @torch.no_grad()
     def snapshot(self, step: int, fallback: torch.Tensor) -> Path | None:
         """Write ``RUN/snapshots/step_XXXXXXXX.png`` from the first held-out image (or ``fallback``)."""
         from s3d.data.pretrain_dataset import CenterCropDataset
 
         x = (CenterCropDataset(self.val_files[:1], self.recipe.patch_size)[0][None] if self.val_files
              else fallback[:1].float().cpu())
-        x = self._prepare_input(x)
-        self.method.eval()
         torch.manual_seed(stream_seed(self.cfg.seed, 0, step, _VAL))
-        with autocast(self.device, self.amp_dtype):
-            out = self.method(x)
-        self.method.train()
-        panels = reconstruction_panels(x, out)
-        if panels is None:
-            return None
-        path = self.out / "snapshots" / f"step_{step:08d}.png"
-        write_png(path, snapshot_image(panels))
-        return path
+        return write_snapshot(self.method, self._prepare_input(x), self.out / "snapshots" / f"step_{step:08d}.png",
+                              self.amp_dtype)
 
-    # ---- export ----
-    def export(self) -> dict[str, str]:
+    def export(self) -> dict[str, Path]:
         """Write the backbone as s3d safetensors (``RUN/backbone``) and as an nnssl checkpoint (``RUN/nnssl``)."""
-        from s3d.hub import nnssl_checkpoint, save_pretrained
-        from s3d.hub.nnssl import adaptation_plan
-        from s3d.nn import build_resenc_unet
-
-        backbone = build_resenc_unet(self.method.backbone.config)
-        backbone.load_state_dict(self.method.export_backbone())
-        recipe = self.recipe.to_dict()
-        provenance = (f"Pre-trained with s3d recipe {self.recipe.name!r} ({self.recipe.method}) for "
-                      f"{self.recipe.steps} steps at batch {self.recipe.batch_size} on {self.n_train} images "
-                      f"of {self.cfg.data}.")
-        hub_dir = save_pretrained(backbone, self.out / "backbone", recipe=recipe, provenance=provenance)
-        nn_dir = self.out / "nnssl"
-        nn_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = nnssl_checkpoint(backbone.state_dict(), backbone.config, trainer_name="s3d.pretrain")
-        ckpt["current_epoch"] = self.recipe.steps // 250  # nnssl counts epochs of 250 steps
-        ckpt["nnssl_adaptation_plan"] = adaptation_plan(backbone.config, self.recipe.patch_size)
-        with atomic_path(nn_dir / "checkpoint_final.pth") as tmp:
-            torch.save(ckpt, tmp)
-        write_json_atomic(nn_dir / "adaptation_plan.json", ckpt["nnssl_adaptation_plan"])
-        return {"backbone": str(hub_dir), "nnssl": str(nn_dir / "checkpoint_final.pth")}
+        return export_backbone(self.method, self.recipe, self.out, self.cfg.data, self.n_train)
 
     # ---- train ----
     def _start_logs(self):
@@ -248,14 +233,6 @@ class PretrainRun:
             raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
         return SummaryWriter(str(self.out / "tb"))
 
-    def _log_engine_choices(self, step: int, logged: set, bar: Any) -> None:
-        """Rank 0: print and record in ``metrics.jsonl`` each engine choice not logged yet (``engine="auto"``)."""
-        for key, choice in getattr(self.method, "engine_choices", {}).items():
-            if key not in logged:
-                logged.add(key)
-                bar.write(f"step {step}: {choice.message()}", file=sys.stderr)
-                self.metrics.append({"step": step, "engine_choice": choice.to_dict()})
-
     def _wrap(self) -> nn.Module:
         model: nn.Module = self.method
         if self.info.enabled:
@@ -267,134 +244,123 @@ class PretrainRun:
             model = torch.compile(model)  # type: ignore[assignment]
         return model
 
-    def train(self) -> dict[str, Any]:
-        """Run the remaining steps; returns ``{"step", "loss", "run", "finished", "backbone", "nnssl"}``."""
+    def train_step(self, x: torch.Tensor) -> StepRecord:
+        """One optimiser step at ``self.step`` on a prepared batch ``x`` (B_local, C, D, H, W): lr, the
+        method's random stream, forward, the (global-batch) loss, backward, clip, update."""
+        cfg, info, recipe = self.cfg, self.info, self.recipe
+        lr = lr_at(self.lr_phases, self.step, recipe.poly_exponent)
+        set_lr(self.optimizer, lr)
+        torch.manual_seed(stream_seed(cfg.seed, info.rank, self.step, _METHOD))
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.amp_dtype):
+            out = self.net(x)
+        loss, global_loss = out.loss, None
+        if info.enabled and out.loss_weight is not None:
+            # normalise by the global batch's loss weight (e.g. masked voxels of all ranks), not
+            # per rank: DDP's gradient average then equals one process with the whole batch
+            loss, global_loss = global_weighted_loss(loss, out.loss_weight, info)
+        grad_norm = backward_and_step(loss, self.optimizer, self.scaler, recipe.grad_clip)
+        self.step += 1
+        return StepRecord(self.step, loss, global_loss, lr, grad_norm)
+
+    def after_step(self, rec: StepRecord, x: torch.Tensor) -> None:
+        """Everything after an update: run-time choices, the metrics line (log steps only: the one host
+        sync), the progress bar, validation, a snapshot (of ``x`` without held-out images) and checkpoints."""
+        cfg, info, main = self.cfg, self.info, self.info.is_main
+        step = rec.step
+        if main:
+            for key, choice in self.method.engine_choices.items():
+                if key not in self._logged_choices:
+                    self._logged_choices.add(key)
+                    self._bar.write(f"step {step}: {choice.message()}", file=sys.stderr)
+                    self.metrics.append({"step": step, "engine_choice": choice.to_dict()})
+        if step % cfg.log_every == 0 or step == self._stop:  # no host sync between log steps
+            # every rank takes part in the reduction (the global weighted mean was reduced above)
+            self.last_loss = mean_across(rec.loss, info) if rec.global_loss is None else float(rec.global_loss)
+            if not math.isfinite(self.last_loss):
+                raise FloatingPointError(f"step {step}: loss is {self.last_loss}; lower the lr or check the data")
+            if main:
+                now = time.perf_counter()
+                rate = (step - self._step_last) / max(now - self._t_last, 1e-9)
+                self._t_last, self._step_last = now, step
+                record = {"step": step, "loss": self.last_loss, "lr": rec.lr, "grad_norm": float(rec.grad_norm),
+                          "steps_per_s": rate, "patches_per_s": rate * self.recipe.batch_size, "time": time.time(),
+                          **self._loader.take()}
+                if self.device.type == "cuda":
+                    record["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                self.metrics.append(record)
+                if self._tb is not None:
+                    self._tb.add_scalar("train/loss", self.last_loss, step)
+                    self._tb.add_scalar("train/lr", rec.lr, step)
+                self._bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{rec.lr:.2e}")
+        self._bar.update()
+        if main and cfg.val_every and (step % cfg.val_every == 0 or step == self.recipe.steps):
+            val = self.validate()
+            if val is not None:
+                self.last_val_loss = val
+                self.metrics.append({"step": step, "val_loss": val})
+                if self._tb is not None:
+                    self._tb.add_scalar("val/loss", val, step)
+        if main and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            self.snapshot(step, x)
+        if step % cfg.checkpoint_every == 0 or step == self._stop:
+            self.save_checkpoint(step)
+            barrier(info)
+            if self._probe is not None:
+                self._probe.after_checkpoint(step, final=step >= self.recipe.steps)
+        if self.on_step is not None:
+            self.on_step(self, rec)
+
+    def fit(self) -> JobResult:
+        """Run the remaining steps (to ``cfg.stop_after`` at most) and export the backbone when every step ran.
+
+        Returns:
+            :class:`~s3d.runtime.result.JobResult`: the backbone with its pre-trained weights, the run's
+            files (``paths["backbone"]``, ``paths["nnssl"]`` when finished) and ``metrics["loss"]``.
+        """
         from s3d.augment import Augment, AugmentConfig
         from s3d.data.pretrain_dataset import LoaderStats, build_pretrain_loader
 
         cfg, info, recipe = self.cfg, self.info, self.recipe
-        main = info.is_main
-        if main:
+        if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier(info)
-        tb = self._start_logs()
-        model = self._wrap()
-        stop = recipe.steps if cfg.stop_after is None else min(recipe.steps, cfg.stop_after)
-        loader = build_pretrain_loader(self.train_files, recipe.patch_size, self.local_batch, self.start_step,
-                                       stop, seed=cfg.seed, rank=info.rank, workers=cfg.workers,
-                                       pin_memory=self.device.type == "cuda",
-                                       prefetch_factor=cfg.prefetch_factor)
-        loader = LoaderStats(loader)  # loader_wait / loader_queue in metrics.jsonl: does the step wait for data?
+        self._tb = self._start_logs()
+        self.net = self._wrap()
+        self._stop = recipe.steps if cfg.stop_after is None else min(recipe.steps, cfg.stop_after)
+        loader = build_pretrain_loader(self.train_files, recipe.patch_size, self.local_batch, self.step,
+                                       self._stop, seed=cfg.seed, rank=info.rank, workers=cfg.workers,
+                                       pin_memory=self.device.type == "cuda", prefetch_factor=cfg.prefetch_factor)
+        self._loader = LoaderStats(loader)  # loader_wait / loader_queue in metrics.jsonl: does the step wait?
         augment = Augment(AugmentConfig.pretraining()) if cfg.augment else None
-        bar = progress(desc="pretrain", unit="step", total=recipe.steps, initial=self.start_step,
-                       enabled=main and cfg.progress)
-        t_last, step_last = time.perf_counter(), self.start_step
-        step = self.start_step
-        last_loss = float("nan")
-        engines_logged: set = set()
-        probe = probe_hook(self)  # on the initial weights first (a fresh run), then after checkpoints
+        self._bar = progress(desc="pretrain", unit="step", total=recipe.steps, initial=self.step,
+                             enabled=info.is_main and cfg.progress)
+        self._t_last, self._step_last = time.perf_counter(), self.step
+        self._logged_choices: set = set()
+        self._probe = probe_hook(self)  # on the initial weights first (a fresh run), then after checkpoints
         self.method.train()
-        for batch in loader:
-            x = self._prepare_input(batch)
-            if augment is not None:
-                x = augment(x, torch.Generator().manual_seed(stream_seed(cfg.seed, info.rank, step, _AUGMENT)))
-            lr = lr_at(self.lr_phases, step, recipe.poly_exponent)
-            set_lr(self.optimizer, lr)
-            torch.manual_seed(stream_seed(cfg.seed, info.rank, step, _METHOD))
-            self.optimizer.zero_grad(set_to_none=True)
-            with autocast(self.device, self.amp_dtype):
-                out = model(x)
-            loss, global_loss = out.loss, None
-            loss_weight = getattr(out, "loss_weight", None)
-            if info.enabled and loss_weight is not None:
-                # normalise by the global batch's loss weight (e.g. masked voxels of all ranks), not
-                # per rank: DDP's gradient average then equals one process with the whole batch
-                loss, global_loss = global_weighted_loss(loss, loss_weight, info)
-            grad_norm = backward_and_step(loss, self.optimizer, self.scaler, recipe.grad_clip)
-            step += 1
-            if main:
-                self._log_engine_choices(step, engines_logged, bar)
-            if step % cfg.log_every == 0 or step == stop:  # no host sync between log steps
-                # every rank takes part in the reduction (the global weighted mean was reduced above)
-                last_loss = mean_across(loss, info) if global_loss is None else float(global_loss)
-                if not math.isfinite(last_loss):
-                    raise FloatingPointError(f"step {step}: loss is {last_loss}; lower the lr or check the data")
-                if main:
-                    now = time.perf_counter()
-                    rate = (step - step_last) / max(now - t_last, 1e-9)
-                    t_last, step_last = now, step
-                    record = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
-                              "steps_per_s": rate, "patches_per_s": rate * recipe.batch_size, "time": time.time(),
-                              **loader.take()}
-                    if self.device.type == "cuda":
-                        record["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    self.metrics.append(record)
-                    if tb is not None:
-                        tb.add_scalar("train/loss", last_loss, step)
-                        tb.add_scalar("train/lr", lr, step)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-            bar.update()
-            if main and cfg.val_every and (step % cfg.val_every == 0 or step == recipe.steps):
-                val = self.validate()
-                if val is not None:
-                    self.metrics.append({"step": step, "val_loss": val})
-                    if tb is not None:
-                        tb.add_scalar("val/loss", val, step)
-            if main and cfg.snapshot_every and step % cfg.snapshot_every == 0:
-                self.snapshot(step, x)
-            if step % cfg.checkpoint_every == 0 or step == stop:
-                self.save_checkpoint(step)
-                barrier(info)
-                if probe is not None:
-                    probe.after_checkpoint(step, final=step >= recipe.steps)
-        bar.close()
-        if tb is not None:
-            tb.close()
-        result: dict[str, Any] = {"step": step, "loss": last_loss, "run": str(self.out),
-                                  "finished": step >= recipe.steps}
-        if step >= recipe.steps and main:
-            result.update(self.export())
+        try:
+            for batch in self._loader:
+                x = self._prepare_input(batch)
+                if augment is not None:
+                    x = augment(x, torch.Generator().manual_seed(stream_seed(cfg.seed, info.rank, self.step, _AUGMENT)))
+                x = self.method.prepare_batch(x)
+                self.after_step(self.train_step(x), x)
+        finally:
+            self._bar.close()
+            if self._tb is not None:
+                self._tb.close()
+        finished = self.step >= recipe.steps
+        paths = {"metrics": self.metrics.path, "checkpoint": checkpoint_path(self.out)}
+        if finished and info.is_main:
+            paths.update(self.export())
         barrier(info)
-        return result
+        metrics = {"loss": self.last_loss}
+        if self.last_val_loss is not None:
+            metrics["val_loss"] = self.last_val_loss
+        return JobResult(backbone_model(self.method), self.out, self.step, finished, paths, metrics)
 
-
-def run(cfg: PretrainConfig | None = None, /, **fields: Any) -> dict[str, Any]:
-    """Run (or resume) pre-training; returns ``{"step", "loss", "finished", "backbone", "nnssl", ...}``.
-
-    Args:
-        cfg: the run's settings; or give :class:`PretrainConfig` fields as keywords instead
-            (with a ``cfg``, keywords override its fields).
-
-    Under ``torchrun`` every process calls this; rank 0 writes the run directory.
-
-    Example:
-        >>> s3d.pretrain.run(data="prep/", out="runs/tiny", recipe="s3d-b", architecture="tiny", steps=20,
-        ...                  batch_size=2, patch_size=(32, 32, 32), method_kwargs={"block_size": 16}, workers=0)
-        {'step': 20, ...}
-    """
-    import dataclasses
-
-    cfg = dataclasses.replace(cfg, **fields) if cfg is not None else PretrainConfig(**fields)
-    try:
-        return PretrainRun(cfg).train()
-    finally:
-        cleanup()
-
-
-def _check_mask_blocks(patch_size: tuple[int, ...], block_size: int | None) -> None:
-    """Refuse a patch the MAE mask grid cannot use, before the first step, naming both arguments."""
-    if block_size is None:
-        return
-    try:
-        if math.prod(block_grid_size(patch_size, block_size)) >= 2:
-            return
-    except ValueError:  # not a whole number of blocks along some axis
-        pass
-    fit = [-(-p // block_size) * block_size for p in patch_size]  # each axis up to a whole block
-    if math.prod(f // block_size for f in fit) < 2:
-        fit[-1] *= 2
-    raise ValueError(
-        f"--patch-size {' '.join(map(str, patch_size))} with mask block_size {block_size}: the patch must be a "
-        f"multiple of the block along every axis and hold at least 2 blocks (one visible, one masked); use "
-        f"--patch-size {' '.join(map(str, fit))} or a smaller block, e.g. --method-kwargs "
-        f"'{{\"block_size\": {max(1, block_size // 2)}}}'")
+    def train(self) -> JobResult:
+        """Deprecated name of :meth:`fit` (as the fine-tuning :class:`s3d.finetune.Trainer` calls it)."""
+        warnings.warn("Trainer.train() is deprecated: use Trainer.fit()", DeprecationWarning, stacklevel=2)
+        return self.fit()

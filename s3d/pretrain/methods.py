@@ -1,10 +1,9 @@
 """The pre-training methods: one registry in which S3D's sparse MAE is a method like the baselines.
 
-A method is an ``nn.Module`` built around a ResEnc U-Net backbone whose ``forward(x)`` takes a
-z-scored batch (B, C, D, H, W) and returns an object with a scalar ``.loss`` (optionally
-``.reconstruction``/``.mask``/``.target`` for snapshots, and ``.loss_weight``, the loss's
-denominator, which multi-process runs sum over the ranks), and whose ``export_backbone()`` returns a
-plain ResEnc U-Net state dict.
+A method is an ``nn.Module`` built around a backbone that provides :class:`s3d.runtime.method.PretrainMethod`
+(its batch preparation, its patch check, a ``forward`` returning the loss and its weight, the run-time
+choices it made, ``export_backbone()``); that protocol is all the loop knows of it, so a new method (or a
+new model family) is a row here and needs no change to the loop.
 
 | name | module | default recipe |
 |---|---|---|
@@ -26,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from s3d.pretext import ModelsGenesis, VoCo, VolumeFusion
+from s3d.runtime.method import PretrainMethod, check_method
 from s3d.sparse import SparseMAEWrapper
 
 
@@ -61,7 +61,21 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown pre-training method {name!r}; available: {sorted(METHODS)}") from None
 
 
-def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> nn.Module:
+def build_backbone(architecture: str) -> nn.Module:
+    """The network a recipe pre-trains: the ``architecture`` preset with 1 input channel and 1 output (the
+    reconstruction), deep supervision off. The ResEnc U-Net presets (:func:`s3d.build_resenc_unet`); another
+    model family adds its presets here, not in the loop.
+
+    Example:
+        >>> build_backbone("tiny").config.num_classes
+        1
+    """
+    from s3d.nn import build_resenc_unet
+
+    return build_resenc_unet(architecture, in_channels=1, num_classes=1, deep_supervision=False)
+
+
+def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> PretrainMethod:
     """The pre-training module of method ``name`` around ``backbone``.
 
     Args:
@@ -71,6 +85,7 @@ def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> nn.Module:
 
     Raises:
         ValueError: an unknown method or keyword arguments it does not take.
+        TypeError: the registered module does not provide :class:`~s3d.runtime.method.PretrainMethod`.
 
     Example:
         >>> from s3d.nn import build_resenc_unet
@@ -79,6 +94,7 @@ def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> nn.Module:
     """
     method = get_method(name)
     try:
-        return method.module(backbone, **kwargs)
+        module = method.module(backbone, **kwargs)
     except TypeError as e:
         raise ValueError(f"method {name!r}: bad method_kwargs {sorted(kwargs)} ({e})") from e
+    return check_method(module, name)

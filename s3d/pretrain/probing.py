@@ -126,11 +126,10 @@ class PretrainProbe:
     def _probe(self, step: int, reference: bool) -> None:
         """Rank 0: probe the current backbone, log the record, redraw the plot."""
         from s3d.finetune.probing import probe
-        from s3d.nn import build_resenc_unet
+        from s3d.pretrain.export import backbone_model
 
         run = self.run
-        net = build_resenc_unet(run.method.backbone.config)
-        net.load_state_dict(run.method.export_backbone())
+        net = backbone_model(run.method)
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
             result = probe(net, self.dataset, Path(run.out) / "probe" / f"step_{step:08d}", random=False,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from s3d._dataclasses import from_dict_strict, jsonable, to_jsonable_dict
+from s3d._triple import to_3tuple
 from s3d.runtime.lr import LRPhase, poly_schedule
 
 
@@ -75,10 +76,7 @@ class PretrainRecipe:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
-        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
-        if len(self.patch_size) != 3 or any(p < 1 for p in self.patch_size):
-            raise ValueError(f"recipe {self.name!r}: patch_size must be 3 positive ints, "
-                             f"got {self.patch_size}")
+        self.patch_size = to_3tuple(self.patch_size, f"recipe {self.name!r}: patch_size")
         for key in ("batch_size", "steps"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"recipe {self.name!r}: {key} must be >= 1, got {getattr(self, key)}")

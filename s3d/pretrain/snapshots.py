@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from s3d._fs import atomic_path
+from s3d.runtime.method import MethodOutput
 
 
 def snapshot_image(panels: list[torch.Tensor], clip: float = 3.0) -> np.ndarray:
@@ -32,21 +33,18 @@ def snapshot_image(panels: list[torch.Tensor], clip: float = 3.0) -> np.ndarray:
     return np.concatenate([np.pad(r, ((0, 0), (0, w - r.shape[1]))) for r in rows], axis=0)
 
 
-def reconstruction_panels(x: torch.Tensor, out: object) -> list[torch.Tensor] | None:
+def reconstruction_panels(x: torch.Tensor, out: MethodOutput) -> list[torch.Tensor] | None:
     """The four (D, H, W) panels of sample 0: input, masked input, reconstruction, target; ``None``
     when the method's output has no ``reconstruction``."""
-    rec = getattr(out, "reconstruction", None)
-    if rec is None:
+    if out.reconstruction is None:
         return None
-    mask = getattr(out, "mask", None)
     masked = x
-    if mask is not None:
+    if out.mask is not None:
         from s3d.nn.masked import expand_keep
 
-        masked = x * expand_keep(mask, x.shape[2:]).to(x.dtype)
-    target = getattr(out, "target", None)
-    target = x if target is None else target
-    return [x[0, 0], masked[0, 0], rec[0, 0], target[0, 0]]
+        masked = x * expand_keep(out.mask, x.shape[2:]).to(x.dtype)
+    target = x if out.target is None else out.target
+    return [x[0, 0], masked[0, 0], out.reconstruction[0, 0], target[0, 0]]
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from s3d.sparse.block_engine import block_plan, default_min_block_edge
+from s3d.sparse.plan import MaskPlan
 
 logger = logging.getLogger(__name__)
 
@@ -156,22 +157,22 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def engine_key(encoder: nn.Module, config: Any, x: torch.Tensor, keep_grid: torch.Tensor,
-               ratio: Any | None) -> EngineKey:
+def engine_key(encoder: nn.Module, config: Any, x: torch.Tensor, plan: MaskPlan, ratio: Any | None) -> EngineKey:
     """The :class:`EngineKey` of one forward.
 
     Args:
         encoder: the backbone's encoder (its ``checkpointing`` flag is part of the key).
         config: the backbone's config (its repr is hashed).
         x: the input (B, C, D, H, W).
-        keep_grid: the keep grid (B, 1, d, h, w), 1 = visible.
+        plan: the forward's :class:`~s3d.sparse.plan.MaskPlan` (its cell, and its masked fraction for a
+            given mask).
         ratio: the wrapper's mask ratio spec when the mask was sampled, None for a given mask.
 
     Example:
         >>> from s3d import build_resenc_unet
         >>> net = build_resenc_unet("tiny", num_classes=1)
-        >>> k = engine_key(net.encoder, net.config, torch.zeros(2, 1, 32, 32, 32),
-        ...                torch.ones(2, 1, 2, 2, 2), 0.75)
+        >>> plan = MaskPlan.build(torch.ones(2, 1, 2, 2, 2), (32, 32, 32), net.config.stage_strides())
+        >>> k = engine_key(net.encoder, net.config, torch.zeros(2, 1, 32, 32, 32), plan, 0.75)
         >>> k.shape, k.cell, k.masking
         ((2, 1, 32, 32, 32), (16, 16, 16), 'ratio 0.75')
     """
@@ -191,13 +192,13 @@ def engine_key(encoder: nn.Module, config: Any, x: torch.Tensor, keep_grid: torc
         dtype += "/" + str(torch.get_autocast_dtype(dev.type)).removeprefix("torch.")
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
         dtype += ",cl"
-    cell = tuple(int(s // g) for s, g in zip(x.shape[2:], keep_grid.shape[2:], strict=True))
     if ratio is not None:
         lo, hi = (ratio, ratio) if isinstance(ratio, (int, float)) else tuple(ratio)
         masking = f"ratio {lo:g}" if lo == hi else f"ratio U({lo:g}, {hi:g})"
     else:
-        masking = f"masked {round(20 * (1.0 - float((keep_grid != 0).float().mean()))) / 20:.2f}"
-    return EngineKey(device, network, tuple(int(s) for s in x.shape), dtype, cell, masking, torch.is_grad_enabled())
+        masking = f"masked {round(20 * plan.masked_fraction()) / 20:.2f}"
+    return EngineKey(device, network, tuple(int(s) for s in x.shape), dtype, plan.cell, masking,
+                     torch.is_grad_enabled())
 
 
 def engine_candidates(encoder: nn.Module, cell: Sequence[int], edges: Sequence[int] = CROSSOVER_EDGES
@@ -223,7 +224,7 @@ def measure_engines(
     candidates: Sequence[Candidate],
     encoder: nn.Module,
     x: torch.Tensor,
-    engine_kwargs: Mapping[str, Any],
+    plan: MaskPlan,
     *,
     warmup: int | None = None,
     repeats: int | None = None,
@@ -236,7 +237,7 @@ def measure_engines(
         candidates: what to time (:func:`engine_candidates`).
         encoder: the encoder the engines run.
         x: the input (B, C, D, H, W).
-        engine_kwargs: the engine's keyword arguments (``keep_grid``, ``keeps``, ``block_size``, ``coarse``).
+        plan: the forward's :class:`~s3d.sparse.plan.MaskPlan`, which every candidate runs on.
         warmup: runs per candidate that only size the repeats (None: :data:`WARMUP`).
         repeats: timed runs per candidate at most (None: :data:`REPEATS`).
         budget_s: repeats shrink (to 1 at least) so that the timed rounds take about this long, seconds
@@ -253,7 +254,7 @@ def measure_engines(
         if cuda:
             torch.cuda.synchronize(x.device)
         t0 = clock()
-        feats = engines[c.engine](encoder, x, min_block_edge=c.min_block_edge, **engine_kwargs)
+        feats = engines[c.engine](encoder, x, plan, min_block_edge=c.min_block_edge)
         if backward:
             torch.autograd.grad(sum(f.float().sum() for f in feats), params, allow_unused=True)
         del feats
@@ -302,7 +303,7 @@ def choose_engine(
     encoder: nn.Module,
     x: torch.Tensor,
     key: EngineKey,
-    engine_kwargs: Mapping[str, Any],
+    plan: MaskPlan,
     *,
     edges: Sequence[int] = CROSSOVER_EDGES,
     **measure_kw: Any,
@@ -314,21 +315,20 @@ def choose_engine(
 
     Example:
         >>> from s3d import build_resenc_unet
-        >>> from s3d.nn.masked import stage_keeps
         >>> from s3d.sparse.wrapper import ENGINES
         >>> net = build_resenc_unet("tiny", num_classes=1)
         >>> x, keep = torch.randn(1, 1, 32, 32, 32), torch.ones(1, 1, 2, 2, 2, dtype=torch.bool)
-        >>> kw = dict(keep_grid=keep, keeps=stage_keeps(keep, x.shape[2:], net.config.stage_strides(), "pool"),
-        ...           block_size=16, coarse="pool")
+        >>> plan = MaskPlan.build(keep, x.shape[2:], net.config.stage_strides())
+        >>> key = engine_key(net.encoder, net.config, x, plan, None)
         >>> with torch.no_grad():
-        ...     choice = choose_engine(ENGINES, net.encoder, x, engine_key(net.encoder, net.config, x, keep, None), kw)
+        ...     choice = choose_engine(ENGINES, net.encoder, x, key, plan)
         >>> choice.label in [c.label for c in engine_candidates(net.encoder, (16, 16, 16))]
         True
     """
     if key in _CACHE:
         return _CACHE[key]
     candidates = engine_candidates(encoder, key.cell, edges)
-    timings = measure_engines(engines, candidates, encoder, x, engine_kwargs, **measure_kw)
+    timings = measure_engines(engines, candidates, encoder, x, plan, **measure_kw)
     best = min(candidates, key=lambda c: timings[c.label])  # min keeps the first of equal times
     if timings[best.label] == float("inf"):
         raise torch.OutOfMemoryError(f"engine 'auto': every candidate ran out of memory for {key.describe()}")

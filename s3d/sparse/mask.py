@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from s3d._triple import to_3tuple, triple
+
 MaskRatio = float | tuple[float, float] | Sequence[float]
 
 
@@ -55,18 +57,15 @@ def block_grid_size(input_size: Sequence[int], block_size: int | Sequence[int]) 
         >>> block_grid_size((160, 160, 160), 32)
         (5, 5, 5)
     """
-    size = tuple(int(s) for s in input_size)
-    bs = (int(block_size),) * 3 if isinstance(block_size, int) else tuple(int(b) for b in block_size)
-    if len(size) != 3 or len(bs) != 3 or any(b < 1 for b in bs):
-        raise ValueError(f"expected a 3D input_size and positive block_size, "
-                         f"got {input_size!r}, {block_size!r}")
+    size = to_3tuple(input_size, "input_size")
+    bs = to_3tuple(block_size, "block_size")
     bad = [a for a in range(3) if size[a] % bs[a] != 0 or size[a] < bs[a]]
     if bad:
         raise ValueError(
             f"input size {size} is not a multiple of block_size {bs} on axis/axes {bad}; "
             "crop or pad the patch, or choose a block size that divides it"
         )
-    return tuple(s // b for s, b in zip(size, bs, strict=False))  # type: ignore[return-value]
+    return triple(s // b for s, b in zip(size, bs, strict=True))
 
 
 def masked_cell_counts(

@@ -3,73 +3,41 @@
 The wrapper holds the backbone (the very module you later save and fine-tune) plus the
 densification modules (mask tokens, densify convs). One forward pass:
 
-1. sample (or take) a block keep-mask on the block grid (1 = visible, 0 = masked);
-2. expand it to the input and every encoder stage (:func:`s3d.nn.masked.stage_keeps`);
-3. run the encoder masked: input zeroed at masked voxels, every conv/pool/norm re-masked,
-   InstanceNorm statistics over visible voxels only (:meth:`SparseMAEWrapper.encode`, the single
-   place where an encoder engine plugs in);
-4. densify every skip (:class:`s3d.sparse.densify.Densifier`);
+1. sample (or take) a block keep-mask on the block grid (1 = visible, 0 = masked; the polarity is
+   stated once, in :mod:`s3d.sparse.plan`);
+2. build the forward's :class:`~s3d.sparse.plan.MaskPlan` (:meth:`SparseMAEWrapper.plan`): the boolean
+   grid, the cell size, the keep mask of the input and of every encoder stage, and lazily the block
+   layout; nothing below derives them again;
+3. run the encoder masked, ``engine(encoder, x, plan)``: input zeroed at masked voxels, every
+   conv/pool/norm re-masked, InstanceNorm statistics over visible voxels only
+   (:meth:`SparseMAEWrapper.encode`, the single place where an encoder engine plugs in);
+4. densify every skip with ``plan.keeps[1:]`` (:class:`s3d.sparse.densify.Densifier`);
 5. decode with the backbone's own decoder and head (``num_classes == in_channels``);
-6. loss: mean squared error in z-score space over the masked voxels of the whole batch.
+6. loss: mean squared error in z-score space over the masked voxels of the whole batch (``plan.keeps[0]``).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 import s3d.sparse.autotune as autotune
-from s3d.nn.masked import expand_keep, stage_keeps
-from s3d.nn.resenc_unet import ResEncUNet, ResidualEncoder
-from s3d.sparse.block_engine import block_encoder_forward
+from s3d._triple import triple
+from s3d.nn.masked import expand_keep
+from s3d.nn.resenc_unet import ResEncUNet
+from s3d.runtime.method import PatchProblem
 from s3d.sparse.densify import Densifier
+from s3d.sparse.engines import AUTO_ENGINE as AUTO_ENGINE  # re-exported: the engines' names as before
+from s3d.sparse.engines import ENGINES, resolve_engine
+from s3d.sparse.engines import EncoderEngine as EncoderEngine
+from s3d.sparse.engines import dense_engine as dense_engine
 from s3d.sparse.mask import MaskRatio, block_grid_size, check_mask_ratio, sample_block_mask
-
-#: An encoder engine computes the masked ("sparse") encoder features, highest resolution first,
-#: exactly 0 at masked positions: whatever ``encoder(x, keeps)`` returns. It is called as
-#: ``engine(encoder, x, keep_grid=..., keeps=..., block_size=..., coarse=...)`` so that it may work
-#: from the keep grid (B, 1, d, h, w) or from the per-stage ``keeps`` (1 = visible).
-EncoderEngine = Callable[..., list[torch.Tensor]]
-
-
-def _dense_engine(encoder: ResidualEncoder, x: torch.Tensor, *, keeps: Sequence[torch.Tensor],
-                  **_: object) -> list[torch.Tensor]:
-    """Masked-dense: dense kernels on zeroed inputs, re-masked after every layer (SparK-style)."""
-    return encoder(x, keeps)
-
-
-def _blocks_engine(encoder: ResidualEncoder, x: torch.Tensor, *, keep_grid: torch.Tensor, block_size: int,
-                   coarse: str, min_block_edge: int | None = None, **_: object) -> list[torch.Tensor]:
-    """Block-sparse: convolutions on the visible blocks only (:mod:`s3d.sparse.block_engine`).
-
-    ``min_block_edge``: the crossover edge (voxels); ``None`` = the device's default.
-    """
-    # the cell edge follows from the mask itself, so a mask on any grid that tiles x works
-    cell = tuple(s // g for s, g in zip(x.shape[2:], keep_grid.shape[2:], strict=True))
-    return block_encoder_forward(encoder, x, keep_grid, cell, coarse, min_block_edge)
-
-
-#: Registered encoder engines by name; every engine must return what "dense" returns.
-ENGINES: dict[str, EncoderEngine] = {"dense": _dense_engine, "blocks": _blocks_engine}
-
-#: What ``engine="auto"`` runs per device type WITHOUT measuring (``S3D_ENGINE_AUTOTUNE=0``; normally
-#: "auto" times the engines on the run's input, :mod:`s3d.sparse.autotune`). On CPU the block-sparse
-#: engine was 1.3x/1.7x/1.9x faster per ResEnc-L step at 60/75/90 % masking (128^3, docs/block_engine.md).
-AUTO_ENGINE: dict[str, str] = {"cpu": "blocks"}
-
-
-def resolve_engine(engine: str, device: torch.device) -> str:
-    """The engine name ``engine`` stands for on ``device`` without measuring (``"auto"``: :data:`AUTO_ENGINE`,
-    else dense). What a wrapper really ran is in :attr:`SparseMAEWrapper.engine_choices`."""
-    if engine == "auto":
-        return AUTO_ENGINE.get(device.type, "dense")
-    return engine
-
-COARSE_POLICIES = ("pool", "ones")
+from s3d.sparse.plan import COARSE_POLICIES, MaskPlan
 
 
 class MAEOutput(NamedTuple):
@@ -84,12 +52,14 @@ class MAEOutput(NamedTuple):
             ``sum(w * err) / max(loss_weight, 1)``. Multi-process training uses it to normalise by the
             masked-voxel count of the global batch (:func:`s3d.runtime.distributed.global_weighted_loss`).
             ``None`` when not computed.
+        target: ``None``: the reconstruction's target is the input itself.
     """
 
     loss: torch.Tensor
     reconstruction: torch.Tensor
     mask: torch.Tensor
     loss_weight: torch.Tensor | None = None
+    target: torch.Tensor | None = None
 
 
 def masked_mse_loss(
@@ -245,51 +215,52 @@ class SparseMAEWrapper(nn.Module):
         return sample_block_mask(x.shape[0], x.shape[2:], self.block_size, self.mask_ratio,
                                  self.per_sample, generator, device=x.device)
 
-    def stage_keeps(self, mask: torch.Tensor, input_size: Sequence[int]) -> list[torch.Tensor]:
-        """Float keep masks ``[input, stage0, stage1, ...]`` for ``mask`` (1 = visible)."""
-        return stage_keeps(mask, input_size, self.backbone.config.stage_strides(), self.coarse)
+    def plan(self, mask: torch.Tensor, input_size: Sequence[int]) -> MaskPlan:
+        """The :class:`~s3d.sparse.plan.MaskPlan` of keep grid ``mask`` (1 = visible) for an input of
+        ``input_size`` voxels: the backbone's stage strides and this wrapper's ``coarse`` policy."""
+        return MaskPlan.build(mask, input_size, self.backbone.config.stage_strides(), self.coarse)
 
-    def encode(
-        self, x: torch.Tensor, mask: torch.Tensor, keeps: Sequence[torch.Tensor], sampled: bool = False
-    ) -> list[torch.Tensor]:
-        """Encoder features (highest resolution first) of ``x`` under the keep grid ``mask``.
+    def stage_keeps(self, mask: torch.Tensor, input_size: Sequence[int]) -> list[torch.Tensor]:
+        """Float keep masks ``[input, stage0, stage1, ...]`` for ``mask`` (1 = visible): ``plan(...).keeps``."""
+        return list(self.plan(mask, input_size).keeps)
+
+    def encode(self, x: torch.Tensor, plan: MaskPlan, sampled: bool = False) -> list[torch.Tensor]:
+        """Encoder features (highest resolution first) of ``x`` under the forward's mask ``plan``.
 
         ---- ENCODER ENGINE: the only place the encoder runs. ----
-        ``ENGINES[name](...)`` must equal ``encoder(x, keeps)`` (``keeps`` from :meth:`stage_keeps`).
-        With ``sparse=False`` the dense encoder sees the zeroed image. ``sampled``: ``mask`` was drawn
-        from ``mask_ratio`` (the autotune key then holds the ratio spec, not this mask's fraction).
+        ``ENGINES[name](encoder, x, plan)`` must equal ``encoder(x, plan.keeps)``. With ``sparse=False``
+        the dense encoder sees the zeroed image. ``sampled``: the mask was drawn from ``mask_ratio``
+        (the autotune key then holds the ratio spec, not this mask's fraction).
         """
         encoder = self.backbone.encoder
         if not self.sparse:
-            return encoder(x * keeps[0].to(x.dtype))
-        kwargs = {"keep_grid": mask, "keeps": keeps, "block_size": self.block_size, "coarse": self.coarse}
+            return encoder(x * plan.keeps[0].to(x.dtype))
         if self.engine != "auto":
-            return ENGINES[self.engine](encoder, x, **kwargs)
-        choice = self.engine_choice(x, mask, keeps, sampled)
-        return ENGINES[choice.engine](encoder, x, min_block_edge=choice.min_block_edge, **kwargs)
+            return ENGINES[self.engine](encoder, x, plan)
+        choice = self.engine_choice(x, plan, sampled)
+        return ENGINES[choice.engine](encoder, x, plan, min_block_edge=choice.min_block_edge)
 
     @torch.compiler.disable
-    def engine_choice(self, x: torch.Tensor, mask: torch.Tensor, keeps: Sequence[torch.Tensor],
-                      sampled: bool = False) -> autotune.EngineChoice:
+    def engine_choice(self, x: torch.Tensor, plan: MaskPlan, sampled: bool = False) -> autotune.EngineChoice:
         """What ``engine="auto"`` runs for this input: remembered, cached in the process, or measured now.
 
-        Runs eagerly under ``torch.compile`` (a graph break). ``sampled``: ``mask`` was drawn from
+        Runs eagerly under ``torch.compile`` (a graph break). ``sampled``: the plan's mask was drawn from
         ``mask_ratio``, so the key holds the ratio spec.
         """
         encoder = self.backbone.encoder
-        key = autotune.engine_key(encoder, self.backbone.config, x, mask, self.mask_ratio if sampled else None)
+        key = autotune.engine_key(encoder, self.backbone.config, x, plan, self.mask_ratio if sampled else None)
         choice = self.engine_choices.get(key)
         if choice is None:
             if autotune.autotune_enabled():
-                kwargs = {"keep_grid": mask, "keeps": keeps, "block_size": self.block_size, "coarse": self.coarse}
-                choice = autotune.choose_engine(ENGINES, encoder, x, key, kwargs)
+                choice = autotune.choose_engine(ENGINES, encoder, x, key, plan)
             else:
                 choice = autotune.table_choice(key, resolve_engine("auto", x.device), x.device)
             self.engine_choices[key] = choice
         return choice
 
     def restore_engine_choices(self, choices: Sequence[dict]) -> None:
-        """Reuse choices saved by :meth:`autotune.EngineChoice.to_dict` (a resumed run runs what it ran)."""
+        """Reuse choices saved by :meth:`autotune.EngineChoice.to_dict` (a resumed run runs what it ran);
+        ``load_state_dict`` calls it with the choices of the state dict (:meth:`get_extra_state`)."""
         for d in choices:
             c = autotune.EngineChoice.from_dict(d, source="checkpoint")
             self.engine_choices[c.key] = c
@@ -332,12 +303,57 @@ class SparseMAEWrapper(nn.Module):
             if mask.dim() != 5 or mask.shape[0] != x.shape[0] or mask.shape[1] != 1:
                 raise ValueError(f"mask: expected a keep grid (B={x.shape[0]}, 1, d, h, w) (1 = visible), "
                                  f"got {tuple(mask.shape)}")
-            mask = mask.to(device=x.device) != 0
-        keeps = self.stage_keeps(mask, size)
-        feats = self.encode(x, mask, keeps, sampled)
-        reconstruction = self.backbone.decoder(self.densifier(feats, keeps[1:]))
-        loss, loss_weight = masked_mse_loss(reconstruction, x, keeps[0], loss_mask, return_weight=True)
-        return MAEOutput(loss, reconstruction, mask, loss_weight)
+            mask = mask.to(device=x.device)
+        plan = self.plan(mask, size)
+        feats = self.encode(x, plan, sampled)
+        reconstruction = self.backbone.decoder(self.densifier(feats, plan.keeps[1:]))
+        loss, loss_weight = masked_mse_loss(reconstruction, x, plan.keeps[0], loss_mask, return_weight=True)
+        return MAEOutput(loss, reconstruction, plan.grid, loss_weight)
+
+    # ---- the pre-training method contract (s3d.runtime.method.PretrainMethod) -------------------------
+    def prepare_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch :meth:`forward` takes: the loop's z-scored patches (B, C, D, H, W) as they are."""
+        return x
+
+    def patch_problem(self, patch_size: Sequence[int]) -> PatchProblem | None:
+        """``None`` when patches of ``patch_size`` (D, H, W voxels) hold a whole number of mask blocks, at
+        least 2 (one visible, one masked); else what to change (``patch_size`` or ``block_size``).
+
+        Example:
+            >>> from s3d import build_resenc_unet
+            >>> mae = SparseMAEWrapper(build_resenc_unet("tiny", num_classes=1), block_size=32)
+            >>> mae.patch_problem((32, 32, 32)).fix_patch_size
+            (32, 32, 64)
+        """
+        patch, bs = tuple(int(p) for p in patch_size), self.block_size
+        try:
+            if math.prod(block_grid_size(patch, bs)) >= 2:
+                return None
+        except ValueError:  # not a whole number of blocks along some axis
+            pass
+        fit = [-(-p // bs) * bs for p in patch]  # each axis up to a whole block
+        if math.prod(f // bs for f in fit) < 2:
+            fit[-1] *= 2
+        return PatchProblem(triple(patch), f"with mask block_size {bs} the patch must be a multiple of the block "
+                            "along every axis and hold at least 2 blocks (one visible, one masked)",
+                            triple(fit), {"block_size": max(1, bs // 2)})
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The engine choices of ``engine="auto"`` (:attr:`engine_choices`): part of ``state_dict()``, so a
+        checkpoint holds them and a resumed run runs the engine it measured."""
+        return {"engine_choices": [c.to_dict() for c in self.engine_choices.values()]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_extra_state` (choices marked ``source="checkpoint"``)."""
+        self.restore_engine_choices(state.get("engine_choices", []))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # noqa: ANN001 - nn.Module's signature
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "_extra_state"
+        if key in missing_keys:  # a state dict from before the engine choices were part of it: none to restore
+            missing_keys.remove(key)
 
     # ---- export -------------------------------------------------------------------------------------
     def export_backbone(self) -> OrderedDict[str, torch.Tensor]:

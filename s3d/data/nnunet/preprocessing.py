@@ -21,6 +21,7 @@ import numpy as np
 
 from s3d._dataclasses import from_dict_strict, to_jsonable_dict
 from s3d._fs import write_json_atomic
+from s3d._triple import to_3tuple
 from s3d.data.io import read_nifti
 from s3d.data.nnunet.dataset import AFFINE_ATOL_MM, NnUNetDataset
 from s3d.data.preprocess import (
@@ -66,10 +67,7 @@ class PreprocessingSpec:
     regions_class_order: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        self.target_spacing_mm = tuple(float(s) for s in self.target_spacing_mm)  # type: ignore[assignment]
-        if len(self.target_spacing_mm) != 3 or min(self.target_spacing_mm) <= 0:
-            raise ValueError(f"target_spacing_mm: expected 3 positive numbers (mm), "
-                             f"got {self.target_spacing_mm}")
+        self.target_spacing_mm = to_3tuple(self.target_spacing_mm, "target_spacing_mm (mm)", float)
         self.channel_names = tuple(str(c) for c in self.channel_names)
         if not self.channel_names:
             raise ValueError("channel_names: need at least one input channel")
@@ -92,9 +90,7 @@ class PreprocessingSpec:
             raise ValueError(f"use_mask_for_norm: expected true or false, got {self.use_mask_for_norm!r} "
                              f"(PreprocessingSpec.from_dataset also takes 'auto')")
         if self.patch_size is not None:
-            self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
-            if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-                raise ValueError(f"patch_size: expected 3 positive ints (voxels), got {self.patch_size}")
+            self.patch_size = to_3tuple(self.patch_size, "patch_size (voxels)")
 
     @property
     def has_regions(self) -> bool:
@@ -304,8 +300,9 @@ def preprocess_training_case(
     if seg.shape != image.shape[1:]:
         raise ValueError(f"{label_path}: shape {seg.shape} differs from the image's {image.shape[1:]}")
     seg = np.rint(seg).astype(np.int16)
-    data, seg, props = _preprocess(image, seg, header, spec, [*image_paths, label_path])
-    return data, seg, props  # type: ignore[return-value]
+    data, seg_out, props = _preprocess(image, seg, header, spec, [*image_paths, label_path])
+    assert seg_out is not None  # a label map in, a label map out
+    return data, seg_out, props
 
 
 def restore_geometry(array: np.ndarray, properties: dict[str, Any]) -> np.ndarray:

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from s3d.data.synthetic.factors import AnatomyRanges
+from s3d._triple import to_3tuple, triple
+from s3d.data.synthetic.factors import AnatomyRanges, seeded_rng, smooth_field, uniform, uniform_n
 from s3d.data.synthetic.templates import TEMPLATE_SIZE, outside_mm_at, tissue_at
 
 SOURCES = ("phantom", "mni")
@@ -52,12 +52,12 @@ class DemoSubject:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Grid shape (D, H, W), voxels."""
-        return tuple(int(s) for s in self.tissue_pv.shape[1:])  # type: ignore[return-value]
+        return triple(int(s) for s in self.tissue_pv.shape[1:])
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
         """Voxel size along (D, H, W), mm."""
-        return tuple(float(np.linalg.norm(self.affine[:3, i])) for i in range(3))  # type: ignore[return-value]
+        return triple(float(np.linalg.norm(self.affine[:3, i])) for i in range(3))
 
     @property
     def brain_fraction(self) -> np.ndarray:
@@ -82,36 +82,12 @@ class DemoSubject:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
-def _rng(seed: int | Sequence[int]) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed))
-
-
-def _as3(v: float | Sequence[float], name: str) -> tuple[float, float, float]:
-    t = (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(x) for x in v)
-    if len(t) != 3 or min(t) <= 0:
-        raise ValueError(f"{name} must be one positive number or three, got {v!r}")
-    return t  # type: ignore[return-value]
-
-
-def _smooth_field(
-    rng: np.random.Generator, shape: Sequence[int], control: int, channels: int
-) -> torch.Tensor:
-    """(channels, D, H, W) smooth random field: N(0, 1) on a control^3 grid, trilinear upsampling."""
-    coarse = rng.standard_normal((1, channels, control, control, control)).astype(np.float32)
-    coarse = torch.from_numpy(coarse)
-    return F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)[0]
-
-
 def _rotation(angles_rad: Sequence[float]) -> np.ndarray:
     a, b, c = angles_rad
     rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
     ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
     rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
     return rz @ ry @ rx
-
-
-def _u(rng: np.random.Generator, r: tuple[float, float], n: int | None = None) -> Any:
-    return rng.uniform(r[0], r[1], n) if n else float(rng.uniform(r[0], r[1]))
 
 
 def _grid_mm(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> tuple[torch.Tensor, np.ndarray]:
@@ -128,15 +104,15 @@ def _subject_coords(rng: np.random.Generator, world: torch.Tensor, r: AnatomyRan
                     info: dict[str, Any]) -> torch.Tensor:
     """Subject-to-template map: template mm of every output voxel (pose, size, shape, two warps)."""
     shape = tuple(world.shape[:3])
-    size = _u(rng, r.head_scale)
-    stretch = 1.0 + _u(rng, r.aspect, 3)
-    rot = _rotation(np.deg2rad(_u(rng, r.rotate_deg, 3)))
-    shift = _u(rng, r.shift_mm, 3)
+    size = uniform(rng, r.head_scale)
+    stretch = 1.0 + uniform_n(rng, r.aspect, 3)
+    rot = _rotation(np.deg2rad(uniform_n(rng, r.rotate_deg, 3)))
+    shift = uniform_n(rng, r.shift_mm, 3)
     m = torch.from_numpy((rot @ np.diag(1.0 / (base_size * size * stretch))).astype(np.float32))
     coords = world @ m.T + torch.from_numpy(shift.astype(np.float32))
-    large, local = _u(rng, r.warp_large_mm), _u(rng, r.warp_local_mm)
-    coords = coords + (_smooth_field(rng, shape, 4, 3) * (large / 2.0)).permute(1, 2, 3, 0)
-    coords = coords + (_smooth_field(rng, shape, 9, 3) * (local / 2.0)).permute(1, 2, 3, 0)
+    large, local = uniform(rng, r.warp_large_mm), uniform(rng, r.warp_local_mm)
+    coords = coords + (smooth_field(rng, shape, 4, 3) * (large / 2.0)).permute(1, 2, 3, 0)
+    coords = coords + (smooth_field(rng, shape, 9, 3) * (local / 2.0)).permute(1, 2, 3, 0)
     info.update(head_scale=size, aspect=stretch.round(3).tolist(), warp_large_mm=large, warp_local_mm=local)
     return coords
 
@@ -177,7 +153,7 @@ def _fov_mask(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tu
     """1 inside the field of view; ``None`` when this subject's field of view is not cut."""
     if rng.uniform() >= r.fov_crop_prob:
         return None
-    axis, end, cut_mm = int(rng.integers(3)), int(rng.integers(2)), _u(rng, r.fov_crop_mm)
+    axis, end, cut_mm = int(rng.integers(3)), int(rng.integers(2)), uniform(rng, r.fov_crop_mm)
     n = min(shape[axis] - 1, int(round(cut_mm / spacing[axis])))
     mask = np.ones(shape, np.float32)
     sl = [slice(None)] * 3
@@ -218,27 +194,27 @@ def make_subject(
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    shape_t: tuple[int, int, int] = tuple(int(s) for s in shape)  # type: ignore[assignment]
-    if len(shape_t) != 3 or min(shape_t) < 4:
+    shape_t = to_3tuple(shape, "shape")
+    if min(shape_t) < 4:
         raise ValueError(f"shape must be three sizes >= 4 voxels, got {shape!r}")
-    spacing = _as3(spacing_mm, "spacing_mm")
+    spacing = to_3tuple(spacing_mm, "spacing_mm", float)
     r = ranges or AnatomyRanges()
     seed_list = [int(v) for v in np.atleast_1d(seed)]
-    rng = _rng(seed_list)
+    rng = seeded_rng(seed_list)
     info: dict[str, Any] = {"source": source}
     world, affine = _grid_mm(shape_t, spacing)
     coords = _subject_coords(rng, world, r, TEMPLATE_SIZE[source], info)
-    atrophy, dilate = _u(rng, r.atrophy), _u(rng, r.ventricle_dilation_mm)
-    rim, skull_t, scalp_t = _u(rng, r.csf_rim_mm), _u(rng, r.skull_mm), _u(rng, r.scalp_mm)
+    atrophy, dilate = uniform(rng, r.atrophy), uniform(rng, r.ventricle_dilation_mm)
+    rim, skull_t, scalp_t = uniform(rng, r.csf_rim_mm), uniform(rng, r.skull_mm), uniform(rng, r.scalp_mm)
     info.update(atrophy=atrophy, ventricle_dilation_mm=dilate, csf_rim_mm=rim, skull_mm=skull_t, scalp_mm=scalp_t)
     # the brain shrinks inside an unchanged skull (atrophy): tissue is sampled further out than the skull
     tissue_coords = coords * (1.0 + atrophy)
     phantom_seed = [*seed_list, 11]  # the phantom's own variation, the same for every sampling
-    brain = tissue_at(source, tissue_coords, spacing, _rng(phantom_seed)).clamp(0.0, 1.0)
-    outside = outside_mm_at(source, coords, spacing, _rng(phantom_seed))[0]
+    brain = tissue_at(source, tissue_coords, spacing, seeded_rng(phantom_seed)).clamp(0.0, 1.0)
+    outside = outside_mm_at(source, coords, spacing, seeded_rng(phantom_seed))[0]
     width = 0.5 * float(np.mean(spacing))
     if dilate > 0:  # the lateral ventricles grow by `dilate` mm into the tissue around them
-        to_ventricles = outside_mm_at(source, tissue_coords, spacing, _rng(phantom_seed))[1]
+        to_ventricles = outside_mm_at(source, tissue_coords, spacing, seeded_rng(phantom_seed))[1]
         keep = 1.0 - torch.sigmoid((dilate - to_ventricles) / width)
         brain = torch.stack([brain[0] + (brain[1] + brain[2]) * (1.0 - keep), brain[1] * keep, brain[2] * keep])
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from s3d._fs import write_json_atomic
 from s3d.data.io import write_nifti
-from s3d.data.synthetic.anatomy import LESION_LABELS, TASKS, TISSUE_LABELS, _rng, make_subject
-from s3d.data.synthetic.factors import AnatomyRanges, ImageRanges
+from s3d.data.synthetic.anatomy import LESION_LABELS, TASKS, TISSUE_LABELS, make_subject
+from s3d.data.synthetic.factors import AnatomyRanges, ImageRanges, seeded_rng
 from s3d.data.synthetic.render import CONTRASTS, render_image
 
 TASK_CHANNELS = {"tissue": ("T1",), "lesion": ("FLAIR", "T1")}
@@ -166,7 +166,7 @@ def unlabelled_contrast(seed: int, index: int, weights: dict[str, float] | None 
     w = UNLABELLED_CONTRASTS if weights is None else weights
     names = list(w)
     p = [float(w[k]) for k in names]
-    u = _rng([*case_seed(seed, "unlabelled", index), 7]).uniform() * sum(p)
+    u = seeded_rng([*case_seed(seed, "unlabelled", index), 7]).uniform() * sum(p)
     for name, pk in zip(names, p, strict=True):
         u -= pk
         if u < 0:

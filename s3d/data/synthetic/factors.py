@@ -1,11 +1,14 @@
-"""The factors that make synthetic subjects differ, each with its range (documented in docs/quickstart.md).
+"""The factors that make synthetic subjects differ, each with its range (documented in docs/quickstart.md),
+and the random draws they are made with.
 
 Two tables of ranges: :class:`AnatomyRanges` (what the subject's head looks like: size, shape, pose,
 deformations, ventricles, atrophy, extra-axial CSF, skull and scalp, field of view) and
 :class:`ImageRanges` (how the scan was acquired: sequence, per-subject tissue contrast, gamma, bias
 field, noise, resolution, skull stripping). A range ``(lo, hi)`` is drawn uniformly per subject (or
-per image); :meth:`AnatomyRanges.none` and :meth:`ImageRanges.none` turn every factor off (the
-template itself, rendered cleanly), which the tests use as a reference.
+per image) with :func:`uniform` from the subject's seeded stream (:func:`seeded_rng`); deformations,
+texture and bias fields are :func:`smooth_field` draws. :meth:`AnatomyRanges.none` and
+:meth:`ImageRanges.none` turn every factor off (the template itself, rendered cleanly), which the tests
+use as a reference.
 
 Example:
     >>> AnatomyRanges().head_scale
@@ -16,9 +19,56 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 Range = tuple[float, float]
+
+
+def seeded_rng(seed: int | Sequence[int]) -> np.random.Generator:
+    """The random stream of one subject, image or draw: numpy's generator of ``SeedSequence(seed)``.
+
+    Example:
+        >>> float(seeded_rng([1, 2]).uniform()) == float(seeded_rng([1, 2]).uniform())
+        True
+    """
+    return np.random.default_rng(np.random.SeedSequence(seed))
+
+
+def uniform(rng: np.random.Generator, r: Range) -> float:
+    """One factor drawn uniformly from its range ``r = (lo, hi)``.
+
+    Example:
+        >>> 0.5 <= uniform(seeded_rng(0), (0.5, 2.0)) < 2.0
+        True
+    """
+    return float(rng.uniform(r[0], r[1]))
+
+
+def uniform_n(rng: np.random.Generator, r: Range, n: int) -> np.ndarray:
+    """``n`` factors drawn uniformly from ``r = (lo, hi)`` (e.g. one per axis), float64 (n,).
+
+    Example:
+        >>> uniform_n(seeded_rng(0), (-1.0, 1.0), 3).shape
+        (3,)
+    """
+    return rng.uniform(r[0], r[1], n)
+
+
+def smooth_field(rng: np.random.Generator, shape: Sequence[int], control: int, channels: int) -> torch.Tensor:
+    """A smooth random field (channels, D, H, W), float32: N(0, 1) on a ``control``^3 grid, trilinear upsampling.
+
+    Example:
+        >>> smooth_field(seeded_rng(0), (8, 8, 8), control=3, channels=2).shape
+        torch.Size([2, 8, 8, 8])
+    """
+    coarse = rng.standard_normal((1, channels, control, control, control)).astype(np.float32)
+    coarse = torch.from_numpy(coarse)
+    return F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)[0]
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from s3d.data.synthetic.anatomy import DemoSubject, _rng, _smooth_field, _u
-from s3d.data.synthetic.factors import SEQUENCE_INTENSITY, ImageRanges
+from s3d.data.synthetic.anatomy import DemoSubject
+from s3d.data.synthetic.factors import SEQUENCE_INTENSITY, ImageRanges, seeded_rng, smooth_field, uniform
 
 CONTRASTS = tuple(SEQUENCE_INTENSITY)
 #: Mid-range relative intensity of (CSF, GM, WM, lesion) per sequence (each image draws its own).
@@ -60,30 +60,30 @@ def render_image(
     r = replace(ranges or ImageRanges(), **overrides) if overrides else (ranges or ImageRanges())
     if contrast not in r.intensity:
         raise ValueError(f"contrast must be one of {tuple(r.intensity)}, got {contrast!r}")
-    rng = _rng(seed)
-    mu = np.asarray([_u(rng, rg) for rg in r.intensity[contrast]], np.float32)  # CSF GM WM lesion skull scalp
+    rng = seeded_rng(seed)
+    mu = np.asarray([uniform(rng, rg) for rg in r.intensity[contrast]], np.float32)  # CSF GM WM lesion skull scalp
     shape = subject.shape
     tissue = torch.from_numpy(subject.tissue_pv)
     lesion = torch.from_numpy(subject.lesion_pv)
     head = torch.from_numpy(subject.head_pv) if subject.head_pv is not None else torch.zeros((2, *shape))
-    texture = 1.0 + _u(rng, r.texture) * _smooth_field(rng, shape, control=12, channels=1)[0]
+    texture = 1.0 + uniform(rng, r.texture) * smooth_field(rng, shape, control=12, channels=1)[0]
     brain = tissue.sum(0)
     clean = (tissue * torch.from_numpy(mu[:3]).view(3, 1, 1, 1)).sum(0) * texture
     clean = clean * (1.0 - lesion) + lesion * (tissue[1] + tissue[2]) * float(mu[3])
     stripped = rng.uniform() < r.skull_strip_prob
     if not stripped:
         clean = clean + (head * torch.from_numpy(mu[4:6]).view(2, 1, 1, 1)).sum(0) * texture
-    clean = clean.clamp(min=0.0) ** _u(rng, r.gamma)
-    bias = _u(rng, r.bias)
+    clean = clean.clamp(min=0.0) ** uniform(rng, r.gamma)
+    bias = uniform(rng, r.bias)
     if bias > 0:
-        clean = clean * torch.exp(bias * _smooth_field(rng, shape, control=3, channels=1)[0])
+        clean = clean * torch.exp(bias * smooth_field(rng, shape, control=3, channels=1)[0])
     if rng.uniform() < r.thick_slice_prob:
         factors = [1.0, 1.0, 1.0]
-        factors[int(rng.integers(3))] = _u(rng, r.thick_slice_factor)
+        factors[int(rng.integers(3))] = uniform(rng, r.thick_slice_factor)
         clean = _blur_axis(clean, shape, factors)
     if rng.uniform() < r.lowres_prob:
-        clean = _blur_axis(clean, shape, [_u(rng, r.lowres_factor)] * 3)
-    sigma = _u(rng, r.noise) * float(mu[:3].max())
+        clean = _blur_axis(clean, shape, [uniform(rng, r.lowres_factor)] * 3)
+    sigma = uniform(rng, r.noise) * float(mu[:3].max())
     n1 = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) * sigma
     n2 = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) * sigma
     img = torch.sqrt((clean + n1) ** 2 + n2**2)  # Rician magnitude

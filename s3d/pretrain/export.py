@@ -1,0 +1,60 @@
+"""What a finished pre-training run leaves: the backbone as s3d weights and as an nnssl checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from s3d._fs import atomic_path, write_json_atomic
+from s3d.pretrain.recipes import PretrainRecipe
+from s3d.runtime.method import PretrainMethod
+
+
+def backbone_model(method: PretrainMethod) -> nn.Module:
+    """A fresh copy of the method's backbone (CPU, as built) holding the pre-trained weights.
+
+    Example:
+        >>> from s3d.pretrain import build_backbone, build_method
+        >>> backbone_model(build_method("mae", build_backbone("tiny"), block_size=16)).config.name
+        'tiny'
+    """
+    from s3d.nn import build_resenc_unet
+
+    model = build_resenc_unet(method.backbone.config)
+    model.load_state_dict(method.export_backbone())
+    return model
+
+
+def export_backbone(method: PretrainMethod, recipe: PretrainRecipe, out: Path, data: str, n_train: int
+                    ) -> dict[str, Path]:
+    """Write ``out/backbone`` (:func:`s3d.hub.save_pretrained`: safetensors, config, model card with the
+    recipe) and ``out/nnssl`` (``checkpoint_final.pth`` + ``adaptation_plan.json`` for nnssl's fine-tuning).
+
+    Args:
+        method: the trained method (its ``export_backbone()`` and ``backbone.config``).
+        recipe: the run's recipe (provenance, the patch size of the adaptation plan, nnssl's epoch count).
+        out: the run folder.
+        data: the prepared data folder (named in the model card).
+        n_train: training images (named in the model card).
+
+    Returns:
+        ``{"backbone": out/backbone, "nnssl": out/nnssl/checkpoint_final.pth}``.
+    """
+    from s3d.hub import nnssl_checkpoint, save_pretrained
+    from s3d.hub.nnssl import adaptation_plan
+
+    backbone = backbone_model(method)
+    provenance = (f"Pre-trained with s3d recipe {recipe.name!r} ({recipe.method}) for {recipe.steps} steps at "
+                  f"batch {recipe.batch_size} on {n_train} images of {data}.")
+    hub_dir = save_pretrained(backbone, out / "backbone", recipe=recipe.to_dict(), provenance=provenance)
+    nn_dir = out / "nnssl"
+    nn_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = nnssl_checkpoint(backbone.state_dict(), backbone.config, trainer_name="s3d.pretrain")
+    ckpt["current_epoch"] = recipe.steps // 250  # nnssl counts epochs of 250 steps
+    ckpt["nnssl_adaptation_plan"] = adaptation_plan(backbone.config, recipe.patch_size)
+    with atomic_path(nn_dir / "checkpoint_final.pth") as tmp:
+        torch.save(ckpt, tmp)
+    write_json_atomic(nn_dir / "adaptation_plan.json", ckpt["nnssl_adaptation_plan"])
+    return {"backbone": Path(hub_dir), "nnssl": nn_dir / "checkpoint_final.pth"}
