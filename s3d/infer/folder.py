@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from s3d.infer.cases import check_patch_size, load_model_dir, predict_case
+from s3d._fs import disk_full, probe_writable
+from s3d._paths import check_apart, input_folder, output_folder
+from s3d.infer.cases import check_patch_size, check_prediction_args, load_model_dir, predict_case
 from s3d.infer.inputs import CaseError, CaseFailure, scan_input_folder
 from s3d.infer.outputs import sweep_partial
 from s3d.runtime.device import resolve_device
@@ -100,23 +102,43 @@ def predict_folder(
     Returns:
         Paths of the label files written, in case order.
 
+    Every argument, the folders and the model folder (as a whole: weights, ``config.json`` and
+    ``preprocessing.json`` agree) are checked before any case is read or any output written. The
+    output folder may not be, lie inside or hold the input folder or the model folder. An earlier
+    run's prediction of a case is replaced (atomically) and a note says how many were.
+
     Raises:
-        FileNotFoundError / ValueError: the model directory, the patch size or the input folder (no
-            usable case at all) is wrong; nothing in ``output_dir`` is touched.
+        s3d._paths.UsageError: a bad argument, or an output folder that overlaps an input (the
+            ``s3d`` command exits 2); nothing is read or written.
+        FileNotFoundError / NotADirectoryError / FileExistsError / ValueError: the model directory, the
+            patch size, the input folder (no usable case at all) or the output folder is wrong; nothing
+            in ``output_dir`` is touched.
+        OSError: the output folder cannot be written, or the disk is full (the predictions written so
+            far are complete and kept).
         BatchPredictionError: after the batch, when any input failed (the others were predicted).
 
     Example:
         >>> s3d.predict("imagesTs", "predictions", "runs/Dataset001/model")
         [PosixPath('predictions/case_001.nii.gz'), ...]
     """
-    model_dir = Path(model_dir)
+    check_prediction_args(step=step, mirror=mirror, tile_batch=tile_batch, amp=amp, device=device,
+                          accumulate_device=accumulate_device, accumulate_limit_bytes=accumulate_limit_bytes,
+                          patch_size=patch_size)
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    input_folder(input_dir, "input folder")
+    output_folder(output_dir, "output folder")
+    check_apart(output_dir, "output folder", [(input_dir, "input folder"), (model_dir, "model folder")])
     dev = resolve_device(device)
     model, spec = load_model_dir(model_dir, device=dev)
     source = "patch_size" if patch_size is not None else f"{model_dir / 'preprocessing.json'}: patch_size"
     patch = check_patch_size(patch_size if patch_size is not None else spec.patch_size, model, source)
     scan = scan_input_folder(input_dir, len(spec.channel_names), spec.file_ending)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe_writable(output_dir)
+    except OSError as e:
+        raise OSError(e.errno, f"{output_dir}: cannot write the output folder ({e.strerror or e}); make it "
+                      "writable or choose another") from None
     sweep_partial(output_dir)
     report_path = output_dir / FAILURES_FILE
     report_path.unlink(missing_ok=True)  # from an earlier run: it never describes this one
@@ -130,10 +152,11 @@ def predict_folder(
             problem.removed = _remove_outputs(output_dir, problem.case, spec.file_ending)
         failures.append(problem)
     written: list[Path] = []
+    replaced: list[str] = []
     with _sigterm_raises_systemexit():
         for case, paths in progress_bar(scan.cases.items(), desc="predict", unit="case", enabled=progress):
             out, npz = output_dir / f"{case}{spec.file_ending}", output_dir / f"{case}.npz"
-            earlier = [str(q) for q in (out, npz) if q.exists()]
+            earlier = [str(q) for q in (out, npz) if q.is_file()]
             try:
                 if not save_probabilities:
                     npz.unlink(missing_ok=True)  # an old .npz must not sit next to a new label map
@@ -143,14 +166,26 @@ def predict_folder(
                                     accumulate_device=accumulate_device,
                                     accumulate_limit_bytes=accumulate_limit_bytes, amp=amp, progress=progress)
             except Exception as e:  # noqa: BLE001 - one case never stops the batch; it is reported below
-                file, reason = _blame(e, paths)
+                full = disk_full(e, output_dir)
+                if full:  # not the case's fault, and every later case would fail the same way
+                    raise OSError(f"{out}: cannot write the prediction ({full}); free disk space or choose "
+                                  f"another output folder; the {len(written)} prediction(s) written so far are "
+                                  "complete") from e
+                file, reason = _blame(e, paths, output_dir)
                 _remove_outputs(output_dir, case, spec.file_ending)
                 failures.append(CaseFailure(case, file, reason, earlier))
                 continue
             written.append(out)
+            if earlier:
+                replaced.append(out.name)
             for n in pred.notes:
                 notes.append(f"{case}: {n}")
                 warnings.warn(f"{case}: {n}", PredictionNote, stacklevel=2)
+    if replaced:
+        some = ", ".join(replaced[:3]) + (f" and {len(replaced) - 3} more" if len(replaced) > 3 else "")
+        note = f"{output_dir}: replaced {len(replaced)} prediction(s) of an earlier run ({some})"
+        notes.append(note)
+        warnings.warn(note, PredictionNote, stacklevel=2)
     if not failures:
         return written
 
@@ -171,20 +206,29 @@ def predict_folder(
 
 
 def _remove_outputs(output_dir: Path, case: str, file_ending: str) -> list[str]:
-    """Remove the outputs an earlier run wrote for ``case``; returns the paths removed."""
+    """Remove the outputs an earlier run wrote for ``case`` (files only: a folder in the way is not ours);
+    returns the paths removed."""
     removed = []
     for p in (output_dir / f"{case}{file_ending}", output_dir / f"{case}.npz"):
-        if p.exists():
+        if p.is_file() or p.is_symlink():
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
             removed.append(str(p))
     return removed
 
 
-def _blame(e: Exception, paths: Sequence[Path]) -> tuple[str, str]:
-    """(file at fault, reason) for a failed case: the file the message names, else the first channel file."""
+def _blame(e: Exception, paths: Sequence[Path], output_dir: Path | None = None) -> tuple[str, str]:
+    """(file at fault, reason) for a failed case: an output that could not be written (e.g. a folder where
+    the label map goes), else the file the message names, else the first channel file."""
     if isinstance(e, CaseError):
         return e.file, e.reason
+    if isinstance(e, OSError) and output_dir is not None:
+        for name in (e.filename2, e.filename):
+            if name and Path(name).parent.resolve() == output_dir.resolve():
+                out = Path(name)
+                if out.name.startswith("."):  # a temporary: blame the file it was renamed onto
+                    out = Path(e.filename2 or name)
+                return str(out), f"cannot write the output ({e.strerror or e}); remove or move what is in the way"
     text = str(e).strip() or type(e).__name__
     if not isinstance(e, (ValueError, OSError)):
         text = f"{type(e).__name__}: {text}"
