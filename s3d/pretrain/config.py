@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from s3d._dataclasses import from_dict_strict, jsonable
 from s3d.pretrain.recipes import PretrainRecipe, get_recipe
 from s3d.runtime.device import AMP_MODES
+from s3d.sparse.mask import block_grid_size
 
 
 @dataclass
@@ -39,6 +41,8 @@ class PretrainConfig:
         log_every: metrics line interval (steps).
         tensorboard: also log to TensorBoard (``RUN/tb``; needs the ``tensorboard`` package).
         resume: continue from ``RUN/checkpoint_latest.pt``.
+        overwrite: start a new run in an ``out`` that holds an earlier one (checkpoints, ``backbone/``,
+            ``nnssl/``), removing them first; without it (and without ``resume``) that is an error.
         stop_after: stop after this global step as if killed (no export); for time-limited job slots.
         progress: show a progress bar (rank 0).
 
@@ -72,6 +76,7 @@ class PretrainConfig:
     log_every: int = 1
     tensorboard: bool = False
     resume: bool = False
+    overwrite: bool = False
     stop_after: int | None = None
     progress: bool = True
 
@@ -86,6 +91,49 @@ class PretrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        from s3d._paths import UsageError
+
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise UsageError(f"{name} (--{name.replace('_', '-')}): must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"lr (--lr): must be a finite number > 0, got {self.lr}")
+        if self.patch_size is not None and (len(tuple(self.patch_size)) != 3
+                                            or min(int(p) for p in self.patch_size) < 1):
+            raise UsageError(f"patch_size (--patch-size): expected 3 sizes >= 1 voxel, got {tuple(self.patch_size)}")
+        if not isinstance(self.method_kwargs, dict):
+            raise UsageError(f"method_kwargs (--method-kwargs): expected a JSON object, got {self.method_kwargs!r}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other: continue the earlier run, or replace it")
+
+    def check(self) -> PretrainRecipe:
+        """Check every setting that needs no data, before any is read: the recipe and its overrides, the
+        method's keyword arguments, the patch against the mask blocks, the device and ``amp``.
+
+        Returns:
+            The resolved recipe.
+
+        Raises:
+            ValueError / s3d._paths.UsageError: naming the setting.
+
+        Example:
+            >>> PretrainConfig(data="prep", out="runs/b", device="mps").check()
+            Traceback (most recent call last):
+            s3d._paths.UsageError: device (--device) 'mps' is not supported; ...
+        """
+        import torch
+
+        from s3d.nn import build_resenc_unet
+        from s3d.pretrain.methods import build_method
+        from s3d.runtime.device import resolve_amp, resolve_device
+
+        resolve_amp(self.amp, resolve_device(self.device))
+        recipe = self.resolved_recipe()
+        with torch.device("meta"):  # the shapes and arguments, no memory
+            backbone = build_resenc_unet(recipe.architecture, in_channels=1, num_classes=1, deep_supervision=False)
+            method = build_method(recipe.method, backbone, **recipe.method_kwargs)
+        _check_mask_blocks(recipe.patch_size, getattr(method, "block_size", None))
+        return recipe
 
     def resolved_recipe(self) -> PretrainRecipe:
         """The recipe with this config's overrides applied."""
@@ -113,3 +161,22 @@ class PretrainConfig:
         if isinstance(d.get("recipe"), dict):
             d["recipe"] = PretrainRecipe.from_dict(d["recipe"])
         return from_dict_strict(cls, d)
+
+
+def _check_mask_blocks(patch_size: tuple[int, ...], block_size: int | None) -> None:
+    """Refuse a patch the MAE mask grid cannot use, before the first step, naming both arguments."""
+    if block_size is None:
+        return
+    try:
+        if math.prod(block_grid_size(patch_size, block_size)) >= 2:
+            return
+    except ValueError:  # not a whole number of blocks along some axis
+        pass
+    fit = [-(-p // block_size) * block_size for p in patch_size]  # each axis up to a whole block
+    if math.prod(f // block_size for f in fit) < 2:
+        fit[-1] *= 2
+    raise ValueError(
+        f"--patch-size {' '.join(map(str, patch_size))} with mask block_size {block_size}: the patch must be a "
+        f"multiple of the block along every axis and hold at least 2 blocks (one visible, one masked); use "
+        f"--patch-size {' '.join(map(str, fit))} or a smaller block, e.g. --method-kwargs "
+        f"'{{\"block_size\": {max(1, block_size // 2)}}}'")

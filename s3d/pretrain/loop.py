@@ -38,20 +38,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from s3d._fs import atomic_path, write_json_atomic
-from s3d.pretrain.config import PretrainConfig
+from s3d._fs import atomic_folder, write_json_atomic
+from s3d.pretrain.config import PretrainConfig, _check_mask_blocks
 from s3d.pretrain.methods import build_method
 from s3d.pretrain.snapshots import reconstruction_panels, snapshot_image, write_png
-from s3d.runtime.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
+from s3d.runtime.checkpoint import check_resume, checkpoint_path, claim_run_folder, load_checkpoint, save_checkpoint
 from s3d.runtime.device import autocast, resolve_amp, resolve_device
 from s3d.runtime.distributed import barrier, cleanup, global_weighted_loss, init_distributed, mean_across
+from s3d.runtime.guard import FiniteWatch, check_weights, nonfinite_error
 from s3d.runtime.lr import lr_at, set_lr
 from s3d.runtime.metrics import MetricsLog
 from s3d.runtime.optim import backward_and_step, grad_scaler, rng_state, set_rng_state, sgd, stream_seed
 from s3d.runtime.progress import progress
-from s3d.sparse.mask import block_grid_size
 
 JOB = "pretrain"
+EXPORTS = ("backbone", "nnssl")  # what a finished run exports (replaced only with --overwrite)
 # purposes of the derived random streams
 _AUGMENT, _METHOD, _VAL = 1, 2, 3
 
@@ -63,7 +64,8 @@ class PretrainRun:
         cfg: the run's settings.
 
     Raises:
-        FileExistsError: ``cfg.out`` already holds a checkpoint and ``cfg.resume`` is off.
+        FileExistsError: ``cfg.out`` holds an earlier run (checkpoints, ``backbone/``, ``nnssl/``) and
+            neither ``cfg.resume`` nor ``cfg.overwrite`` is set.
         ResumeError / CheckpointError: the checkpoint does not fit the settings or is damaged.
 
     Example:
@@ -108,6 +110,7 @@ class PretrainRun:
                              weight_decay=r.weight_decay)
         self.lr_phases = r.lr_phases()
         self.scaler = grad_scaler(self.amp_dtype, self.device)
+        self.watch, self.last_saved = FiniteWatch(), None  # first non-finite loss (no sync per step); last checkpoint
         self.start_step = 0
         self._resume()
 
@@ -118,7 +121,8 @@ class PretrainRun:
         return {**fields, "seed": self.cfg.seed, "val_fraction": self.cfg.val_fraction, "augment": self.cfg.augment}
 
     def save_checkpoint(self, step: int) -> None:
-        """Rank 0 writes ``RUN/checkpoint_latest.pt`` (the one before becomes ``checkpoint_previous.pt``)."""
+        """Rank 0 writes ``RUN/checkpoint_latest.pt`` (the previous one kept); never NaN weights (checked first)."""
+        self.check_finite(step)
         if not self.info.is_main:
             return
         save_checkpoint(self.out, {
@@ -134,12 +138,23 @@ class PretrainRun:
             "recipe": self.recipe.to_dict(),
             "engine_choices": [c.to_dict() for c in getattr(self.method, "engine_choices", {}).values()],
         }, job=JOB)
+        self.last_saved = step
+
+    def check_finite(self, step: int) -> None:
+        """Stop (:class:`~s3d.runtime.guard.NonFiniteError`: step, lr, checkpoint kept) on a NaN/inf loss or weight."""
+        self.watch.check(self._lr_of_step, self.out, self.last_saved)
+        check_weights(self.method, step, self._lr_of_step(step), self.out, self.last_saved)
+
+    def _lr_of_step(self, step: int) -> float:  # step t ran with the lr of t - 1
+        return lr_at(self.lr_phases, step - 1, self.recipe.poly_exponent)
 
     def _resume(self) -> None:
         path = checkpoint_path(self.out)
+        if self.info.is_main or not self.cfg.overwrite:  # an earlier run: refused, or removed by rank 0
+            claim_run_folder(self.out, job=JOB, resume=self.cfg.resume, overwrite=self.cfg.overwrite,
+                             exports=EXPORTS, scratch=("snapshots/step_*.png", "tb/events.out.tfevents.*"))
+        barrier(self.info)
         exists = path.is_file() or (self.out / "checkpoint_previous.pt").is_file()
-        if exists and not self.cfg.resume:
-            raise FileExistsError(f"{path} exists; pass --resume to continue that run or choose a new --out")
         if not exists:
             if self.cfg.resume and self.info.is_main:
                 warnings.warn(f"--resume: no {path}; starting from step 0", stacklevel=3)
@@ -152,7 +167,7 @@ class PretrainRun:
         set_rng_state(ckpt["rng"])
         if ckpt.get("engine_choices") and hasattr(self.method, "restore_engine_choices"):
             self.method.restore_engine_choices(ckpt["engine_choices"])  # same engine as before: bitwise resume
-        self.start_step = int(ckpt["step"])
+        self.start_step = self.last_saved = int(ckpt["step"])
         if ckpt["data"]["world_size"] != self.info.world_size and self.info.is_main:
             warnings.warn(f"checkpoint written by {ckpt['data']['world_size']} process(es), resuming on "
                           f"{self.info.world_size}: the data stream differs from an uninterrupted run",
@@ -223,15 +238,15 @@ class PretrainRun:
         provenance = (f"Pre-trained with s3d recipe {self.recipe.name!r} ({self.recipe.method}) for "
                       f"{self.recipe.steps} steps at batch {self.recipe.batch_size} on {self.n_train} images "
                       f"of {self.cfg.data}.")
-        hub_dir = save_pretrained(backbone, self.out / "backbone", recipe=recipe, provenance=provenance)
-        nn_dir = self.out / "nnssl"
-        nn_dir.mkdir(parents=True, exist_ok=True)
+        hub_dir, nn_dir = self.out / "backbone", self.out / "nnssl"
+        with atomic_folder(hub_dir) as tmp:  # each folder as a whole: its files always belong together
+            save_pretrained(backbone, tmp, recipe=recipe, provenance=provenance)
         ckpt = nnssl_checkpoint(backbone.state_dict(), backbone.config, trainer_name="s3d.pretrain")
         ckpt["current_epoch"] = self.recipe.steps // 250  # nnssl counts epochs of 250 steps
         ckpt["nnssl_adaptation_plan"] = adaptation_plan(backbone.config, self.recipe.patch_size)
-        with atomic_path(nn_dir / "checkpoint_final.pth") as tmp:
-            torch.save(ckpt, tmp)
-        write_json_atomic(nn_dir / "adaptation_plan.json", ckpt["nnssl_adaptation_plan"])
+        with atomic_folder(nn_dir) as tmp:
+            torch.save(ckpt, tmp / "checkpoint_final.pth")
+            write_json_atomic(tmp / "adaptation_plan.json", ckpt["nnssl_adaptation_plan"])
         return {"backbone": str(hub_dir), "nnssl": str(nn_dir / "checkpoint_final.pth")}
 
     # ---- train ----
@@ -314,13 +329,16 @@ class PretrainRun:
                 loss, global_loss = global_weighted_loss(loss, loss_weight, info)
             grad_norm = backward_and_step(loss, self.optimizer, self.scaler, recipe.grad_clip)
             step += 1
+            if global_loss is not None or not info.enabled:  # a value every rank agrees on
+                self.watch.observe(loss if global_loss is None else global_loss, step)
             if main:
                 self._log_engine_choices(step, engines_logged, bar)
             if step % cfg.log_every == 0 or step == stop:  # no host sync between log steps
                 # every rank takes part in the reduction (the global weighted mean was reduced above)
                 last_loss = mean_across(loss, info) if global_loss is None else float(global_loss)
-                if not math.isfinite(last_loss):
-                    raise FloatingPointError(f"step {step}: loss is {last_loss}; lower the lr or check the data")
+                if not math.isfinite(last_loss):  # every rank sees the reduced loss
+                    self.watch.check(self._lr_of_step, self.out, self.last_saved)
+                    raise nonfinite_error(step, lr, f"the loss is {last_loss}", self.out, self.last_saved)
                 if main:
                     now = time.perf_counter()
                     rate = (step - step_last) / max(now - t_last, 1e-9)
@@ -353,6 +371,7 @@ class PretrainRun:
         result: dict[str, Any] = {"step": step, "loss": last_loss, "run": str(self.out),
                                   "finished": step >= recipe.steps}
         if step >= recipe.steps and main:
+            self.check_finite(step)
             result.update(self.export())
         barrier(info)
         return result
@@ -379,22 +398,3 @@ def run(cfg: PretrainConfig | None = None, /, **fields: Any) -> dict[str, Any]:
         return PretrainRun(cfg).train()
     finally:
         cleanup()
-
-
-def _check_mask_blocks(patch_size: tuple[int, ...], block_size: int | None) -> None:
-    """Refuse a patch the MAE mask grid cannot use, before the first step, naming both arguments."""
-    if block_size is None:
-        return
-    try:
-        if math.prod(block_grid_size(patch_size, block_size)) >= 2:
-            return
-    except ValueError:  # not a whole number of blocks along some axis
-        pass
-    fit = [-(-p // block_size) * block_size for p in patch_size]  # each axis up to a whole block
-    if math.prod(f // block_size for f in fit) < 2:
-        fit[-1] *= 2
-    raise ValueError(
-        f"--patch-size {' '.join(map(str, patch_size))} with mask block_size {block_size}: the patch must be a "
-        f"multiple of the block along every axis and hold at least 2 blocks (one visible, one masked); use "
-        f"--patch-size {' '.join(map(str, fit))} or a smaller block, e.g. --method-kwargs "
-        f"'{{\"block_size\": {max(1, block_size // 2)}}}'")
