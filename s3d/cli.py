@@ -9,6 +9,7 @@ which keeps ``s3d --help`` fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -41,30 +42,102 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``s3d`` console script; returns the process exit code.
 
     A command that fails prints one line, ``s3d COMMAND: error: ...`` (naming the file, key or
-    argument), and exits 1; a usage error exits 2. ``--debug`` (anywhere on the command line) or
-    ``S3D_DEBUG=1`` shows the Python traceback instead.
+    argument), and exits 1; a usage error exits 2 (argparse's, or an argument s3d refuses before
+    any work, :class:`s3d._paths.UsageError`). ``--debug`` (anywhere on the command line) or
+    ``S3D_DEBUG=1`` shows the Python traceback instead. Ctrl-C (SIGINT) at any moment prints one
+    line, ``s3d COMMAND: interrupted``, and exits 130; worker processes and threads stay quiet.
     """
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("S3D_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    command = next((a for a in argv if not a.startswith("-")), None)
+    interrupts = _Interrupts() if as_program else None
+    if as_program:  # a file name that is not valid UTF-8 is printed escaped, never an error after the work
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(errors="backslashreplace")
     try:
-        rc = args.func(args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        command = args.command
+        if interrupts is not None and command not in _WITHOUT_TORCH:
+            interrupts.import_quietly("torch")
+        rc = int(args.func(args) or 0)
+        if interrupts is not None and interrupts.seen:  # a library swallowed the KeyboardInterrupt
+            return _interrupted(command, as_program)
+        return rc
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(command, as_program)
     except BrokenPipeError:  # output piped into `head` and closed early
         return 0
     except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
         if debug:
             raise
-        print(f"s3d {args.command}: error: {error_line(e)}", file=sys.stderr)
-        return 1
-    return int(rc or 0)
+        from s3d._paths import UsageError
+
+        print(f"s3d {command}: error: {error_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+
+
+#: commands that never import torch (the others import it first, see :meth:`_Interrupts.import_quietly`)
+_WITHOUT_TORCH = frozenset({"evaluate"})
+
+
+class _Interrupts:
+    """SIGINT as the ``s3d`` program sees it: raised as ``KeyboardInterrupt`` and remembered.
+
+    A library that turns the ``KeyboardInterrupt`` raised inside its own import into another error and
+    catches that (torch's optional CUDA bindings do) would otherwise lose the Ctrl-C; ``seen`` keeps it.
+    """
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.seen = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def import_quietly(self, module: str) -> None:
+        """Import ``module`` with SIGINT held back; a Ctrl-C meanwhile is raised right after it."""
+        import importlib
+        import signal
+
+        if module in sys.modules or not hasattr(signal, "pthread_sigmask"):
+            return
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass  # the command that needs it says so
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _interrupted(command: str | None, as_program: bool) -> int:
+    """Ctrl-C: one line, exit 130. As the program, a second Ctrl-C while it winds down is ignored and
+    threads that fail while the process ends print nothing."""
+    import signal
+    import threading
+
+    if as_program:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        threading.excepthook = lambda args: None
+    try:
+        fresh_line = "\n" if sys.stderr.isatty() else ""  # after a progress bar
+        sys.stderr.write(f"{fresh_line}s3d{f' {command}' if command else ''}: interrupted\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    return 130
 
 
 def error_line(e: BaseException) -> str:

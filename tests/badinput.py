@@ -77,6 +77,24 @@ def run_s3d(*args: str | os.PathLike[str], timeout: float = 600, env: dict[str, 
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+def run_s3d_here(capsys, *args: str | os.PathLike[str]) -> Result:
+    """Run ``s3d ARGS`` in this process (:func:`s3d.cli.main`) and capture what it prints.
+
+    For cases that are refused before any work starts (bad arguments, overlapping folders, a model folder
+    that does not hold together): the same code path as the command, without the seconds a new process
+    spends importing torch. Pass pytest's ``capsys`` fixture.
+    """
+    from s3d.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return Result(rc, captured.out, captured.err)
+
+
 def snapshot(*roots: str | os.PathLike[str]) -> dict[str, str]:
     """``{path: sha256}`` of every file under ``roots`` (to show that no good file changed)."""
     out = {}

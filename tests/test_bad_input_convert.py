@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
-from badinput import assert_user_error, case, run_s3d, snapshot
+from badinput import Result, assert_user_error, case, run_s3d, run_s3d_here, snapshot
 
 import s3d
 
@@ -71,7 +72,7 @@ def test_directory_without_weights(saved: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-@case("convert", "output onto an existing good model (converted again)", "handled")
+@case("convert", "output onto an existing good model (converted again, with --overwrite)", "handled")
 def test_rewrite_keeps_a_complete_model(saved: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = run_s3d("convert", saved, "--to", "s3d", "-o", out, env=OFFLINE)
@@ -79,10 +80,54 @@ def test_rewrite_keeps_a_complete_model(saved: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     before, weights = snapshot(out), load_file(out / "model.safetensors")
-    again = run_s3d("convert", saved, "--to", "s3d", "-o", out, env=OFFLINE)
+    again = run_s3d("convert", saved, "--to", "s3d", "-o", out, "--overwrite", env=OFFLINE)
     assert again.rc == 0, again.text
     # written again atomically: the same complete files, no temporaries, the same tensors (the safetensors
     # header may list them in another order, so compare tensors, not bytes)
     assert set(snapshot(out)) == set(before)
     again_weights = load_file(out / "model.safetensors")
     assert set(again_weights) == set(weights) and all(again_weights[k].equal(v) for k, v in weights.items())
+
+
+@case("convert", "output onto an earlier conversion without --overwrite (s3d and nnssl)", "error")
+def test_convert_again_without_overwrite(saved: Path, tmp_path: Path, capsys) -> None:
+    for to, written in (("s3d", "model.safetensors"), ("nnssl", "checkpoint_final.pth")):
+        out = tmp_path / to
+        assert run_s3d_here(capsys, "convert", saved, "--to", to, "-o", out).rc == 0
+        before = snapshot(out)
+        res = run_s3d_here(capsys, "convert", saved, "--to", to, "-o", out)
+        assert_user_error(res, [str(out / written), "exists", "--overwrite"], rc=1)
+        assert snapshot(out) == before
+
+
+@case("convert", "output = the source folder, or inside it", "error")
+def test_output_overlaps_source(saved: Path, tmp_path: Path, capsys) -> None:
+    model = _copy(saved, tmp_path / "model")
+    before = snapshot(model)
+    for out, how in ((model, "is the source"), (model / "nnssl", "is inside the source")):
+        res = run_s3d_here(capsys, "convert", model, "--to", "nnssl", "-o", out, "--overwrite")
+        assert_user_error(res, [str(out), how], rc=2)
+    assert snapshot(model) == before and not (model / "nnssl").exists()
+
+
+@case("convert", "disk full while writing (file size limit)", "error")
+def test_disk_full(saved: Path, tmp_path: Path) -> None:
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    for to, written in (("s3d", "model.safetensors"), ("nnssl", "checkpoint_final.pth")):
+        out = tmp_path / to
+        proc = subprocess.run([sys.executable, "-m", "s3d", "convert", str(saved), "--to", to, "-o", str(out)],
+                              capture_output=True, text=True, timeout=600, preexec_fn=limit,
+                              env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"})
+        res = Result(proc.returncode, proc.stdout, proc.stderr)
+        # was "SafetensorError: ... (an internal error...)" / "RuntimeError: unexpected pos 128 vs 0"
+        assert_user_error(res, [f"cannot write {out / written}", "free disk space"], rc=1)
+        assert "internal error" not in res.err and res.err.count("\n") == 1
+        assert not [p.name for p in out.iterdir()]  # no partial file left behind

@@ -258,10 +258,10 @@ def test_out_not_writable(data):
     before = _inputs(data)
     res = run_s3d("evaluate", "--pred", data / "pred", "--ref", data / "ref", "--labels", data / "dataset.json",
                   "--out", data / "blocker" / "eval", env={"TQDM_DISABLE": "1"})
-    assert_user_error(res, [str(data / "blocker" / "eval" / "per_case.csv")], rc=1)
-    assert "foreground mean" in res.out and "3 cases evaluated, 0 failed" in res.out  # the table is printed
-    last = res.err.strip().splitlines()[-1]
-    assert last.startswith("s3d evaluate: error: cannot write") and str(data / "blocker") in last
+    # refused before any case is evaluated, naming the file in the way and the option
+    assert_user_error(res, [f"{data / 'blocker'}: --out folder is a file (in the way of {data / 'blocker' / 'eval'})"],
+                      rc=1)
+    assert "cases evaluated" not in res.out and (data / "blocker").read_text() == "a file, not a folder"
     assert _inputs(data) == before
 
 
@@ -276,3 +276,45 @@ def test_stale_summary_removed(data):
     assert_user_error(res, [str(data / "ref"), "no NIfTI"], rc=1)
     assert not (data / "out" / "summary.json").exists() and not (data / "out" / "per_case.csv").exists()
     assert _inputs(data) == before
+
+
+@case("evaluate", "dataset.json labels that break nnU-Net's rules (ignore equal to a class; 0/1/5)", "error")
+def test_labels_break_nnunet_rules(data):
+    for name, labels, needle in (("clash.json", {**LABELS, "ignore": 2}, "ignore label 2 is also a class (tumour)"),
+                                 ("gap.json", {"background": 0, "liver": 1, "tumour": 5}, "relabel 5 -> 2")):
+        (data / name).write_text(json.dumps({"labels": labels}))
+        before = _inputs(data)
+        res = _evaluate(data, labels=name)
+        assert_user_error(res, ["--labels", str(data / name), needle, "nnU-Net"], rc=1)
+        assert not (data / "out").exists() and _inputs(data) == before  # no class silently dropped
+
+
+@case("evaluate", "--out = --ref, or inside it; --compare --out inside a compared folder", "error")
+def test_out_overlaps_an_input(data):
+    before = _inputs(data)
+    for out, names in ((data / "ref", ["is the --ref folder"]), (data / "ref" / "eval", ["is inside the --ref"])):
+        res = run_s3d("evaluate", "--pred", data / "pred", "--ref", data / "ref", "--labels", data / "dataset.json",
+                      "--out", out)
+        assert_user_error(res, [str(out), *names], rc=2)
+    res = run_s3d("evaluate", "--compare", data / "pred", data / "ref", "--ref", data / "ref", "--labels",
+                  data / "dataset.json", "--out", data / "pred" / "ranks")
+    assert_user_error(res, [str(data / "pred" / "ranks"), "is inside the --compare folder"], rc=2)
+    assert _inputs(data) == before and not (data / "ref" / "eval").exists()
+
+
+@case("evaluate", "--compare with two folders of one name (a/pred, b/pred) given as absolute paths", "handled")
+def test_compare_folders_of_one_name(data):
+    import shutil
+
+    for group in ("a", "b"):
+        shutil.copytree(data / "pred", data / group / "pred")
+    inputs = snapshot(data / "a", data / "b", data / "ref")
+    args = ("evaluate", "--compare", (data / "a" / "pred").resolve(), (data / "b" / "pred").resolve(),
+            "--ref", data / "ref", "--labels", data / "dataset.json", "--out", data / "out", "--bootstrap", "10")
+    res = run_s3d(*args, env={"TQDM_DISABLE": "1"})
+    assert res.rc == 0, res.text[-3000:]
+    # each method's evaluation in its own sub-folder of --out, never in the compared (input) folders
+    assert (data / "out" / "a-pred" / "summary.json").is_file() and (data / "out" / "b-pred" / "summary.json").is_file()
+    assert snapshot(data / "a", data / "b", data / "ref") == inputs
+    again = run_s3d(*args, env={"TQDM_DISABLE": "1"})  # an earlier result is replaced with a word
+    assert again.rc == 0 and f"note: {data / 'out'}: replacing the earlier ranks.txt, ranks.json" in again.err

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from badinput import Result, assert_user_error, case, run_s3d, snapshot
+from badinput import Result, assert_user_error, case, run_s3d, run_s3d_here, snapshot
 
 pytest.importorskip("scipy")
 
@@ -235,3 +235,158 @@ def test_disk_full_at_checkpoint(tmp_path) -> None:
     assert "cannot write checkpoint" in line
     assert not (out / "checkpoint_latest.pt").exists() and not list(out.glob(".checkpoint_latest*"))
     assert len(list((root / ".s3d_cache").glob("*/case*_data.npy"))) == 4      # the cache was complete
+
+
+# ---- labels as nnU-Net checks them -----------------------------------------------------------------
+def _relabel(root: Path, labels: dict, value_of_1: int) -> None:
+    """dataset.json's labels, and the label files' foreground written as ``value_of_1``."""
+    import nibabel as nib
+    import numpy as np
+
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = labels
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for p in (root / "labelsTr").glob("*.nii.gz"):
+        img = nib.load(str(p))
+        seg = np.asarray(img.dataobj).astype(np.uint8)
+        nib.save(nib.Nifti1Image(np.where(seg == 1, value_of_1, 0).astype(np.uint8), img.affine), str(p))
+
+
+@case("finetune", "labels that break nnU-Net's rules (0/255; ignore equal to a class) and an ignore label",
+      "error")
+def test_labels_checked_as_nnunet(tmp_path, capsys) -> None:
+    for name, labels, value, names in (
+            ("gap", {"background": 0, "lesion": 255}, 255, ["consecutive", "found 0, 255", "relabel 255 -> 1"]),
+            ("clash", {"background": 0, "lesion": 1, "ignore": 1}, 1, ["ignore label 1 is also a class", "use 2"]),
+            ("ignore", {"background": 0, "lesion": 1, "ignore": 2}, 1, ["does not train with an ignore label"])):
+        root = make_sphere_dataset(tmp_path / name, n=4)
+        _relabel(root, labels, value)
+        before = snapshot(root)
+        res = run_s3d_here(capsys, "finetune", root, "-o", tmp_path / f"run-{name}", *TINY, "--steps", "4",
+                           "--device", "cpu")
+        assert_user_error(res, [root / "dataset.json", *names], rc=1)
+        assert snapshot(root) == before and not (root / ".s3d_cache").exists()  # no 256-output network, no cache
+        assert not (tmp_path / f"run-{name}").exists()
+
+
+# ---- a finished run is never replaced without a word ------------------------------------------------
+@case("finetune", "a second run into a finished run's folder (model/), or one with a checkpoint", "error")
+def test_second_run_into_a_finished_run(tmp_path, capsys) -> None:
+    root = make_sphere_dataset(tmp_path / "ds", n=4)
+    finished, started = tmp_path / "finished", tmp_path / "started"
+    (finished / "model").mkdir(parents=True)
+    (finished / "model" / "model.safetensors").write_bytes(b"the earlier run's weights")
+    started.mkdir()
+    (started / "checkpoint_latest.pt").write_bytes(b"an earlier run's checkpoint")
+    for out, names, there in ((finished, ["finished finetune run (model/)"], ["model"]),
+                              (started, ["checkpoint_latest.pt"], ["checkpoint_latest.pt"])):
+        before = snapshot(out, root)
+        res = run_s3d_here(capsys, "finetune", root, "-o", out, *TINY, "--steps", "4", "--device", "cpu")
+        assert_user_error(res, [str(out), *names, "--resume", "--overwrite"], rc=1)
+        assert snapshot(out, root) == before and sorted(p.name for p in out.iterdir()) == there  # nothing written
+
+
+@case("finetune", "run folder = dataset, inside it or around it; --pretrained inside the run folder", "error")
+def test_run_folder_overlaps_an_input(tmp_path, capsys) -> None:
+    root = make_sphere_dataset(tmp_path / "ds", n=4)
+    (tmp_path / "old" / "model").mkdir(parents=True)
+    (tmp_path / "old" / "model" / "model.safetensors").write_bytes(b"x")
+    before = snapshot(root, tmp_path / "old")
+    for out, extra, names in ((root, (), ["is the dataset folder"]), (root / "run", (), ["inside the dataset"]),
+                              (tmp_path, (), ["holds the dataset folder"]),
+                              (tmp_path / "old", ("-p", tmp_path / "old" / "model", "--overwrite"),
+                               ["holds the pretrained model (-p/--pretrained)"])):
+        res = run_s3d_here(capsys, "finetune", root, "-o", out, *TINY, "--steps", "4", "--device", "cpu", *extra)
+        assert_user_error(res, [str(out), *names], rc=2)
+    assert snapshot(root, tmp_path / "old") == before and not (root / "run").exists()
+
+
+@case("finetune", "--device mps / cuda without CUDA, --resume with --overwrite, --patch-size 0", "error")
+def test_settings_refused_before_anything(tmp_path, capsys) -> None:
+    import torch
+
+    root = make_sphere_dataset(tmp_path / "ds", n=4)
+    before = snapshot(root)
+    runs = [(("--device", "mps"), ["--device", "'mps'", "not supported"]),
+            (("--resume", "--overwrite"), ["--resume and --overwrite"]),
+            (("--patch-size", "0", "32", "32"), ["--patch-size", ">= 1"])]
+    if not torch.cuda.is_available():
+        runs.append((("--device", "cuda"), ["--device", "CUDA is not available"]))
+    for extra, names in runs:
+        res = run_s3d_here(capsys, "finetune", root, "-o", tmp_path / "out", *TINY, "--steps", "4", *extra)
+        assert_user_error(res, names, rc=2)
+        assert "internal error" not in res.err
+    assert snapshot(root) == before and not (tmp_path / "out").exists() and not (root / ".s3d_cache").exists()
+
+
+@case("finetune", "a file as the dataset; dataset.json whose file_ending is a path; a .nii label among .nii.gz",
+      "error")
+def test_dataset_folder_problems_are_named(tmp_path, capsys) -> None:
+    a_file = tmp_path / "Dataset001.zip"
+    a_file.write_bytes(b"PK\x03\x04")
+    res = run_s3d_here(capsys, "finetune", a_file, "-o", tmp_path / "out", *TINY, "--steps", "4")
+    assert_user_error(res, [f"{a_file}: a file, not a dataset folder"], rc=1)
+    root = make_sphere_dataset(tmp_path / "ds", n=4)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "file_ending": "/../../x.nii.gz"}))
+    res = run_s3d_here(capsys, "finetune", root, "-o", tmp_path / "out", *TINY, "--steps", "4")
+    assert_user_error(res, [root / "dataset.json", "file_ending '/../../x.nii.gz'"], rc=1)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "labelsTr" / "case003.nii.gz").rename(root / "labelsTr" / "case003.nii")
+    before = snapshot(root)
+    res = run_s3d_here(capsys, "finetune", root, "-o", tmp_path / "out", *TINY, "--steps", "4")
+    assert_user_error(res, [root / "labelsTr" / "case003.nii", "file_ending is .nii.gz"], rc=1)
+    assert snapshot(root) == before and not (tmp_path / "out").exists()
+
+
+@case("finetune", "hidden files in imagesTr/labelsTr (.DS_Store, macOS ._ copies)", "handled")
+def test_hidden_files_in_the_dataset(tmp_path) -> None:
+    from s3d.data.nnunet import validate_dataset
+
+    root = make_sphere_dataset(tmp_path / "ds", n=4)
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "imagesTr" / "._case000_0000.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    (root / "labelsTr" / "._case000.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    ds = validate_dataset(root)  # what s3d finetune runs first: no problem, the hidden files are not cases
+    assert ds.cases == [f"case{i:03d}" for i in range(4)] and ds.num_classes == 2
+
+
+@case("finetune", "a truncated file in the preprocessing cache (disk full, copy cut short)", "handled")
+def test_truncated_cache_file_is_preprocessed_again(tmp_path) -> None:
+    from s3d.data.nnunet import PreprocessingSpec, load_cached_case, preprocess_dataset, validate_dataset
+
+    ds = validate_dataset(make_sphere_dataset(tmp_path / "ds", n=2))
+    spec = PreprocessingSpec.from_dataset(ds)
+    cache = preprocess_dataset(ds, spec, progress=False)
+    seg = cache / "case001_seg.npy"
+    good = load_cached_case(cache, "case001", mmap=False)[1].copy()
+    seg.write_bytes(seg.read_bytes()[:300])
+    with pytest.raises(ValueError) as e:  # was numpy's "mmap length is greater than file size"
+        load_cached_case(cache, "case001")
+    assert str(e.value).startswith(f"{seg}: damaged cache file (truncated: 300 bytes") and "delete" in str(e.value)
+    preprocess_dataset(ds, spec, progress=False)  # what the next s3d finetune does: the case is redone
+    assert (load_cached_case(cache, "case001")[1] == good).all()
+
+
+# ---- training never finishes broken ----------------------------------------------------------------
+@case("finetune", "the loss becomes NaN (--lr 1e30)", "error")
+def test_nan_loss_stops_the_run(tmp_path) -> None:
+    import re
+
+    import torch
+
+    root = make_sphere_dataset(tmp_path / "ds", n=4)
+    out = tmp_path / "run"
+    res = run_s3d("finetune", root, "-o", out, *TINY, "--steps", "8", "--checkpoint-every", "1", "--lr", "1e30",
+                  "--device", "cpu")
+    line = _one_line(res)
+    assert_user_error(res, ["(lr ", "loss is nan", "nothing was exported", "Lower --lr", "--overwrite"], rc=1)
+    m = re.search(r"step (\d+) \(lr [0-9.e+]+\): .*checkpoint (\S+) \(step (\d+)\) is kept", line)
+    assert m is not None, line
+    bad, kept = int(m.group(1)), int(m.group(3))
+    assert kept == bad - 1 and m.group(2) == str(out / "checkpoint_latest.pt")
+    state = torch.load(out / "checkpoint_latest.pt", weights_only=True)
+    assert state["step"] == kept and all(torch.isfinite(v).all() for v in state["model"].values()
+                                        if v.is_floating_point())
+    assert not (out / "model").exists()  # nothing broken is exported

@@ -19,7 +19,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from badinput import assert_no_traceback, assert_user_error, case, run_s3d, snapshot
+from badinput import assert_no_traceback, assert_user_error, case, run_s3d, run_s3d_here, snapshot
+from test_bad_input_finetune import modes_bind  # noqa: F401 - the fixture, shared
 
 import s3d
 from s3d.data.nnunet import PreprocessingSpec
@@ -396,3 +397,195 @@ def test_no_usable_case(tmp_path: Path, model_dir: Path, good_run) -> None:
     assert_user_error(res, [str(inp), "no usable case", str(inp / "only_0001.nii.gz"), "missing channel file"],
                       rc=1)
     assert snapshot(inp, out) == before
+
+
+# ---- a model folder is checked as a whole, before the first case ------------------------------------
+def _model_copy(tmp_path: Path, model_dir: Path, name: str = "model") -> Path:
+    model = tmp_path / name
+    shutil.copytree(model_dir, model)
+    return model
+
+
+def _edit_json(path: Path, edit) -> None:
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+@case("predict", "config.json disagrees with the weights (4 classes vs a 3-output head; 1 vs 2 input channels; "
+      "another depth)", "error")
+def test_config_disagrees_with_weights(tmp_path: Path, model_dir: Path, good_run, capsys) -> None:
+    classes = _model_copy(tmp_path, model_dir, "classes")  # the issue's case: a random head would be built
+    _edit_json(classes / "config.json", lambda c: c["architecture"].update(num_classes=4))
+    _edit_json(classes / "preprocessing.json", lambda p: p["labels"].update(c=3))
+    channels = _model_copy(tmp_path, model_dir, "channels")
+    _edit_json(channels / "config.json", lambda c: c["architecture"].update(in_channels=1))
+    _edit_json(channels / "preprocessing.json", lambda p: p.update(channel_names=["t1"]))
+    depth = _model_copy(tmp_path, model_dir, "depth")  # another architecture: a block more in stage 1
+    _edit_json(depth / "config.json", lambda c: c["architecture"]["n_blocks_per_stage"].__setitem__(1, 2))
+    for model, names in ((classes, ["num_classes 4", "3 outputs"]), (channels, ["in_channels 1", "takes 2"]),
+                         (depth, ["missing from the weights", "encoder.stages.1.blocks.1."])):
+        before = snapshot(good_run[0], model)
+        res = run_s3d_here(capsys, "predict", "-i", good_run[0], "-o", tmp_path / "out", "-m", model,
+                           "--device", "cpu", "--no-progress")
+        assert_user_error(res, [str(model / "config.json"), str(model / "model.safetensors"), *names,
+                                "do not belong together"], rc=1)
+        assert res.err.count("\n") == 1 and not (tmp_path / "out").exists()
+        assert snapshot(good_run[0], model) == before
+
+
+@case("predict", "weights holding NaN (a model exported by a run that diverged)", "error")
+def test_weights_not_finite(tmp_path: Path, model_dir: Path, good_run, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = _model_copy(tmp_path, model_dir)
+    state = load_file(model / "model.safetensors")
+    state["decoder.seg_layers.0.weight"][0, 0] = float("nan")
+    save_file(state, model / "model.safetensors")
+    res = run_s3d_here(capsys, "predict", "-i", good_run[0], "-o", tmp_path / "out", "-m", model, "--device", "cpu")
+    assert_user_error(res, [str(model / "model.safetensors"), "NaN or inf", "decoder.seg_layers.0.weight"], rc=1)
+    assert not (tmp_path / "out").exists()
+
+
+@case("predict", "preprocessing.json labels break nnU-Net's rules (0/1/255; ignore equal to a class)", "error")
+def test_model_labels_not_nnunet(tmp_path: Path, model_dir: Path, good_run, capsys) -> None:
+    gap = _model_copy(tmp_path, model_dir, "gap")
+    _edit_json(gap / "preprocessing.json", lambda p: p.update(labels={"background": 0, "a": 1, "b": 255}))
+    clash = _model_copy(tmp_path, model_dir, "clash")
+    _edit_json(clash / "preprocessing.json",
+               lambda p: p.update(labels={"background": 0, "a": 1, "b": 2, "ignore": 2}))
+    for model, names in ((gap, ["consecutive", "255 -> 2"]), (clash, ["ignore label 2 is also a class", "use 3"])):
+        res = run_s3d_here(capsys, "predict", "-i", good_run[0], "-o", tmp_path / "out", "-m", model)
+        assert_user_error(res, [str(model / "preprocessing.json"), *names], rc=1)
+        assert not (tmp_path / "out").exists()
+
+
+# ---- a name from a file never chooses where s3d writes -------------------------------------------
+@case("predict", "preprocessing.json file_ending '/../../x.nii.gz' (a path out of the output folder)", "error")
+def test_file_ending_is_a_path(tmp_path: Path, model_dir: Path, good_run, capsys) -> None:
+    model = _model_copy(tmp_path, model_dir)
+    _edit_json(model / "preprocessing.json", lambda p: p.update(file_ending="/../../x.nii.gz"))
+    out = tmp_path / "a" / "b" / "out"
+    before = snapshot(tmp_path)
+    res = run_s3d_here(capsys, "predict", "-i", good_run[0], "-o", out, "-m", model, "--device", "cpu")
+    assert_user_error(res, [str(model / "preprocessing.json"), "file_ending", "/../../x.nii.gz"], rc=1)
+    assert snapshot(tmp_path) == before and not (tmp_path / "a").exists()  # nothing written anywhere
+
+
+# ---- the output never overlaps an input ------------------------------------------------------------
+@case("predict", "output folder = input folder, inside it, around it, a link to it, or inside the model folder",
+      "error")
+def test_output_overlaps_input_or_model(tmp_path: Path, model_dir: Path, good_run, capsys) -> None:
+    inp = _inputs(tmp_path, good_run)
+    (tmp_path / "link").symlink_to(inp)
+    before = snapshot(inp, model_dir)
+    res = _predict(inp, inp, model_dir)  # the issue's case, as a user runs it
+    assert_user_error(res, [f"{inp}: the output folder is the input folder {inp}"], rc=2)
+    for out, names in ((inp / "pred", ["is inside the input folder"]), (tmp_path, ["holds the input folder"]),
+                       (tmp_path / "link", ["is the input folder"]),
+                       (model_dir / "pred", ["is inside the model folder", str(model_dir)])):
+        res = run_s3d_here(capsys, "predict", "-i", inp, "-o", out, "-m", model_dir, "--device", "cpu")
+        assert_user_error(res, [str(out), *names], rc=2)
+    assert snapshot(inp, model_dir) == before and not (model_dir / "pred").exists()
+
+
+# ---- errors blame the right thing -------------------------------------------------------------------
+@case("predict", "a file where a folder is expected (-i, -o, a file in -o's path, -m model.safetensors)", "error")
+def test_file_where_a_folder_is_expected(tmp_path: Path, model_dir: Path, good_run, capsys) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x\n")
+    weights = model_dir / "model.safetensors"
+    for i, o, m, names in ((a_file, tmp_path / "o", model_dir, [f"{a_file}: input folder is a file, not a folder"]),
+                           (good_run[0], a_file, model_dir, [f"{a_file}: output folder is a file, not a folder"]),
+                           (good_run[0], a_file / "o", model_dir, [str(a_file), f"in the way of {a_file / 'o'}"]),
+                           (good_run[0], tmp_path / "o", weights, [f"{weights}: a file, not a model directory",
+                                                                    str(model_dir)])):
+        res = run_s3d_here(capsys, "predict", "-i", i, "-o", o, "-m", m, "--device", "cpu")
+        assert_user_error(res, names, rc=1)
+        assert a_file.read_text() == "x\n" and not (tmp_path / "o").exists()
+
+
+@case("predict", "unsupported --device (mps, foo, cuda without CUDA) and bad API arguments (step 0, mirror "
+      "axis 5, amp fp8)", "error")
+def test_bad_arguments_refused_before_any_case(tmp_path: Path, model_dir: Path, good_run, capsys) -> None:
+    from s3d._paths import UsageError
+    from s3d.infer import predict_folder
+
+    out = tmp_path / "out"
+    shutil.copytree(good_run[1], out)  # an earlier run's predictions: a bad argument must not touch them
+    before = snapshot(good_run[0], out)
+    devices = ["mps", "foo"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        res = run_s3d_here(capsys, "predict", "-i", good_run[0], "-o", out, "-m", model_dir, "--device", device)
+        assert_user_error(res, ["--device", repr(device)], rc=2)
+        assert "internal error" not in res.err
+    for kwargs, name in (({"step": 0}, "step"), ({"tile_batch": 0}, "tile_batch"), ({"mirror": (5,)}, "mirror"),
+                         ({"amp": "fp8"}, "amp"), ({"accumulate_device": "foo"}, "device"),
+                         ({"patch_size": (32, 32)}, "patch_size")):
+        with pytest.raises(UsageError, match=name):  # the Python API checks them before any case, as the CLI
+            predict_folder(good_run[0], out, model_dir, device="cpu", progress=False, **kwargs)
+    assert snapshot(good_run[0], out) == before  # no case was blamed, no earlier prediction removed
+
+
+@case("predict", "read-only output folder", "error")
+def test_read_only_output_folder(tmp_path: Path, model_dir: Path, good_run, modes_bind) -> None:  # noqa: F811
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        res = _run_as(modes_bind, "predict", "-i", good_run[0], "-o", out, "-m", model_dir, "--device", "cpu",
+                      "--no-progress", "--no-mirror")
+    finally:
+        out.chmod(0o755)
+    assert_user_error(res, [str(out), "cannot write the output folder"], rc=1)
+    assert list(out.iterdir()) == [] and "predicted" not in res.text
+
+
+# ---- a messy folder, as users have them -------------------------------------------------------------
+@case("predict", "a messy folder: .DS_Store, ._ files, a broken link, .NII.GZ, a zero-byte file, a unicode name",
+      "skipped")
+def test_messy_input_folder(tmp_path: Path, model_dir: Path, good_run) -> None:
+    inp = _inputs(tmp_path, good_run)
+    (inp / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (inp / "._g1_0000.nii.gz").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble junk
+    (inp / "lnk_0000.nii.gz").symlink_to(tmp_path / "gone_0000.nii.gz")
+    _write_case(inp, "UP", 7)
+    for c in range(2):
+        (inp / f"UP_{c:04d}.nii.gz").rename(inp / f"UP_{c:04d}.NII.GZ")
+    _write_case(inp, "zero", 8)
+    (inp / "zero_0001.nii.gz").write_bytes(b"")
+    _write_case(inp, "gehirn_é_μ", 9)
+    before = snapshot(inp)
+    res = _predict(inp, tmp_path / "out", model_dir)
+    assert res.rc == 1, res.text[-3000:]
+    assert_no_traceback(res)
+    report = json.loads((tmp_path / "out" / "failures.json").read_text())
+    reasons = {Path(f["file"]).name: f["reason"] for f in report["failures"]}
+    assert "broken symbolic link" in reasons["lnk_0000.nii.gz"]
+    assert "lower-case" in reasons["UP_0000.NII.GZ"] and "lower-case" in reasons["UP_0001.NII.GZ"]
+    assert "cannot read" in reasons["zero_0001.nii.gz"]
+    assert not any(name.startswith(".") for name in reasons) and ".DS_Store" not in res.err  # hidden: skipped
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["g1.nii.gz", "g2.nii.gz",
+                                                                          "gehirn_é_μ.nii.gz"]
+    _assert_good_outputs(tmp_path / "out", good_run)
+    assert snapshot(inp) == before
+
+
+@case("predict", "an output folder holding an earlier run's predictions", "handled")
+def test_earlier_predictions_replaced_with_a_note(tmp_path: Path, model_dir: Path, good_run, capsys) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(good_run[1], out)
+    (out / "keep.txt").write_text("mine\n")
+    res = run_s3d_here(capsys, "predict", "-i", good_run[0], "-o", out, "-m", model_dir, "--device", "cpu",
+                       "--no-progress", "--no-mirror")
+    assert res.rc == 0, res.text[-3000:]
+    assert f"note: {out}: replaced 2 prediction(s) of an earlier run (g1.nii.gz, g2.nii.gz)" in res.err
+    assert (out / "keep.txt").read_text() == "mine\n"  # not s3d's: never touched
+    _assert_good_outputs(out, good_run)
+
+
+def _run_as(preexec, *args):
+    """``python -m s3d ARGS`` with an optional ``preexec_fn`` (see tests/test_bad_input_finetune.py)."""
+    from test_bad_input_finetune import _run
+
+    return _run(*args, preexec=preexec)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from badinput import assert_no_traceback, assert_user_error, case, run_s3d, snapshot
+from badinput import assert_no_traceback, assert_user_error, case, run_s3d, run_s3d_here, snapshot
 from synthetic_scans import write_t1_archive
 
 SMALL = ("--min-file-kb", "0", "--min-fov-mm", "20", "--no-progress", "--prep-workers", "0")
@@ -161,3 +161,105 @@ def test_corpus_inputs_are_real_nifti(tmp_path: Path) -> None:
     raw = _archive(tmp_path / "raw", n=2)
     for p in raw.rglob("*.nii.gz"):
         assert np.asarray(nib.load(str(p)).dataobj).shape == (36, 38, 34)
+
+
+# ---- pre-training reads images, never label maps --------------------------------------------------
+@case("pretrain", "nnU-Net label maps (labelsTr) among the images", "handled")
+def test_label_maps_are_rejected_by_a_rule(tmp_path: Path) -> None:
+    _archive(tmp_path / "raw" / "mri", n=2)
+    labels = tmp_path / "raw" / "labelsTr"
+    labels.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(2):  # uint8 label maps with 3 values, the size and geometry of the images
+        nib.save(nib.Nifti1Image(rng.integers(0, 3, (36, 38, 34)).astype(np.uint8), np.eye(4)),
+                 str(labels / f"case_{i:03d}.nii.gz"))
+    before = snapshot(tmp_path / "raw")
+    res = run_s3d("pretrain", "--data", tmp_path / "raw", "--out", tmp_path / "prep", "--prepare-only", *SMALL)
+    assert res.rc == 0, res.text[-2000:]
+    assert "2 ok" in res.out and "2 rejected" in res.out and snapshot(tmp_path / "raw") == before
+    m = json.loads((tmp_path / "prep" / "manifest.json").read_text())
+    rules = {Path(e["path"]).name: (e["rule"], e["reason"]) for e in m["entries"]}
+    assert rules["case_000.nii.gz"][0] == "labelmap" and "3 distinct integer value(s) (0, 1, 2)" in rules[
+        "case_000.nii.gz"][1]
+    rep = run_s3d("pretrain", "--report", tmp_path / "prep")  # the report counts them under the rule
+    lines = {ln.split()[0]: ln.split() for ln in rep.out.splitlines() if ln.strip()}
+    assert lines["labelmap"][1] == "2" and lines["labelsTr"][1:3] == ["2", "0"], rep.out
+
+
+# ---- arguments and folders, before any file is read ------------------------------------------------
+@case("pretrain", "--method-kwargs that is not JSON; --device mps; --resume with --overwrite", "error")
+def test_settings_refused_before_any_file_is_read(tmp_path: Path, capsys) -> None:
+    raw = _archive(tmp_path / "raw", n=2)
+    before = snapshot(raw)
+    train = [a for a in TRAIN if a not in ("--method-kwargs", '{"block_size": 16}')]
+    for extra, names in ((("--method-kwargs", "{block_size: 16}"), ["--method-kwargs", "not JSON",
+                                                                      '\'{"block_size": 16}\'']),
+                         (("--method-kwargs", "[16]"), ["--method-kwargs", "a JSON object"]),
+                         (("--device", "mps"), ["--device", "'mps'", "not supported"]),
+                         (("--resume", "--overwrite"), ["--resume and --overwrite"])):
+        res = run_s3d_here(capsys, "pretrain", "--data", raw, "--out", tmp_path / "run", *train,
+                           "--method-kwargs", '{"block_size": 16}', *extra)
+        assert_user_error(res, names, rc=2)
+    assert snapshot(raw) == before and not (tmp_path / "run").exists()  # nothing was prepared
+
+
+@case("pretrain", "--out inside --data, --out = prepared --data; --data a NIfTI file", "error")
+def test_out_overlaps_data_and_data_is_a_file(tmp_path: Path, capsys) -> None:
+    raw = _archive(tmp_path / "raw", n=2)
+    before = snapshot(raw)
+    res = run_s3d_here(capsys, "pretrain", "--data", raw, "--out", raw / "prep", "--prepare-only", *SMALL)
+    assert_user_error(res, [str(raw / "prep"), "inside the --data folder"], rc=2)
+    image = next(raw.rglob("*.nii.gz"))
+    res = run_s3d_here(capsys, "pretrain", "--data", image, "--out", tmp_path / "prep", "--prepare-only", *SMALL)
+    assert_user_error(res, [f"{image}: a NIfTI file", "a folder of NIfTI files", str(image.parent)], rc=1)
+    assert snapshot(raw) == before and not (tmp_path / "prep").exists()
+    prep = tmp_path / "prep"
+    assert run_s3d_here(capsys, "pretrain", "--data", raw, "--out", prep, "--prepare-only", *SMALL).rc == 0
+    prepared = snapshot(prep)
+    res = run_s3d_here(capsys, "pretrain", "--data", prep, "--out", prep, *TRAIN)
+    assert_user_error(res, [str(prep), "is the prepared --data folder"], rc=2)
+    assert snapshot(prep) == prepared
+
+
+@case("pretrain", "a manifest whose file points out of the prepared folder; a finished run's folder", "error")
+def test_manifest_path_and_finished_run(tmp_path: Path, capsys) -> None:
+    raw = _archive(tmp_path / "raw", n=3)
+    prep = tmp_path / "prep"
+    assert run_s3d_here(capsys, "pretrain", "--data", raw, "--out", prep, "--prepare-only", *SMALL).rc == 0
+    finished = tmp_path / "finished"
+    (finished / "backbone").mkdir(parents=True)
+    (finished / "backbone" / "model.safetensors").write_bytes(b"an earlier run's backbone")
+    before = snapshot(finished)
+    res = run_s3d_here(capsys, "pretrain", "--data", prep, "--out", finished, *TRAIN)
+    assert_user_error(res, [str(finished), "finished pretrain run (backbone/)", "--resume", "--overwrite"], rc=1)
+    assert snapshot(finished) == before
+    manifest = json.loads((prep / "manifest.json").read_text())
+    manifest["entries"][0]["file"] = "../../../etc/passwd"
+    (prep / "manifest.json").write_text(json.dumps(manifest))
+    res = run_s3d_here(capsys, "pretrain", "--data", prep, "--out", tmp_path / "run", *TRAIN)
+    assert_user_error(res, [str(prep / "manifest.json"), "'../../../etc/passwd'", "relative folder reference"], rc=1)
+
+
+@case("pretrain", "the loss becomes NaN (--lr 1e30), checked every 3 steps", "error")
+def test_nan_loss_stops_pretraining(tmp_path: Path) -> None:
+    import re
+
+    import torch
+
+    raw = _archive(tmp_path / "raw", n=3)
+    prep = tmp_path / "prep"
+    assert run_s3d("pretrain", "--data", raw, "--out", prep, "--prepare-only", *SMALL).rc == 0
+    out = tmp_path / "run"
+    train = list(TRAIN)
+    train[train.index("--steps") + 1] = "8"
+    res = run_s3d("pretrain", "--data", prep, "--out", out, *train, "--lr", "1e30", "--log-every", "3",
+                  "--checkpoint-every", "1")
+    assert_user_error(res, ["(lr ", "not finite", "nothing was exported"], rc=1)
+    m = re.search(r"step (\d+) \(lr [0-9.e+]+\): .*?(no checkpoint had been written|checkpoint \S+ \(step (\d+)\) "
+                  r"is kept)", res.err)
+    assert m is not None, res.err
+    if m.group(3) is not None:  # the first step whose loss was not finite is named, not the next log step
+        assert int(m.group(3)) == int(m.group(1)) - 1
+        state = torch.load(out / "checkpoint_latest.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (out / "backbone").exists() and not (out / "nnssl").exists()

@@ -14,7 +14,8 @@ def test_a_failing_command_prints_one_line_and_exits_1(capsys, tmp_path) -> None
     missing = tmp_path / "no-such-folder"
     assert main(["pretrain", "--data", str(missing), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"s3d pretrain: error: {missing}: no such directory, file list or CSV"]
+    assert err == [f"s3d pretrain: error: {missing}: --data not found (a folder of NIfTI files, a .txt list, a .csv, "
+                   "or a prepared folder)"]
 
 
 def test_debug_shows_the_traceback(tmp_path) -> None:

@@ -14,7 +14,8 @@ from s3d.metrics import dice, evaluate_case, evaluate_folder, load_labels, nsd
 
 pytest.importorskip("scipy.ndimage")
 
-LABELS = {"background": 0, "left": 1, "right": 2, "both": [1, 2], "ignore": 9}
+# nnU-Net: the ignore label is one above the last class
+LABELS = {"background": 0, "left": 1, "right": 2, "both": [1, 2], "ignore": 3}
 SPACING = (1.5, 1.0, 2.0)
 
 
@@ -33,9 +34,9 @@ def _case(seed):
     ref = np.zeros((20, 24, 16), np.uint8)
     ref[3:9, 4:12, 3:10] = 1
     ref[11:17, 10:20, 5:13] = 2
-    ref[0:2, :, :] = 9  # ignore region
+    ref[0:2, :, :] = 3  # ignore region
     pred = ref.copy()
-    pred[pred == 9] = 0
+    pred[pred == 3] = 0
     pred[rng.random(ref.shape) > 0.9] = 0
     pred[np.roll(ref == 2, int(rng.integers(1, 3)), axis=1)] = 2
     pred[0, 0, 0] = 1  # a false positive inside the ignore region must not count
@@ -58,7 +59,7 @@ def folders(tmp_path):
 def test_evaluate_case_matches_binary_metrics():
     pred, ref = _case(0)
     res = evaluate_case(pred, ref, LABELS, SPACING, tau_mm={"left": 1.0, "right": 2.0, "both": 3.0})
-    valid = ref != 9
+    valid = ref != 3
     for name, values, tau in (("left", [1], 1.0), ("right", [2], 2.0), ("both", [1, 2], 3.0)):
         p, r = np.isin(pred, values) & valid, np.isin(ref, values) & valid
         assert res[name]["dice"] == dice(p, r)
@@ -69,7 +70,7 @@ def test_evaluate_case_matches_binary_metrics():
 
 
 def test_load_labels_errors(tmp_path):
-    assert load_labels(LABELS).ignore_label == 9
+    assert load_labels(LABELS).ignore_label == 3
     (tmp_path / "d.json").write_text(json.dumps({"name": "x"}))
     with pytest.raises(ValueError, match="no 'labels'"):
         load_labels(tmp_path / "d.json")
@@ -242,7 +243,7 @@ def test_rounding_tolerance_both_sides(tmp_path, offset, ok):
         assert not res.errors
         assert res.rounded["case_000"]["prediction"] == np.count_nonzero(ref == 1)
         assert "case_001" not in res.rounded  # exact integers are not "rounded"
-        valid = ref != 9
+        valid = ref != 3
         assert res.per_case["case_000"]["left"]["dice"] == _dice_np((ref == 1) & valid, (ref == 1) & valid)
     else:
         msg = res.errors["case_000"]

@@ -22,8 +22,7 @@ import pytest
 pytest.importorskip("scipy")
 
 from synthetic_scans import write_t1_archive  # noqa: E402
-
-from tests.test_nnunet_data import make_sphere_dataset  # noqa: E402
+from test_nnunet_data import make_sphere_dataset  # noqa: E402
 
 PG_TIMEOUT_S = 5.0
 PROBE_SLEEP_S = 2.5 * PG_TIMEOUT_S

@@ -9,10 +9,11 @@ import torch
 
 pytest.importorskip("scipy")
 
+from test_nnunet_data import make_sphere_dataset  # noqa: E402
+
 from s3d.cli import main  # noqa: E402
 from s3d.finetune.probing import check_probe_options, fingerprint, probe, probe_model  # noqa: E402
 from s3d.nn import build_resenc_unet  # noqa: E402
-from tests.test_nnunet_data import make_sphere_dataset  # noqa: E402
 
 SMALL = dict(n_train=2, steps=3, patch_size=(32, 32, 32), device="cpu", progress=False, loader_threads=0)
 

@@ -18,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", required=True, choices=("s3d", "nnssl", "nnunet"), help="output format")
     parser.add_argument("-o", "--out", required=True, help="output directory (or .pth file for nnssl/nnunet)")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files of an earlier conversion in OUT (default: refuse)")
     parser.add_argument(
         "--no-strict",
         action="store_true",
@@ -27,22 +29,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from s3d._paths import UsageError
     from s3d.hub import CheckpointError, ChecksumError, HubFileError, StrictLoadError
     from s3d.hub.convert import convert
 
     try:
         paths, report = convert(
-            args.source, args.to, args.out, revision=args.revision, strict=not args.no_strict
+            args.source, args.to, args.out, revision=args.revision, strict=not args.no_strict,
+            overwrite=args.overwrite,
         )
+    except UsageError as err:
+        print(f"s3d convert: error: {err}", file=sys.stderr)
+        return 2
     except (
         CheckpointError,
         ChecksumError,
         HubFileError,
         StrictLoadError,
         FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
         ValueError,
     ) as err:
-        print(f"s3d convert: {err}", file=sys.stderr)
+        print(f"s3d convert: error: {err}", file=sys.stderr)
         return 1
     print(report.summary())
     for path in paths:

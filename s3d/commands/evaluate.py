@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from s3d.metrics import evaluate_folder, write_evaluation
 
     out = Path(args.out or args.pred)
-    _discard(out)  # first: after a run that fails anywhere, no earlier summary.json looks like this run's
+    _check_folders(out, [args.pred], args.ref)
     labels = _labels(args.labels)
     res = evaluate_folder(args.pred, args.ref, labels, args.tau, workers=args.workers, empty=args.empty)
     _report(res, args.pred)
@@ -73,6 +73,40 @@ def run(args: argparse.Namespace) -> int:
     write_evaluation(res, out)  # OSError naming the file: the CLI prints it as the last line, exit 1
     print(f"wrote per_case.csv and summary.json to {out}")
     return 1 if res.errors else 0
+
+
+def _check_folders(out: Path, preds: list[str], ref: str, compare: bool = False, extra: tuple[str, ...] = ()) -> None:
+    """Before anything is read: ``--out`` is a folder apart from ``--ref`` (and, with ``--compare``, from every
+    prediction folder; one method's ``--out`` defaults to its ``--pred``); then an earlier evaluation there
+    is removed (with the ``extra`` files of ``--compare``), and the input folders are checked."""
+    from s3d._paths import check_apart, input_folder, output_folder
+
+    output_folder(out, "--out folder")
+    inputs = [(Path(ref), "--ref folder")]
+    if compare:
+        inputs += [(Path(p), "--compare folder") for p in preds]
+    check_apart(out, "--out folder", inputs)
+    _discard(out, extra)  # no earlier summary.json may look like this run's, whatever fails next
+    for folder in preds:
+        input_folder(folder, "--compare folder" if compare else "--pred folder")
+    input_folder(ref, "--ref folder")
+
+
+def _method_names(folders: list[str]) -> list[str]:
+    """One sub-folder name of ``--out`` per compared folder: its own name, with its parents' names where two
+    are alike (``a/pred``, ``b/pred`` -> ``a-pred``, ``b-pred``); always one plain name, never a path."""
+    from s3d._paths import safe_name
+
+    parts = [Path(d).resolve().parts for d in folders]
+    depth = 1
+    while True:
+        names = ["-".join(p[-depth:]).lstrip("/-") or "method" for p in parts]
+        if len(set(names)) == len(names) or depth > max(len(p) for p in parts):
+            break
+        depth += 1
+    if len(set(names)) != len(names):
+        names = [f"{n}-{i}" for i, n in enumerate(names)]
+    return [safe_name(n.replace("\\", "-"), "method name", "--compare") for n in names]
 
 
 def _labels(path: str):
@@ -86,7 +120,12 @@ def _labels(path: str):
 
 def _discard(out: Path, extra: tuple[str, ...] = ()) -> None:
     from s3d.metrics import discard_evaluation
+    from s3d.metrics.outputs import OUTPUTS
 
+    earlier = [n for n in (*OUTPUTS, *extra) if (out / n).is_file()]
+    if earlier:
+        print(f"note: {out}: replacing the earlier {', '.join(earlier)} (removed now; this run writes new ones)",
+              file=sys.stderr)
     left = discard_evaluation(out)
     for name in extra:
         try:
@@ -118,11 +157,9 @@ def _compare(args: argparse.Namespace) -> int:
     from s3d._fs import write_json_atomic, write_text_atomic
     from s3d.metrics import bootstrap_ranks, evaluate_folder, plot_rank_stability, rank_methods, write_evaluation
 
-    names = [Path(d).resolve().name for d in args.compare]
-    if len(set(names)) != len(names):
-        names = [str(d) for d in args.compare]
+    names = _method_names(args.compare)
     out = Path(args.out)
-    _discard(out, ("ranks.txt", "ranks.json", "rank_stability.png"))
+    _check_folders(out, args.compare, args.ref, compare=True, extra=("ranks.txt", "ranks.json", "rank_stability.png"))
     for name in names:
         _discard(out / name)
     labels = _labels(args.labels)

@@ -62,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-tile-batch", type=int, default=4,
                    help="tiles per forward pass in the periodic validations (default 4)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_latest.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in OUT (its checkpoints and model/ are removed first)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -99,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         deep_supervision=not args.no_deep_supervision,
         augment=not args.no_augment, val_fraction=args.val_fraction, n_train=args.n_train,
         val_every=args.val_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-        amp=args.amp, channels_last=args.channels_last, resume=args.resume, progress=not args.no_progress,
+        amp=args.amp, channels_last=args.channels_last, resume=args.resume, overwrite=args.overwrite,
+        progress=not args.no_progress,
         cache_dir=args.cache_dir, loader_threads=args.loader_threads, val_tile_batch=args.val_tile_batch,
     )
     try:

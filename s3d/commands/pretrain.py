@@ -46,6 +46,19 @@ def _shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--shard").lstrip(": ")) from None
 
 
+def _json_object(text: str) -> dict:
+    """``--method-kwargs`` as argparse reads it: a JSON object, else a usage error (exit 2) saying how to write one."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"not JSON ({e}): {text!r}; write a JSON object with double-quoted keys, e.g. "
+            "'{\"block_size\": 16}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{\"key\": value, ...}}), got {text!r}")
+    return value
+
+
 def resolve_recipe(recipe: str | None, method: str | None) -> str:
     """The recipe name from ``--recipe`` / ``--method`` (the method's default recipe,
     :data:`s3d.pretrain.METHODS`); a recipe of another method is an error."""
@@ -105,7 +118,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=None, help="global batch (all processes)")
     t.add_argument("--patch-size", type=int, nargs="+", default=None, metavar="N", help="1 or 3 ints")
     t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--method-kwargs", default=None,
+    t.add_argument("--method-kwargs", type=_json_object, default=None,
                    help='JSON merged into the recipe, e.g. \'{"block_size": 16}\'')
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -123,6 +136,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--log-every", type=int, default=1)
     t.add_argument("--tensorboard", action="store_true")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_latest.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in OUT (its checkpoints, backbone/ and nnssl/ are removed first)")
     t.add_argument("--stop-after", type=int, default=None, help="stop after this step (no export)")
     t.add_argument("--no-progress", action="store_true")
     q = p.add_argument_group("probe (is the encoder learning anything useful?)")
@@ -135,7 +150,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "stay within --probe-budget of the training time")
     q.add_argument("--probe-budget", type=float, default=0.05,
                    help="the probes' share of the training time with --probe-every 0 (default 0.05)")
-    q.add_argument("--probe-options", default=None, metavar="JSON",
+    q.add_argument("--probe-options", type=_json_object, default=None, metavar="JSON",
                    help='s3d.finetune.probe arguments, e.g. \'{"n_train": 5, "steps": 150, "seeds": [0], '
                         '"patch_size": [32, 32, 32]}\' (default spacing: the recipe\'s)')
     q.add_argument("--probe-timeout", type=float, default=7200.0, metavar="S",
@@ -165,14 +180,54 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from s3d.data.scan import MANIFEST_NAME, ScanFilters, prepare
+    from s3d.pretrain import PatchProblemError, PretrainConfig
 
     shard = args.shard
     if shard is not None and not args.prepare_only:
         print("s3d pretrain: error: --shard prepares one slice of the data and needs --prepare-only; train on "
               "the merged directory afterwards", file=sys.stderr)
         return 2
+    from s3d._paths import check_apart, output_folder
+
     data = Path(args.data)
+    if not data.exists():
+        raise FileNotFoundError(f"{data}: --data not found (a folder of NIfTI files, a .txt list, a .csv, or a "
+                                "prepared folder)")
     prepared = data if (data / MANIFEST_NAME).is_file() else None
+    target = Path(args.out) if args.prepare_only else Path(args.prepared or Path(args.out) / "data")
+    output_folder(args.out, "--out folder")
+    if prepared is None:
+        output_folder(target, "prepared folder (--prepared)")
+        if data.is_dir():  # the raw images are an input: nothing is written among them
+            check_apart(target, "prepared folder" if not args.prepare_only else "--out folder",
+                        [(data, "--data folder")])
+            check_apart(args.out, "--out folder", [(data, "--data folder")])
+    elif not args.prepare_only and Path(args.out).resolve() / "data" != data.resolve():
+        # training writes its run beside prepared data it was given, never into it (OUT/data is its own)
+        check_apart(args.out, "--out folder", [(data, "prepared --data folder")])
+    cfg = None
+    if not args.prepare_only:  # every training setting is checked before any file is read or written
+        cfg = PretrainConfig(
+            data=str(prepared or target), out=args.out, recipe=recipe, architecture=args.architecture,
+            steps=args.steps, batch_size=args.batch_size, patch_size=_patch(args.patch_size), lr=args.lr,
+            method_kwargs=args.method_kwargs or {}, seed=args.seed,
+            device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+            workers=args.workers, augment=not args.no_augment, val_fraction=args.val_fraction,
+            val_every=args.val_every, snapshot_every=args.snapshot_every,
+            checkpoint_every=args.checkpoint_every, log_every=args.log_every, tensorboard=args.tensorboard,
+            resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
+            progress=not args.no_progress, probe=args.probe, probe_every=args.probe_every,
+            probe_budget=args.probe_budget, probe_options=args.probe_options or {},
+            probe_timeout_s=args.probe_timeout)
+        try:
+            cfg.check()
+        except PatchProblemError as e:
+            raise ValueError(_flag_advice(e.problem)) from None
+        if not (cfg.resume or cfg.overwrite):  # an earlier run in --out is refused before hours of preparation
+            from s3d.pretrain.loop import EXPORTS, JOB
+            from s3d.runtime.checkpoint import claim_run_folder
+
+            claim_run_folder(args.out, job=JOB, resume=False, overwrite=False, exports=EXPORTS)
     if prepared is None:
         from s3d.data.scan.manifest import read_manifest, shard_manifests
 
@@ -192,7 +247,6 @@ def run(args: argparse.Namespace) -> int:
         filters = ScanFilters(min_fov_mm=args.min_fov_mm, max_spacing_mm=args.max_spacing_mm,
                               min_file_bytes=int(args.min_file_kb * 1000), modalities=filters_mod,
                               allow_unknown_modality=not args.reject_unknown_modality, split_4d=args.split_4d)
-        target = Path(args.out) if args.prepare_only else Path(args.prepared or Path(args.out) / "data")
         manifest = prepare(data, target, filters, workers=args.prep_workers,
                            target_spacing_mm=args.spacing_mm, dtype=args.store_dtype,
                            progress=not args.no_progress, store=args.store, shard=shard)
@@ -225,27 +279,13 @@ def run(args: argparse.Namespace) -> int:
                              f"see `s3d pretrain --report {target}` for the rules that rejected them")
         if args.prepare_only:
             return status
-        prepared = target
     elif args.prepare_only:
         print(f"{data} is already prepared ({MANIFEST_NAME} exists)")
         return 0
 
-    from s3d.pretrain import PatchProblemError, PretrainConfig
     from s3d.pretrain import run as pretrain
 
-    cfg = PretrainConfig(
-        data=str(prepared), out=args.out, recipe=recipe, architecture=args.architecture,
-        steps=args.steps,
-        batch_size=args.batch_size, patch_size=_patch(args.patch_size), lr=args.lr,
-        method_kwargs=_json_option("--method-kwargs", args.method_kwargs), seed=args.seed,
-        device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-        workers=args.workers, augment=not args.no_augment, val_fraction=args.val_fraction,
-        val_every=args.val_every, snapshot_every=args.snapshot_every,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, tensorboard=args.tensorboard,
-        resume=args.resume, stop_after=args.stop_after,
-        progress=not args.no_progress, probe=args.probe, probe_every=args.probe_every,
-        probe_budget=args.probe_budget, probe_options=_json_option("--probe-options", args.probe_options),
-        probe_timeout_s=args.probe_timeout)
+    assert cfg is not None
     try:
         result = pretrain(cfg)
     except PatchProblemError as e:
@@ -253,19 +293,6 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result.to_dict()))
     return 0
-
-
-def _json_option(flag: str, text: str | None) -> dict:
-    """A JSON-object option (``{}`` when not given); bad JSON is one line naming the flag."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag}: not valid JSON ({e.msg} at character {e.pos}): {text}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{flag}: expected a JSON object like '{{\"key\": value}}', got {text}")
-    return value
 
 
 def _flag_advice(problem: PatchProblem) -> str:

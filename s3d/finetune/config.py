@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,8 @@ class FinetuneConfig:
             patch, overlap 0.5 means up to 2^3 = 8 times the forward passes of a tiled validation.
         resume: continue from ``out_dir/checkpoint_latest.pt`` (also with another number of processes;
             the data stream then differs from an uninterrupted run, and a warning says so).
+        overwrite: start a new run in an ``out_dir`` that holds an earlier one (checkpoints or
+            ``model/``), removing them first; without it (and without ``resume``) that is an error.
         progress: show a progress bar.
         cache_dir: keep the preprocessing cache here instead of ``DATASET/.s3d_cache`` (``None``:
             ``$S3D_CACHE_DIR`` if set), e.g. for a read-only dataset.
@@ -108,6 +111,7 @@ class FinetuneConfig:
     num_val_cases: int | None = None
     final_validation: bool = True
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     cache_dir: str | None = None
     loader_threads: int = 2
@@ -120,9 +124,32 @@ class FinetuneConfig:
                    "weight_decay", "poly_exponent", "grad_clip", "use_mask_for_norm")
 
     def __post_init__(self) -> None:
+        from s3d._paths import UsageError
+
+        for name in ("dataset", "out_dir"):
+            if not isinstance(getattr(self, name), str | os.PathLike) or not str(getattr(self, name)):
+                raise UsageError(f"{name}: expected a folder, got {getattr(self, name)!r}")
+        self.dataset, self.out_dir = str(self.dataset), str(self.out_dir)
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "val_tile_batch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.n_train is not None and int(self.n_train) < 1:
+            raise UsageError(f"n_train (--n-train): must be >= 1, got {self.n_train}")
+        if self.peak_lr is not None and not (math.isfinite(self.peak_lr) and self.peak_lr > 0):
+            raise UsageError(f"peak_lr (--lr): must be a finite number > 0, got {self.peak_lr}")
+        if self.stem not in ("replicate", "random"):
+            raise UsageError(f"stem (--stem): expected 'replicate' or 'random', got {self.stem!r}")
+        if self.strategy not in (None, "all", "encoder"):
+            raise UsageError(f"strategy (--strategy): expected 'all' or 'encoder', got {self.strategy!r}")
+        if len(tuple(self.target_spacing_mm)) != 3 or not all(
+                math.isfinite(float(v)) and float(v) > 0 for v in self.target_spacing_mm):
+            raise UsageError(f"target_spacing_mm (--spacing): expected 3 finite sizes > 0 mm, got "
+                             f"{tuple(self.target_spacing_mm)}")
+        if self.patch_size is not None and (len(tuple(self.patch_size)) != 3
+                                            or min(int(p) for p in self.patch_size) < 1):
+            raise UsageError(f"patch_size (--patch-size): expected 3 sizes >= 1 voxel, got {tuple(self.patch_size)}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other: continue the earlier run, or replace it")
         if int(self.loader_threads) < 0:
             raise ValueError(f"loader_threads: must be >= 0, got {self.loader_threads}")
         if not 0 <= self.foreground_fraction <= 1 or not 0 < self.val_fraction < 1:

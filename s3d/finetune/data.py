@@ -42,14 +42,20 @@ def _split(cfg: FinetuneConfig, out: Path, cases: Sequence[str], root: Path, wri
         if write:
             write_json_atomic(path, split)
         return split
-    split = json.loads(path.read_text())
-    missing = sorted(set(split["train"] + split["val"]) - set(cases))
+    try:
+        split = json.loads(path.read_text(encoding="utf-8"))
+        names = list(split["train"]) + list(split["val"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a split of s3d finetune ({type(e).__name__}: {e}); remove it to make a new "
+                         "split") from None
+    missing = sorted({str(n) for n in names} - set(cases))
     if missing:
         raise ValueError(f"{path}: case(s) {missing[:5]} are not in {root}; remove the file to make a new split")
     want = {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "n_train": cfg.n_train}
     have = {k: split.get(k) for k in want}
     if have != want:
-        raise ValueError(f"{path}: made with {have}, this run asks for {want}; use a new out_dir")
+        raise ValueError(f"{path}: made with {have}, this run asks for {want}; use a new run folder (-o/--out), or "
+                         "--overwrite to replace the earlier run")
     return split
 
 

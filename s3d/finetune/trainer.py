@@ -16,6 +16,7 @@ alone validates, logs, writes checkpoints and exports.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 import warnings
@@ -27,20 +28,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from s3d._fs import write_json_atomic
+from s3d._fs import atomic_folder
 from s3d._triple import triple
 from s3d.finetune.config import FinetuneConfig, auto_patch_size
 from s3d.finetune.data import load_finetune_data
 from s3d.finetune.loader import BatchStream, PatchPrefetcher
 from s3d.finetune.losses import DiceCELoss
 from s3d.finetune.phases import trainable_parameters, wrap_ddp
+from s3d.finetune.run_folder import check_run_inputs, open_run_folder, write_run_config
 from s3d.finetune.schedules import Phase, get_schedule
 from s3d.finetune.transfer import run_model
 from s3d.finetune.validation import sliding_window_validation, tiled_validation
 from s3d.nn.resenc_unet import ResEncUNet, build_resenc_unet
-from s3d.runtime.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
+from s3d.runtime.checkpoint import checkpoint_path, save_checkpoint
 from s3d.runtime.device import autocast, resolve_amp, resolve_device
 from s3d.runtime.distributed import DistInfo, barrier, init_distributed
+from s3d.runtime.guard import check_weights, nonfinite_error
 from s3d.runtime.lr import lr_at, phase_at, set_lr
 from s3d.runtime.metrics import MetricsLog
 from s3d.runtime.optim import backward_and_step, grad_scaler, rng_state, set_rng_state, sgd
@@ -48,6 +51,7 @@ from s3d.runtime.progress import progress
 from s3d.runtime.result import JobResult
 
 JOB = "finetune"
+EXPORT = "model"  # the folder a finished run exports its model to (``s3d predict -m RUN/model``)
 
 
 @dataclass
@@ -77,7 +81,9 @@ class Trainer:
             a probe on rank 0 of a pre-training run.
 
     Raises:
-        FileExistsError: the run folder has a checkpoint and ``cfg.resume`` is off.
+        FileExistsError: an earlier run (checkpoints, ``model/``) without ``cfg.resume``/``cfg.overwrite``.
+        s3d._paths.UsageError: a bad setting, or a run folder overlapping the dataset or pretrained model.
+        s3d.runtime.guard.NonFiniteError (:meth:`fit`): a NaN/inf loss or weight; the last good checkpoint stays.
         ResumeError / CheckpointError: the checkpoint does not fit the settings or is damaged.
         s3d.data.nnunet.DatasetError: the dataset has problems (all listed, with their files).
         OSError: the run folder (or the cache) cannot be written; the message names it.
@@ -107,14 +113,15 @@ class Trainer:
         self.phases: list[Phase] = self.schedule.plan(cfg.steps, cfg.warmup_steps, cfg.peak_lr)
         self.on_step = on_step
         self.metrics = MetricsLog.of_run(self.out)
-        state = self._read_checkpoint()
-        if self.main:
-            self._write_run_folder()
-        barrier(self.info)
-        raw = read_dataset_json(cfg.dataset)
+        check_run_inputs(cfg, raw := read_dataset_json(cfg.dataset))  # before anything is written
+        state = open_run_folder(cfg, JOB, EXPORT, self.main)  # an earlier run is refused, replaced or resumed
+        self._last_saved: int | None = None if state is None else int(state["step"])
         self.model: ResEncUNet = run_model(cfg, self.schedule.transfer, raw, self.device, state, model,
                                            announce=self.main)
-        self.data = self._load_data()
+        self.data = self._load_data()  # the whole dataset is checked before the run folder is written
+        if self.main:
+            write_run_config(cfg, self.info.world_size)
+        barrier(self.info)
         self.train_cases, self.val_cases, self.labels = self.data.train_cases, self.data.val_cases, self.data.labels
         self.patch_size = self._patch_size()
         self.spec = dataclasses.replace(self.data.spec, patch_size=self.patch_size)
@@ -138,27 +145,6 @@ class Trainer:
             self.metrics.clear()
 
     # -- construction ------------------------------------------------------------------------------
-    def _read_checkpoint(self) -> dict[str, Any] | None:
-        path = checkpoint_path(self.out)
-        exists = path.exists() or (self.out / "checkpoint_previous.pt").exists()
-        if not self.cfg.resume:
-            if exists:
-                raise FileExistsError(f"{path} exists: pass resume=True (--resume) to continue, or use a new out_dir")
-            return None
-        state = load_checkpoint(self.out, job=JOB)
-        check_resume(state["resume_fields"], self.cfg.resume_fields(), path)
-        return state
-
-    def _write_run_folder(self) -> None:
-        """Rank 0: the run folder and ``finetune_config.json``; a folder that cannot be written is one line."""
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.out / "finetune_config.json",
-                              {**self.cfg.to_dict(), "world_size": self.info.world_size})
-        except OSError as e:
-            raise OSError(f"{self.out}: cannot write the run folder ({e.strerror or e}); choose another "
-                          "-o/--out, make it writable or free disk space") from e
-
     def _load_data(self) -> Any:
         """Validate and preprocess on rank 0 first (it writes the cache and split.json), then the others."""
         stride = self.model.config.total_stride
@@ -215,8 +201,9 @@ class Trainer:
         return checkpoint_path(self.out)
 
     def save_checkpoint(self) -> None:
-        """Rank 0 writes model, optimiser (and its phase), step, RNG and scaler state atomically."""
+        """Rank 0 writes model, optimiser (and its phase), step, RNG and scaler state atomically (never NaN weights)."""
         assert self.optimizer is not None
+        self._check_weights()
         if not self.main:
             return
         save_checkpoint(self.out, {
@@ -232,6 +219,12 @@ class Trainer:
             "data": {"seed": self.cfg.seed, "step": self.step, "world_size": self.info.world_size,
                      "local_batch": self.local_batch},
         }, job=JOB)
+        self._last_saved = self.step
+
+    def _check_weights(self) -> None:
+        """Stop (:class:`~s3d.runtime.guard.NonFiniteError`) if a weight is NaN or inf: never saved, never exported."""
+        lr = self.history[-1].lr if self.history else lr_at(self.phases, max(self.step - 1, 0), self.cfg.poly_exponent)
+        check_weights(self.model, self.step, lr, self.out, self._last_saved)
 
     # -- validation --------------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
@@ -327,6 +320,8 @@ class Trainer:
                 if main:
                     self.metrics.append({"step": rec.step, "loss": rec.loss, "lr": rec.lr, "phase": rec.phase,
                                          "time_s": round(time.perf_counter() - t0, 3)})
+                if not math.isfinite(rec.loss):  # the global batch's loss: every rank stops here
+                    raise nonfinite_error(rec.step, rec.lr, f"the loss is {rec.loss}", self.out, self._last_saved)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec.loss:.4f}", lr=f"{rec.lr:.2e}", phase=rec.phase)
                 if main and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
@@ -342,7 +337,7 @@ class Trainer:
             self._batches = None
             bar.close()
         if main:
-            self.export(self.out / "model")
+            self.export(self.out / EXPORT)
             if cfg.final_validation and self.val_cases:
                 self.final_val = self._logged_final_validation()  # a finished run resumed: not twice
                 if self.final_val is None:
@@ -369,13 +364,17 @@ class Trainer:
         return JobResult(self.model, self.out, self.step, finished, paths, metrics)
 
     def export(self, directory: str | os.PathLike[str]) -> Path:
-        """Save the model (without deep supervision) with ``save_pretrained`` plus ``preprocessing.json``."""
+        """Save the model (no deep supervision; finite weights only) with ``save_pretrained`` plus
+        ``preprocessing.json``, as a whole (:func:`s3d._fs.atomic_folder`): the three files always belong together."""
         from s3d.hub import save_pretrained
 
+        self._check_weights()
         plain = build_resenc_unet(dataclasses.replace(self.model.config, deep_supervision=False))
         plain.load_state_dict(self.model.state_dict())
-        run = {k: v for k, v in self.cfg.to_dict().items() if k not in ("dataset", "out_dir", "resume")}
+        run = {k: v for k, v in self.cfg.to_dict().items() if k not in ("dataset", "out_dir", "resume", "overwrite")}
         recipe = {"finetune": run, "steps_done": self.step, "schedule": dataclasses.asdict(self.schedule)}
-        out = save_pretrained(plain, directory, recipe=recipe)
-        self.spec.save(Path(out) / "preprocessing.json")
-        return Path(out)
+        with atomic_folder(directory) as tmp:
+            save_pretrained(plain, tmp, recipe=recipe)
+            self.spec.save(tmp / "preprocessing.json")
+        return Path(directory)
+

@@ -12,7 +12,7 @@ from s3d._fs import atomic_path, write_json_atomic
 from s3d.hub.adapt import LoadReport
 from s3d.hub.nnssl import adaptation_plan, nnssl_checkpoint, nnunet_checkpoint
 from s3d.hub.pretrained import load_pretrained, save_pretrained
-from s3d.hub.sources import NNSSL_NAME
+from s3d.hub.sources import NNSSL_NAME, local_path
 
 Target = Literal["s3d", "nnssl", "nnunet"]
 TARGETS: tuple[str, ...] = ("s3d", "nnssl", "nnunet")
@@ -24,6 +24,34 @@ def _torch_save_atomic(obj: object, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def _targets(to: str, out: Path) -> list[Path]:
+    """The files a conversion to ``to`` writes for ``out``."""
+    if to == "s3d":
+        return [out / n for n in ("model.safetensors", "config.json", "README.md")]
+    if to == "nnssl":
+        path = out if out.suffix in (".pth", ".pt") else out / NNSSL_NAME
+        return [path, path.parent / "adaptation_plan.json"]
+    return [out if out.suffix in (".pth", ".pt") else out / NNUNET_NAME]
+
+
+def _check_out(source: str | os.PathLike[str], out: Path, targets: list[Path], overwrite: bool) -> None:
+    """Refuse, before anything is read, an output that overlaps the source or would replace earlier files."""
+    from s3d._paths import check_apart, output_folder
+
+    output_folder(targets[0].parent, "output folder (-o/--out)")
+    local = local_path(source)
+    if local is not None:
+        check_apart(out, "output (-o/--out)", [(local, "source")])
+    existing = [t for t in targets if t.exists() or t.is_symlink()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists (an earlier conversion, or another model): pass --overwrite "
+                              "(overwrite=True) to replace it, or choose another -o/--out")
+    for t in existing:
+        if t.is_dir():
+            raise FileExistsError(f"{t}: a folder where the converted file should be written; remove it or choose "
+                                  "another -o/--out")
+
+
 def convert(
     source: str | os.PathLike[str],
     to: Target,
@@ -32,6 +60,7 @@ def convert(
     revision: str | None = None,
     strict: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> tuple[list[Path], LoadReport]:
     """Read any checkpoint :func:`s3d.load_pretrained` accepts and write it in another format.
 
@@ -45,7 +74,14 @@ def convert(
             ``nnssl_adaptation_plan``, plus ``adaptation_plan.json``; or a ``.pth`` path); ``"nnunet"``
             (a ``.pth`` with ``network_weights``, what nnU-Net's ``-pretrained_weights`` loads; a
             directory gets ``pretrained_weights.pth``).
-        out: output directory or file.
+        out: output directory or file; it may not be, lie inside or hold a local ``source``.
+        overwrite: replace files of an earlier conversion there (without it they are an error, and
+            nothing is read or written).
+
+    Raises:
+        FileExistsError: ``out`` already holds the files this conversion writes and ``overwrite`` is off,
+            or a file is where the output folder should be.
+        s3d._paths.UsageError: ``out`` overlaps a local ``source``.
 
     Returns:
         ``(written_paths, load_report)``.
@@ -55,6 +91,8 @@ def convert(
     """
     if to not in TARGETS:
         raise ValueError(f"to: expected one of {TARGETS}, got {to!r}")
+    targets = _targets(to, Path(out))
+    _check_out(source, Path(out), targets, overwrite)
     model, report = load_pretrained(
         source,
         in_channels=None,

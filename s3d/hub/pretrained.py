@@ -24,8 +24,10 @@ from s3d.hub.s3d_format import (
     CONFIG_NAME,
     FORMAT_VERSION,
     WEIGHTS_NAME,
+    check_weights_fit_config,
     config_json,
     model_card,
+    nonfinite_tensors,
     read_safetensors,
 )
 from s3d.hub.sources import NNSSL_NAME, Source, resolve
@@ -171,6 +173,8 @@ def _read_state(src: Source) -> tuple[dict[str, torch.Tensor], ResEncUNetConfig,
             state, info = canonicalize(state)
             report.alias_preferred, report.stale_alias_keys = info.preferred, info.stale_keys
         if src.config is not None:
+            check_weights_fit_config(state, src.config, src.config_file or CONFIG_NAME, src.weights)
+            _check_finite(state, src.weights)
             return state, src.config, report
         report.notes.append(f"no {CONFIG_NAME} next to the weights: architecture inferred from tensor shapes")
     else:
@@ -180,6 +184,7 @@ def _read_state(src: Source) -> tuple[dict[str, torch.Tensor], ResEncUNetConfig,
         report.alias_preferred, report.stale_alias_keys = info.preferred, info.stale_keys
         if info.reason:
             report.notes.append(f"used DNA all_modules copies: {info.reason}")
+    _check_finite(state, src.weights)
     try:
         cfg = infer_config(state)
     except CheckpointError as err:
@@ -191,6 +196,13 @@ def _read_state(src: Source) -> tuple[dict[str, torch.Tensor], ResEncUNetConfig,
         cfg = src.entry.config
         report.notes.append(f"architecture from the registry entry ({err})")
     return state, cfg, report
+
+
+def _check_finite(state: dict[str, torch.Tensor], weights: Any) -> None:
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(f"{weights}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]!r}); these weights "
+                              "come from a run that diverged and cannot be used")
 
 
 def load_state(

@@ -151,6 +151,62 @@ def read_config(path: str | os.PathLike[str]) -> ResEncUNetConfig:
     return parse_config(obj, path)
 
 
+def check_weights_fit_config(state: dict[str, torch.Tensor], config: ResEncUNetConfig,
+                             config_path: str | os.PathLike[str], weights_path: str | os.PathLike[str]) -> None:
+    """Refuse weights that are not the network ``config.json`` describes (a folder checked as a whole).
+
+    The weights must hold exactly the tensors of the network ``config.json`` describes (its encoder
+    alone is accepted: a backbone), each of the same shape: a config that says 4 classes next to a
+    3-class head, 2 input channels next to a 1-channel stem, or another depth, is an error (loading
+    would otherwise build a fresh head or stem and predict with random weights).
+
+    Raises:
+        CheckpointError: naming both files, the key and the two shapes (for the stem and the head: the
+            channels or classes each file says).
+
+    Example:
+        >>> check_weights_fit_config(read_safetensors("m/model.safetensors"), read_config("m/config.json"),
+        ...                          "m/config.json", "m/model.safetensors")
+    """
+    from s3d.nn.resenc_unet import build_resenc_unet
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_resenc_unet(config).state_dict().items()}
+    extra = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in state]
+    encoder_only = all(k.startswith("encoder.") for k in state)  # a backbone saved without its decoder
+    if extra or (missing and not encoder_only):
+        what = (f"{len(extra)} tensor(s) of the weights are not in the network it describes (first: {extra[0]!r})"
+                if extra else f"{len(missing)} tensor(s) of that network are missing from the weights (first: "
+                f"{missing[0]!r})")
+        raise CheckpointError(f"{config_path} does not describe {weights_path}: {what}. The two files do not belong "
+                              "together; copy both from the same model, or save it again with s3d.save_pretrained")
+    bad = [(k, expected[k], tuple(v.shape)) for k, v in state.items()
+           if k in expected and tuple(v.shape) != expected[k]]
+    if not bad:
+        return
+    bad.sort(key=lambda b: not b[0].endswith(".weight"))  # a conv weight says more than its bias
+    key, want, got = bad[0]
+    what = f"tensor {key!r} is {got} in the weights but {want} in the network config.json describes"
+    if key.startswith("decoder.seg_layers.") and len(got) >= 1 and got[0] != want[0]:
+        what = f"config.json says num_classes {config.num_classes}, but the weights' head {key!r} has {got[0]} outputs"
+    elif key == "encoder.stem.convs.0.conv.weight" and len(got) >= 2 and got[1] != want[1]:
+        what = f"config.json says in_channels {config.in_channels}, but the weights' stem {key!r} takes {got[1]}"
+    more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+    raise CheckpointError(f"{config_path} does not describe {weights_path}: {what}{more}. The two files do not "
+                          "belong together; copy both from the same model, or save it again with s3d.save_pretrained")
+
+
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of the floating-point tensors of ``state`` holding NaN or inf.
+
+    Example:
+        >>> nonfinite_tensors({"w": torch.tensor([1.0, float("nan")])})
+        ['w']
+    """
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file; a truncated or foreign file is a ``CheckpointError`` naming it.
 

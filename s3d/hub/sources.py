@@ -38,6 +38,7 @@ class Source:
         entry: the registry entry, ``None`` for directories, files and unregistered repos.
         repo_id, revision: Hub origin (``None`` for local files).
         sha256: the pinned digest the download was verified against.
+        config_file: the ``config.json`` that ``config`` was read from.
     """
 
     weights: Path
@@ -47,6 +48,7 @@ class Source:
     repo_id: str | None = None
     revision: str | None = None
     sha256: str | None = None
+    config_file: Path | None = None
 
     @property
     def keys(self) -> AdaptationKeys:
@@ -54,9 +56,12 @@ class Source:
         return self.entry.keys if self.entry is not None else RESENC_UNET_KEYS
 
 
-def _config_next_to(weights: Path) -> ResEncUNetConfig | None:
+def _s3d_source(weights: Path) -> Source:
+    """Safetensors weights with the ``config.json`` next to them, if there is one."""
     cfg = weights.parent / CONFIG_NAME
-    return read_config(cfg) if cfg.is_file() else None
+    if cfg.is_file():
+        return Source(weights, "s3d", read_config(cfg), config_file=cfg)
+    return Source(weights, "s3d")
 
 
 def _holds_weights(folder: Path) -> bool:
@@ -70,7 +75,7 @@ def _local_source(path: Path) -> Source:
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
         if (path / WEIGHTS_NAME).is_file():
-            return Source(path / WEIGHTS_NAME, "s3d", _config_next_to(path / WEIGHTS_NAME))
+            return _s3d_source(path / WEIGHTS_NAME)
         if (path / NNSSL_NAME).is_file():
             return Source(path / NNSSL_NAME, "nnssl")
         pths = sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
@@ -87,7 +92,7 @@ def _local_source(path: Path) -> Source:
             + (". Pass the weights file itself to choose one." if pths else "")
         )
     if path.suffix == ".safetensors":
-        return Source(path, "s3d", _config_next_to(path))
+        return _s3d_source(path)
     if path.suffix in (".pth", ".pt"):
         return Source(path, "nnssl")
     raise ValueError(f"{path}: unknown weights file type {path.suffix!r}; expected .safetensors, .pth or .pt")
@@ -98,10 +103,11 @@ def _hub_source(repo_id: str, revision: str | None, cache_dir: str | None, entry
         # the sha256 pin belongs to the registry's revision; another revision asked for explicitly is unpinned
         sha256 = entry.sha256 if revision in (None, entry.revision) else None
         weights = hub_download(entry.repo_id, entry.filename, revision=revision, sha256=sha256, cache_dir=cache_dir)
-        config = None
+        config, config_file = None, None
         if entry.format == "s3d":
-            config = read_config(hub_download(entry.repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir))
-        return Source(weights, entry.format, config, entry, entry.repo_id, revision, sha256)
+            config_file = hub_download(entry.repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
+            config = read_config(config_file)
+        return Source(weights, entry.format, config, entry, entry.repo_id, revision, sha256, config_file)
     config_path = hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
     try:
         obj = json.loads(config_path.read_text(encoding="utf-8"))
@@ -110,7 +116,7 @@ def _hub_source(repo_id: str, revision: str | None, cache_dir: str | None, entry
     if is_s3d_config(obj):
         config = parse_config(obj, f"{config_path} ({repo_id})")
         weights = hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir)
-        return Source(weights, "s3d", config, None, repo_id, revision)
+        return Source(weights, "s3d", config, None, repo_id, revision, config_file=config_path)
     weights = hub_download(repo_id, NNSSL_NAME, revision=revision, cache_dir=cache_dir)
     return Source(weights, "nnssl", None, None, repo_id, revision)
 
@@ -130,7 +136,8 @@ def _package_source(entry: ModelEntry, revision: str | None) -> Source:
     if entry.sha256 is not None and sha256_file(weights) != entry.sha256:
         raise ChecksumError(f"{weights}: sha256 does not match the registry's for {entry.name!r}; the installed "
                             "file is damaged or was replaced - reinstall s3d")
-    return Source(weights, "s3d", read_config(folder / CONFIG_NAME), entry, None, None, entry.sha256)
+    config_file = folder / CONFIG_NAME
+    return Source(weights, "s3d", read_config(config_file), entry, None, None, entry.sha256, config_file)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -139,6 +146,25 @@ def _looks_like_path(text: str) -> bool:
     return (
         text.startswith(("/", "./", "../", "~", "\\")) or name.endswith(WEIGHT_SUFFIXES) or name.count("/") > 1
     )
+
+
+def local_path(name: str | os.PathLike[str]) -> Path | None:
+    """The local file or folder ``name`` means for :func:`resolve`, or ``None`` (a registry name, a Hub repo).
+
+    A bare registry name that is also a folder without weights means the registered model, as in
+    :func:`resolve`. Used to keep outputs apart from a local source.
+
+    Example:
+        >>> local_path("s3d-demo") is None   # the shipped weights, even with a ./s3d-demo folder here
+        True
+    """
+    if not (isinstance(name, os.PathLike) or os.path.exists(str(name))):
+        return None
+    path = Path(name)
+    named = None if isinstance(name, os.PathLike) or _looks_like_path(str(name)) else get_entry(str(name))
+    if named is None or not path.is_dir() or _holds_weights(path):
+        return path
+    return None
 
 
 def resolve(name: str | os.PathLike[str], revision: str | None = None, cache_dir: str | None = None) -> Source:
@@ -159,13 +185,11 @@ def resolve(name: str | os.PathLike[str], revision: str | None = None, cache_dir
         >>> resolve("runs/brain/backbone").format
         's3d'
     """
-    if isinstance(name, os.PathLike) or os.path.exists(str(name)):
-        path = Path(name)
-        named = None if isinstance(name, os.PathLike) or _looks_like_path(str(name)) else get_entry(str(name))
-        if named is None or not path.is_dir() or _holds_weights(path):
-            return _local_source(path)
-        # a folder named like a registered model that holds no weights (``s3d demo``'s output folder is
-        # ``./s3d-demo``): the name means the registered model
+    path = local_path(name)
+    if path is not None:
+        return _local_source(path)
+    # (a folder named like a registered model that holds no weights, such as ``s3d demo``'s output folder
+    # ``./s3d-demo``, means the registered model)
     text = str(name)
     if text.startswith("hf://"):
         match = _REPO_RE.match(text[len("hf://") :])

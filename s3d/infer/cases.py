@@ -49,16 +49,23 @@ class PatchSizeError(ValueError):
     """A patch size the network cannot take; the message names where it came from and sizes that work."""
 
 
-def load_model_dir(model_dir: str | os.PathLike[str], device: torch.device | str = "cpu"):
+def load_model_dir(model_dir: str | os.PathLike[str],
+                   device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Any]:
     """Load a model directory: the network (``model.safetensors`` + ``config.json``) and its
     ``preprocessing.json``.
+
+    The folder is checked as a whole before it is used: ``config.json`` must describe the tensors of
+    ``model.safetensors`` (no fresh head or stem is ever built for prediction), the weights must be
+    finite, ``preprocessing.json`` must be valid (nnU-Net's label rules, a known ``file_ending``) and
+    name as many channels and outputs as the network has.
 
     Returns:
         ``(model in eval mode on device, PreprocessingSpec)``.
 
     Raises:
-        FileNotFoundError / ValueError: a missing or unreadable file, or a network whose input channels or
-            outputs disagree with ``preprocessing.json`` (the message names the files).
+        FileNotFoundError / NotADirectoryError / ValueError / s3d.hub.CheckpointError: a missing or
+            unreadable file, weights that do not fit ``config.json``, or a network whose input channels
+            or outputs disagree with ``preprocessing.json`` (the message names the files).
 
     Example:
         >>> model, spec = load_model_dir("runs/Dataset001/model")
@@ -67,6 +74,9 @@ def load_model_dir(model_dir: str | os.PathLike[str], device: torch.device | str
     from s3d.hub import load_pretrained
 
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise NotADirectoryError(f"{model_dir}: a file, not a model directory; pass the folder that holds "
+                                 f"model.safetensors, config.json and preprocessing.json ({model_dir.parent}?)")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory not found (expected model.safetensors, "
                                 "config.json and preprocessing.json)")
@@ -74,7 +84,8 @@ def load_model_dir(model_dir: str | os.PathLike[str], device: torch.device | str
         spec = PreprocessingSpec.load(model_dir / "preprocessing.json")
     except OSError as e:  # unreadable (permissions, a folder...)
         raise OSError(f"{model_dir / 'preprocessing.json'}: cannot read ({e.strerror or e})") from None
-    model = load_pretrained(model_dir, in_channels=None, num_classes=None, device=device)
+    # strict: every tensor from the file, the config checked against the weights (s3d.hub), no adaptation
+    model = load_pretrained(model_dir, in_channels=None, num_classes=None, device=device, strict=True)
     cfg = model.config
     if cfg.in_channels != len(spec.channel_names) or cfg.num_classes != spec.num_classes:
         outputs = (f"{len(spec.regions)} region(s) {spec.regions}" if spec.has_regions
@@ -85,6 +96,66 @@ def load_model_dir(model_dir: str | os.PathLike[str], device: torch.device | str
             f"{spec.channel_names} and {outputs}")
     model.deep_supervision = False
     return model.eval(), spec
+
+
+def check_prediction_args(
+    *,
+    step: float = 0.5,
+    mirror: bool | Sequence[int] = True,
+    tile_batch: int = 4,
+    amp: str | torch.dtype | None = "off",
+    device: torch.device | str | None = "auto",
+    accumulate_device: torch.device | str = "auto",
+    accumulate_limit_bytes: int | None = None,
+    patch_size: Sequence[int] | None = None,
+) -> None:
+    """Check the arguments of a prediction before any case is read (see :func:`~s3d.infer.predict_folder`).
+
+    Raises:
+        s3d._paths.UsageError: naming the argument, the value and what it may be.
+
+    Example:
+        >>> check_prediction_args(step=0)
+        Traceback (most recent call last):
+        s3d._paths.UsageError: step (--step) must be in (0, 1] (a fraction of the patch), got 0
+    """
+    import math
+    import numbers
+
+    from s3d._paths import UsageError
+    from s3d.infer.sliding_window import mirror_axes_combinations
+    from s3d.runtime.device import resolve_amp, resolve_device
+
+    if isinstance(step, bool) or not isinstance(step, numbers.Real) or not (math.isfinite(step) and 0 < step <= 1):
+        raise UsageError(f"step (--step) must be in (0, 1] (a fraction of the patch), got {step!r}")
+    if isinstance(tile_batch, bool) or not isinstance(tile_batch, numbers.Integral) or tile_batch < 1:
+        raise UsageError(f"tile_batch (--tile-batch) must be a whole number >= 1, got {tile_batch!r}")
+    if accumulate_limit_bytes is not None and (not isinstance(accumulate_limit_bytes, numbers.Integral)
+                                               or accumulate_limit_bytes < 0):
+        raise UsageError(f"accumulate_limit_bytes must be >= 0 or None, got {accumulate_limit_bytes!r}")
+    if patch_size is not None:
+        try:
+            sizes = [int(v) for v in patch_size]
+        except (TypeError, ValueError):
+            sizes = []
+        if len(sizes) != 3 or min(sizes) < 1:
+            raise UsageError(f"patch_size (--patch-size) {patch_size!r}: expected three sizes >= 1 (D, H, W voxels)")
+    if mirror is not True and mirror is not False:
+        try:
+            mirror_axes_combinations(tuple(mirror))
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"mirror: {e}") from None
+    try:
+        dev = resolve_device(device)
+        if accumulate_device != "auto":
+            resolve_device(accumulate_device)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # bf16 on the CPU: said again when it is used
+            resolve_amp(amp, dev)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_patch_size(patch_size: Sequence[int] | None, model: Model, source: str = "patch_size"

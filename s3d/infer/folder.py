@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from s3d._fs import disk_full, probe_writable
 from s3d._optional import optional_import
-from s3d.infer.cases import check_patch_size, load_model_dir, predict_case
+from s3d._paths import check_apart, input_folder, output_folder
+from s3d.infer.cases import check_patch_size, check_prediction_args, load_model_dir, predict_case
 from s3d.infer.inputs import CaseError, CaseFailure, scan_input_folder
 from s3d.infer.outputs import sweep_partial
 from s3d.infer.sliding_window import SlidingWindowInferer
@@ -100,9 +102,19 @@ def predict_folder(
     Returns:
         Paths of the label files written, in case order.
 
+    Every argument, the folders and the model folder (as a whole: weights, ``config.json`` and
+    ``preprocessing.json`` agree) are checked before any case is read or any output written. The
+    output folder may not be, lie inside or hold the input folder or the model folder. An earlier
+    run's prediction of a case is replaced (atomically) and a note says how many were.
+
     Raises:
-        FileNotFoundError / ValueError: the model directory, the patch size or the input folder (no
-            usable case at all) is wrong; nothing in ``output_dir`` is touched.
+        s3d._paths.UsageError: a bad argument, or an output folder that overlaps an input (the
+            ``s3d`` command exits 2); nothing is read or written.
+        FileNotFoundError / NotADirectoryError / FileExistsError / ValueError: the model directory, the
+            patch size, the input folder (no usable case at all) or the output folder is wrong; nothing
+            in ``output_dir`` is touched.
+        OSError: the output folder cannot be written, or the disk is full (the predictions written so
+            far are complete and kept).
         MissingDependency: nibabel is not installed (an ``ImportError`` naming it); nothing is touched.
         BatchPredictionError: after the batch, when any input failed (the others were predicted).
 
@@ -114,7 +126,12 @@ def predict_folder(
     if inferer is not None and (patch_size is not None or options):
         raise TypeError(f"predict_folder: give an inferer or its settings, not both (got inferer and "
                         f"{sorted([*options, *(['patch_size'] if patch_size is not None else [])])})")
-    model_dir = Path(model_dir)
+    checked = ("step", "mirror", "tile_batch", "amp", "accumulate_device", "accumulate_limit_bytes")
+    check_prediction_args(device=device, patch_size=patch_size, **{k: v for k, v in options.items() if k in checked})
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    input_folder(input_dir, "input folder")
+    output_folder(output_dir, "output folder")
+    check_apart(output_dir, "output folder", [(input_dir, "input folder"), (model_dir, "model folder")])
     dev = resolve_device(device if inferer is None or inferer.device is None else inferer.device)
     model, spec = load_model_dir(model_dir, device=dev)
     if inferer is None:
@@ -124,8 +141,12 @@ def predict_folder(
     else:
         check_patch_size(inferer.patch_size, model, "inferer.patch_size")
     scan = scan_input_folder(input_dir, len(spec.channel_names), spec.file_ending)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe_writable(output_dir)
+    except OSError as e:
+        raise OSError(e.errno, f"{output_dir}: cannot write the output folder ({e.strerror or e}); make it "
+                      "writable or choose another") from None
     sweep_partial(output_dir)
     report_path = output_dir / FAILURES_FILE
     report_path.unlink(missing_ok=True)  # from an earlier run: it never describes this one
@@ -139,24 +160,37 @@ def predict_folder(
             problem.removed = _remove_outputs(output_dir, problem.case, spec.file_ending)
         failures.append(problem)
     written: list[Path] = []
+    replaced: list[str] = []
     with _sigterm_raises_systemexit():
         for case, paths in progress_bar(scan.cases.items(), desc="predict", unit="case", enabled=progress):
             out, npz = output_dir / f"{case}{spec.file_ending}", output_dir / f"{case}.npz"
-            earlier = [str(q) for q in (out, npz) if q.exists()]
+            earlier = [str(q) for q in (out, npz) if q.is_file()]
             try:
                 if not save_probabilities:
                     npz.unlink(missing_ok=True)  # an old .npz must not sit next to a new label map
                 pred = predict_case(paths, model, spec, inferer=inferer, output_path=out,
                                     probabilities_path=npz if save_probabilities else None)
             except Exception as e:  # noqa: BLE001 - one case never stops the batch; it is reported below
-                file, reason = _blame(e, paths)
+                full = disk_full(e, output_dir)
+                if full:  # not the case's fault, and every later case would fail the same way
+                    raise OSError(f"{out}: cannot write the prediction ({full}); free disk space or choose "
+                                  f"another output folder; the {len(written)} prediction(s) written so far are "
+                                  "complete") from e
+                file, reason = _blame(e, paths, output_dir)
                 _remove_outputs(output_dir, case, spec.file_ending)
                 failures.append(CaseFailure(case, file, reason, earlier))
                 continue
             written.append(out)
+            if earlier:
+                replaced.append(out.name)
             for n in pred.notes:
                 notes.append(f"{case}: {n}")
                 warnings.warn(f"{case}: {n}", PredictionNote, stacklevel=2)
+    if replaced:
+        some = ", ".join(replaced[:3]) + (f" and {len(replaced) - 3} more" if len(replaced) > 3 else "")
+        note = f"{output_dir}: replaced {len(replaced)} prediction(s) of an earlier run ({some})"
+        notes.append(note)
+        warnings.warn(note, PredictionNote, stacklevel=2)
     if not failures:
         return written
 
@@ -177,20 +211,29 @@ def predict_folder(
 
 
 def _remove_outputs(output_dir: Path, case: str, file_ending: str) -> list[str]:
-    """Remove the outputs an earlier run wrote for ``case``; returns the paths removed."""
+    """Remove the outputs an earlier run wrote for ``case`` (files only: a folder in the way is not ours);
+    returns the paths removed."""
     removed = []
     for p in (output_dir / f"{case}{file_ending}", output_dir / f"{case}.npz"):
-        if p.exists():
+        if p.is_file() or p.is_symlink():
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
             removed.append(str(p))
     return removed
 
 
-def _blame(e: Exception, paths: Sequence[Path]) -> tuple[str, str]:
-    """(file at fault, reason) for a failed case: the file the message names, else the first channel file."""
+def _blame(e: Exception, paths: Sequence[Path], output_dir: Path | None = None) -> tuple[str, str]:
+    """(file at fault, reason) for a failed case: an output that could not be written (e.g. a folder where
+    the label map goes), else the file the message names, else the first channel file."""
     if isinstance(e, CaseError):
         return e.file, e.reason
+    if isinstance(e, OSError) and output_dir is not None:
+        for name in (e.filename2, e.filename):
+            if name and Path(name).parent.resolve() == output_dir.resolve():
+                out = Path(name)
+                if out.name.startswith("."):  # a temporary: blame the file it was renamed onto
+                    out = Path(e.filename2 or name)
+                return str(out), f"cannot write the output ({e.strerror or e}); remove or move what is in the way"
     text = str(e).strip() or type(e).__name__
     if not isinstance(e, (ValueError, OSError)):
         text = f"{type(e).__name__}: {text}"

@@ -69,8 +69,9 @@ def scan_input_folder(input_dir: str | os.PathLike[str], num_channels: int, file
     ``{case}_{XXXX}.nii.gz`` and ``{case}_{XXXX}.nii`` are both read (``file_ending`` is the one named
     in messages). A case with a missing channel file, a channel index of ``num_channels`` or more, or
     one channel in both endings is a problem (all its problems are listed) and is left out; a NIfTI
-    name without ``_XXXX`` is a problem of no case. Hidden entries (``.name``) are skipped; other
-    files and folders are ``ignored``.
+    name without ``_XXXX``, a NIfTI ending in upper case (``.NII.GZ``) and a broken symbolic link are
+    problems of no case. Hidden entries (``.name``, e.g. ``.DS_Store``) are skipped; other files and
+    folders are ``ignored``.
 
     Raises:
         FileNotFoundError: ``input_dir`` is not a folder.
@@ -93,7 +94,14 @@ def scan_input_folder(input_dir: str | os.PathLike[str], num_channels: int, file
             continue
         stem = _nifti_stem(p.name) if p.is_file() else None
         if stem is None:
-            ignored.append(p)
+            looks = _nifti_stem(p.name.lower())
+            if looks is not None and p.is_symlink() and not p.exists():
+                problems.append(CaseFailure(None, str(p), f"a broken symbolic link (to {os.readlink(p)}); not read"))
+            elif looks is not None and p.is_file():
+                problems.append(CaseFailure(None, str(p), f"ending {p.name[-len(looks[1]):]!r}: s3d reads the "
+                                            f"lower-case endings {' and '.join(NIFTI_SUFFIXES)}; rename it"))
+            else:
+                ignored.append(p)
             continue
         m = _CHANNEL_RE.match(stem[0])
         if m is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +169,10 @@ def _evaluate_files(
                                        f"{pred_path}; please report it)")
 
 
+def _evaluate_job(job: tuple) -> _CaseResult:
+    return _evaluate_files(*job)
+
+
 def _nanmean(values: Sequence[float]) -> float:
     arr = np.asarray(values, dtype=float)
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
@@ -201,7 +204,8 @@ def evaluate_folder(
         labels: nnU-Net dataset.json path, its ``labels`` mapping, or a :class:`LabelSet`.
         tau_mm: NSD tolerance, mm (> 0; one value or per class name).
         out_dir: if given, an earlier ``per_case.csv``/``summary.json`` there is removed first and the new
-            ones are written atomically at the end (:func:`write_evaluation`).
+            ones are written atomically at the end (:func:`write_evaluation`); it may be ``pred_dir`` but
+            not be, lie inside or hold ``ref_dir``.
         workers: processes evaluating cases in parallel (1 = in this process).
         empty: empty-mask policy, see :class:`EmptyPolicy`.
         affine_atol: largest allowed absolute difference between the two affines (mm).
@@ -224,6 +228,10 @@ def evaluate_folder(
 
     optional_import("nibabel", "reading NIfTI")  # before anything is touched; not once per case
     if out_dir is not None:
+        from s3d._paths import check_apart, output_folder
+
+        output_folder(out_dir, "output folder (out_dir)")
+        check_apart(out_dir, "output folder (out_dir)", [(ref_dir, "reference folder")])
         discard_evaluation(out_dir)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, found {workers}")
@@ -248,10 +256,14 @@ def evaluate_folder(
             results.append(_evaluate_files(*job))
             bar.update()
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_evaluate_files, *job) for job in jobs]
-            for fut in as_completed(futures):
-                results.append(fut.result())
+        import contextlib
+
+        from s3d._workers import map_in_processes
+
+        # closing: a Ctrl-C that lands here, outside the generator, still ends (and waits for) the workers
+        with contextlib.closing(map_in_processes(_evaluate_job, jobs, workers, ordered=False)) as done:
+            for res in done:
+                results.append(res)
                 bar.update()
     bar.close()
     per_case, rounded = {}, {}

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from s3d.data.labels import check_labels
+
 #: largest |v - round(v)| of a float label value that is rounded to the integer label (see docs/evaluation.md)
 ROUND_TOL = 1e-3
 
@@ -40,10 +42,12 @@ def load_labels(labels: str | os.PathLike[str] | Mapping[str, Any]) -> LabelSet:
     """Read the ``labels`` of an nnU-Net ``dataset.json`` (or take that mapping directly).
 
     Values are ints or lists of ints (nnU-Net regions); ``background`` (0) is skipped and a key
-    named ``ignore`` gives the ignore label.
+    named ``ignore`` gives the ignore label. The labels must follow nnU-Net's rules
+    (:func:`s3d.data.labels.check_labels`: background 0, consecutive values, ``ignore`` the highest).
 
     Raises:
-        ValueError: naming the file, if it is not JSON or has no ``labels`` mapping with a foreground label.
+        ValueError: naming the file, if it is not JSON, has no ``labels`` mapping with a foreground label,
+            or breaks nnU-Net's label rules.
 
     Example:
         >>> load_labels({"background": 0, "tumour": 1, "ignore": 2}).classes
@@ -68,6 +72,9 @@ def load_labels(labels: str | os.PathLike[str] | Mapping[str, Any]) -> LabelSet:
         values = tuple(value) if isinstance(value, list | tuple) else (value,)
         if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise ValueError(f"{source}: label {name!r} must be an int or a list of ints, found {value!r}")
+    check_labels(labels, source)
+    for name, value in labels.items():
+        values = tuple(value) if isinstance(value, list | tuple) else (value,)
         if name == "ignore":
             ignore = int(values[0])
         elif values != (0,):

@@ -119,5 +119,6 @@ def write_evaluation(result: FolderEvaluation, out_dir: str | os.PathLike[str]) 
     except OSError as e:
         old = f"; the {', '.join(p.name for p in stale)} there is from an earlier run" if stale else ""
         written = "" if path.name == OUTPUTS[0] else f" ({OUTPUTS[0]} was written)"
-        raise OSError(f"cannot write {path}: {e.strerror or e}{written}{old}") from e
+        advice = "; free disk space or choose another --out" if isinstance(e, _fs.DiskFullError) else ""
+        raise OSError(f"cannot write {path}: {e.strerror or e}{advice}{written}{old}") from e
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,8 @@ class PretrainConfig:
         log_every: metrics line interval (steps).
         tensorboard: also log to TensorBoard (``RUN/tb``; needs the ``tensorboard`` package).
         resume: continue from ``RUN/checkpoint_latest.pt``.
+        overwrite: start a new run in an ``out`` that holds an earlier one (checkpoints, ``backbone/``,
+            ``nnssl/``), removing them first; without it (and without ``resume``) that is an error.
         stop_after: stop after this global step as if killed (no export); for time-limited job slots.
         progress: show a progress bar (rank 0).
         probe: an nnU-Net raw dataset: run the frozen-encoder probe (:mod:`s3d.pretrain.probing`) on the
@@ -80,6 +83,7 @@ class PretrainConfig:
     log_every: int = 1
     tensorboard: bool = False
     resume: bool = False
+    overwrite: bool = False
     stop_after: int | None = None
     progress: bool = True
     probe: str | None = None
@@ -99,6 +103,21 @@ class PretrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        from s3d._paths import UsageError
+
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise UsageError(f"{name} (--{name.replace('_', '-')}): must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"lr (--lr): must be a finite number > 0, got {self.lr}")
+        if self.patch_size is not None and (len(tuple(self.patch_size)) != 3
+                                            or min(int(p) for p in self.patch_size) < 1):
+            raise UsageError(f"patch_size (--patch-size): expected 3 sizes >= 1 voxel, got {tuple(self.patch_size)}")
+        if not isinstance(self.method_kwargs, dict):
+            raise UsageError(f"method_kwargs (--method-kwargs): expected a JSON object, got {self.method_kwargs!r}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other: continue the earlier run, or replace it")
+
         if self.probe is not None:
             if int(self.probe_every) < 0 or (self.probe_every and self.probe_every % self.checkpoint_every):
                 raise ValueError(f"probe_every (--probe-every): the probe runs at checkpoints, so give 0 (by cost) or "
@@ -110,6 +129,37 @@ class PretrainConfig:
             from s3d.finetune.probing import check_probe_options
 
             check_probe_options(self.probe, self.probe_options)
+
+    def check(self) -> PretrainRecipe:
+        """Check every setting that needs no data, before any is read: the recipe and its overrides, the
+        method's keyword arguments, the patch against the mask blocks, the device and ``amp``.
+
+        Returns:
+            The resolved recipe.
+
+        Raises:
+            ValueError / s3d._paths.UsageError: naming the setting.
+            PatchProblemError: the method cannot train on the patch (names the library parameters to change).
+
+        Example:
+            >>> PretrainConfig(data="prep", out="runs/b", device="mps").check()
+            Traceback (most recent call last):
+            s3d._paths.UsageError: device (--device) 'mps' is not supported; ...
+        """
+        import torch
+
+        from s3d.pretrain.methods import build_backbone, build_method
+        from s3d.runtime.device import resolve_amp, resolve_device
+        from s3d.runtime.method import PatchProblemError
+
+        resolve_amp(self.amp, resolve_device(self.device))
+        recipe = self.resolved_recipe()
+        with torch.device("meta"):  # the shapes and arguments, no memory
+            method = build_method(recipe.method, build_backbone(recipe.architecture), **recipe.method_kwargs)
+        problem = method.patch_problem(recipe.patch_size)
+        if problem is not None:
+            raise PatchProblemError(problem)
+        return recipe
 
     def resolved_recipe(self) -> PretrainRecipe:
         """The recipe with this config's overrides applied."""
@@ -137,3 +187,4 @@ class PretrainConfig:
         if isinstance(d.get("recipe"), dict):
             d["recipe"] = PretrainRecipe.from_dict(d["recipe"])
         return from_dict_strict(cls, d)
+

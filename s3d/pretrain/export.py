@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from s3d._fs import atomic_path, write_json_atomic
+from s3d._fs import atomic_folder, write_json_atomic
 from s3d.pretrain.recipes import PretrainRecipe
 from s3d.runtime.method import PretrainMethod
 
@@ -48,13 +48,13 @@ def export_backbone(method: PretrainMethod, recipe: PretrainRecipe, out: Path, d
     backbone = backbone_model(method)
     provenance = (f"Pre-trained with s3d recipe {recipe.name!r} ({recipe.method}) for {recipe.steps} steps at "
                   f"batch {recipe.batch_size} on {n_train} images of {data}.")
-    hub_dir = save_pretrained(backbone, out / "backbone", recipe=recipe.to_dict(), provenance=provenance)
-    nn_dir = out / "nnssl"
-    nn_dir.mkdir(parents=True, exist_ok=True)
+    hub_dir, nn_dir = out / "backbone", out / "nnssl"
+    with atomic_folder(hub_dir) as tmp:  # each folder as a whole: its files always belong together
+        save_pretrained(backbone, tmp, recipe=recipe.to_dict(), provenance=provenance)
     ckpt = nnssl_checkpoint(backbone.state_dict(), backbone.config, trainer_name="s3d.pretrain")
     ckpt["current_epoch"] = recipe.steps // 250  # nnssl counts epochs of 250 steps
     ckpt["nnssl_adaptation_plan"] = adaptation_plan(backbone.config, recipe.patch_size)
-    with atomic_path(nn_dir / "checkpoint_final.pth") as tmp:
-        torch.save(ckpt, tmp)
-    write_json_atomic(nn_dir / "adaptation_plan.json", ckpt["nnssl_adaptation_plan"])
-    return {"backbone": Path(hub_dir), "nnssl": nn_dir / "checkpoint_final.pth"}
+    with atomic_folder(nn_dir) as tmp:
+        torch.save(ckpt, tmp / "checkpoint_final.pth")
+        write_json_atomic(tmp / "adaptation_plan.json", ckpt["nnssl_adaptation_plan"])
+    return {"backbone": hub_dir, "nnssl": nn_dir / "checkpoint_final.pth"}

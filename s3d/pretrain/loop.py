@@ -50,9 +50,10 @@ from s3d.pretrain.export import backbone_model, export_backbone
 from s3d.pretrain.heldout import validation_loss, write_snapshot
 from s3d.pretrain.methods import build_backbone, build_method
 from s3d.pretrain.probing import probe_hook
-from s3d.runtime.checkpoint import check_resume, checkpoint_path, load_checkpoint, save_checkpoint
+from s3d.runtime.checkpoint import check_resume, checkpoint_path, claim_run_folder, load_checkpoint, save_checkpoint
 from s3d.runtime.device import autocast, resolve_amp, resolve_device
 from s3d.runtime.distributed import barrier, global_weighted_loss, init_distributed, mean_across
+from s3d.runtime.guard import FiniteWatch, check_weights, nonfinite_error
 from s3d.runtime.lr import lr_at, set_lr
 from s3d.runtime.method import PatchProblemError
 from s3d.runtime.metrics import MetricsLog
@@ -61,6 +62,7 @@ from s3d.runtime.progress import progress
 from s3d.runtime.result import JobResult
 
 JOB = "pretrain"
+EXPORTS = ("backbone", "nnssl")  # what a finished run exports (replaced only with --overwrite)
 # purposes of the derived random streams
 _AUGMENT, _METHOD, _VAL = 1, 2, 3
 
@@ -91,7 +93,8 @@ class Trainer:
         on_step: called as ``on_step(trainer, record)`` after every step's :meth:`after_step`.
 
     Raises:
-        FileExistsError: ``cfg.out`` already holds a checkpoint and ``cfg.resume`` is off.
+        FileExistsError: ``cfg.out`` holds an earlier run (checkpoints, ``backbone/``, ``nnssl/``) and
+            neither ``cfg.resume`` nor ``cfg.overwrite`` is set.
         PatchProblemError: the method cannot train on the recipe's patch size (names the parameters to change).
         ResumeError / CheckpointError: the checkpoint does not fit the settings or is damaged.
 
@@ -137,6 +140,7 @@ class Trainer:
                              weight_decay=r.weight_decay)
         self.lr_phases = r.lr_phases()
         self.scaler = grad_scaler(self.amp_dtype, self.device)
+        self.watch, self.last_saved = FiniteWatch(), None  # first non-finite loss (no sync per step); last checkpoint
         self._probe = None  # the pre-training probe (s3d.pretrain.probing), set up by fit()
         self.net: nn.Module = self.method  # what a step runs: DDP and/or torch.compile around it in fit()
         self.start_step = self.step = 0
@@ -151,7 +155,8 @@ class Trainer:
         return {**fields, "seed": self.cfg.seed, "val_fraction": self.cfg.val_fraction, "augment": self.cfg.augment}
 
     def save_checkpoint(self, step: int) -> None:
-        """Rank 0 writes ``RUN/checkpoint_latest.pt`` (the one before becomes ``checkpoint_previous.pt``)."""
+        """Rank 0 writes ``RUN/checkpoint_latest.pt`` (the previous one kept); never NaN weights (checked first)."""
+        self.check_finite(step)
         if not self.info.is_main:
             return
         save_checkpoint(self.out, {
@@ -166,12 +171,23 @@ class Trainer:
                      "local_batch": self.local_batch, "n_train": self.n_train, "n_val": self.n_val},
             "recipe": self.recipe.to_dict(),
         }, job=JOB)
+        self.last_saved = step
+
+    def check_finite(self, step: int) -> None:
+        """Stop (:class:`~s3d.runtime.guard.NonFiniteError`: step, lr, checkpoint kept) on a NaN/inf loss or weight."""
+        self.watch.check(self._lr_of_step, self.out, self.last_saved)
+        check_weights(self.method, step, self._lr_of_step(step), self.out, self.last_saved)
+
+    def _lr_of_step(self, step: int) -> float:  # step t ran with the lr of t - 1
+        return lr_at(self.lr_phases, step - 1, self.recipe.poly_exponent)
 
     def _resume(self) -> None:
         path = checkpoint_path(self.out)
+        if self.info.is_main or not self.cfg.overwrite:  # an earlier run: refused, or removed by rank 0
+            claim_run_folder(self.out, job=JOB, resume=self.cfg.resume, overwrite=self.cfg.overwrite,
+                             exports=EXPORTS, scratch=("snapshots/step_*.png", "tb/events.out.tfevents.*"))
+        barrier(self.info)
         exists = path.is_file() or (self.out / "checkpoint_previous.pt").is_file()
-        if exists and not self.cfg.resume:
-            raise FileExistsError(f"{path} exists; pass --resume to continue that run or choose a new --out")
         if not exists:
             if self.cfg.resume and self.info.is_main:
                 warnings.warn(f"--resume: no {path}; starting from step 0", stacklevel=3)
@@ -182,7 +198,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        self.start_step = self.step = int(ckpt["step"])
+        self.start_step = self.step = self.last_saved = int(ckpt["step"])
         if ckpt["data"]["world_size"] != self.info.world_size and self.info.is_main:
             warnings.warn(f"checkpoint written by {ckpt['data']['world_size']} process(es), resuming on "
                           f"{self.info.world_size}: the data stream differs from an uninterrupted run",
@@ -261,6 +277,8 @@ class Trainer:
             loss, global_loss = global_weighted_loss(loss, out.loss_weight, info)
         grad_norm = backward_and_step(loss, self.optimizer, self.scaler, recipe.grad_clip)
         self.step += 1
+        if global_loss is not None or not info.enabled:  # a value every rank agrees on
+            self.watch.observe(loss if global_loss is None else global_loss, self.step)
         return StepRecord(self.step, loss, global_loss, lr, grad_norm)
 
     def after_step(self, rec: StepRecord, x: torch.Tensor) -> None:
@@ -277,8 +295,9 @@ class Trainer:
         if step % cfg.log_every == 0 or step == self._stop:  # no host sync between log steps
             # every rank takes part in the reduction (the global weighted mean was reduced above)
             self.last_loss = mean_across(rec.loss, info) if rec.global_loss is None else float(rec.global_loss)
-            if not math.isfinite(self.last_loss):
-                raise FloatingPointError(f"step {step}: loss is {self.last_loss}; lower the lr or check the data")
+            if not math.isfinite(self.last_loss):  # every rank sees the reduced loss
+                self.watch.check(self._lr_of_step, self.out, self.last_saved)
+                raise nonfinite_error(step, rec.lr, f"the loss is {self.last_loss}", self.out, self.last_saved)
             if main:
                 now = time.perf_counter()
                 rate = (step - self._step_last) / max(now - self._t_last, 1e-9)
@@ -353,6 +372,7 @@ class Trainer:
         finished = self.step >= recipe.steps
         paths = {"metrics": self.metrics.path, "checkpoint": checkpoint_path(self.out)}
         if finished and info.is_main:
+            self.check_finite(self.step)
             paths.update(self.export())
         barrier(info)
         metrics = {"loss": self.last_loss}

@@ -55,6 +55,59 @@ def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
     return Path(run_dir) / LATEST
 
 
+def claim_run_folder(run_dir: str | os.PathLike[str], *, job: str, resume: bool, overwrite: bool,
+                     exports: tuple[str, ...] = (), scratch: tuple[str, ...] = ()) -> None:
+    """Refuse to start a new run over an earlier one's checkpoints or results unless asked to replace them.
+
+    A folder holding ``checkpoint_latest.pt``/``checkpoint_previous.pt`` or one of ``exports`` (a finished
+    run's results, e.g. ``model``) is an earlier run: a new run there needs ``resume`` (continue it) or
+    ``overwrite`` (replace it). With ``overwrite`` its checkpoints, exports and ``scratch`` files (glob
+    patterns of files the run writes, e.g. ``snapshots/step_*.png``) are removed first, so no file of the
+    old run is ever taken for the new one's. Files s3d did not write are never touched.
+
+    Args:
+        run_dir: the run folder.
+        job: ``"finetune"`` or ``"pretrain"`` (for the message).
+        resume: the run continues from its checkpoint (nothing is refused or removed here).
+        overwrite: replace an earlier run.
+        exports: names (in ``run_dir``) of what a finished run exports.
+        scratch: glob patterns (in ``run_dir``) of other files of a run, removed with ``overwrite``.
+
+    Raises:
+        s3d._paths.UsageError: ``resume`` and ``overwrite`` together.
+        FileExistsError: an earlier run is there and neither ``resume`` nor ``overwrite`` is set; the
+            message names what is there and both options.
+
+    Example:
+        >>> claim_run_folder("runs/a", job="finetune", resume=False, overwrite=False, exports=("model",))
+    """
+    import shutil
+
+    from s3d._paths import UsageError
+
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: continue the earlier run, or replace it")
+    run_dir = Path(run_dir)
+    if resume or not run_dir.is_dir():
+        return
+    found = [n for n in (LATEST, PREVIOUS, *exports) if (run_dir / n).exists()]
+    if not found and not overwrite:
+        return
+    if not overwrite:
+        finished = [n for n in exports if n in found]
+        what = (f"the results of a finished {job} run ({', '.join(f'{n}/' for n in finished)})" if finished
+                else f"the checkpoint of an earlier {job} run ({found[0]})")
+        raise FileExistsError(f"{run_dir} holds {what}: pass --resume to continue it, --overwrite to replace it "
+                              "(its checkpoints and results are removed first), or choose a new run folder (--out)")
+    for name in found:
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    for pattern in scratch:
+        for p in run_dir.glob(pattern):
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+
+
 def save_checkpoint(run_dir: str | os.PathLike[str], state: dict[str, Any], *, job: str) -> Path:
     """Write ``state`` as ``run_dir/checkpoint_latest.pt``; the one it replaces becomes ``checkpoint_previous.pt``.
 

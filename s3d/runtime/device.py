@@ -20,6 +20,11 @@ import warnings
 
 import torch
 
+from s3d._paths import UsageError
+
+#: The device names every job, function and command accepts (in messages).
+DEVICES = "auto, cpu, cuda or cuda:N"
+
 #: The ``amp`` values every job, function and command accepts.
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
@@ -33,7 +38,8 @@ def resolve_device(device: str | torch.device | None = "auto", local_rank: int =
         local_rank: this process's GPU index on its node under ``torchrun``.
 
     Raises:
-        ValueError: CUDA was asked for but is not available, or the name is not a device.
+        s3d._paths.UsageError: (a ``ValueError``) the name is not a device, names one s3d does not run
+            on (``mps``, ``meta``, ...), or CUDA (or that CUDA device) is not available.
 
     Example:
         >>> resolve_device("cpu")
@@ -41,15 +47,24 @@ def resolve_device(device: str | torch.device | None = "auto", local_rank: int =
     """
     if device is None or device == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device, str) and device.strip().lower() != device:
+        device = device.strip().lower()
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: {device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"device (--device) {str(device)!r} is not a device; use {DEVICES}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"device (--device) {str(device)!r} is not supported; s3d runs on the CPU or on CUDA "
+                         f"GPUs, use {DEVICES}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {str(device)!r} requested but CUDA is not available; use cpu or auto")
+            raise UsageError(f"device (--device) {str(device)!r} requested but CUDA is not available here (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use cpu or auto")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device (--device) {str(device)!r}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
@@ -61,7 +76,7 @@ def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dt
         device: where the network runs.
 
     Raises:
-        ValueError: an unknown value, or ``"fp16"`` on a device without CUDA.
+        s3d._paths.UsageError: (a ``ValueError``) an unknown value, or ``"fp16"`` on a device without CUDA.
 
     Example:
         >>> resolve_amp("off", torch.device("cpu")) is None
@@ -71,10 +86,10 @@ def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dt
         return None
     if isinstance(amp, torch.dtype):
         if amp not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"amp: expected bf16, fp16 or fp32, got {amp}")
+            raise UsageError(f"amp (--amp): expected bf16, fp16 or fp32, got {amp}")
         amp = "bf16" if amp == torch.bfloat16 else "fp16"
     if amp not in AMP_MODES:
-        raise ValueError(f"amp: expected one of {', '.join(AMP_MODES)}, got {amp!r}")
+        raise UsageError(f"amp (--amp): expected one of {', '.join(AMP_MODES)}, got {amp!r}")
     if amp == "off":
         return None
     if amp == "auto":
@@ -82,7 +97,7 @@ def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dt
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"amp: 'fp16' needs a CUDA device, this job runs on {device}; use bf16 or off")
+        raise UsageError(f"amp (--amp) 'fp16' needs a CUDA device, this job runs on {device}; use bf16 or off")
     if amp == "bf16" and device.type == "cpu":
         warnings.warn("amp='bf16' on the CPU: honoured, but bf16 autocast is about 3x slower than fp32 on "
                       "most CPUs; use amp='off' (or auto) for speed", RuntimeWarning, stacklevel=2)

@@ -147,14 +147,40 @@ def _source_stat(ds: NnUNetDataset, case: str) -> list[list[int]]:
     return [[int(st.st_size), int(st.st_mtime_ns)] for st in stats]
 
 
+_ARRAYS = ("data", "seg", "locs")
+
+
+def _npy_problem(path: Path) -> str:
+    """Why ``path`` is not a complete ``.npy`` file (missing, foreign, shorter than its header says), or ""."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f)
+            expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, SyntaxError) as e:
+        return f"not a .npy file ({type(e).__name__}: {e})"
+    if size < expected:
+        return f"truncated: {size} bytes, its header says {expected}"
+    return ""
+
+
 def _is_cached(cache: Path, ds: NnUNetDataset, case: str) -> bool:
+    """The case's JSON matches the current source files and its three arrays are complete (a damaged
+    entry, e.g. after a full disk or a copy cut short, is preprocessed again)."""
     jpath = cache / f"{case}.json"
     if not jpath.exists():
         return False
     try:
-        return json.loads(jpath.read_text(encoding="utf-8")).get("source_stat") == _source_stat(ds, case)
-    except (json.JSONDecodeError, OSError):
+        if json.loads(jpath.read_text(encoding="utf-8")).get("source_stat") != _source_stat(ds, case):
+            return False
+    except (ValueError, OSError, AttributeError):
         return False
+    return not any(_npy_problem(cache / f"{case}_{a}.npy") for a in _ARRAYS)
 
 
 def cached_cases(ds: NnUNetDataset, spec: PreprocessingSpec,
@@ -175,9 +201,21 @@ def load_cached_case(
     jpath = cache_dir / f"{case}.json"
     if not jpath.exists():
         raise FileNotFoundError(f"{jpath}: case {case!r} is not in the cache; run preprocess_dataset first")
-    props = json.loads(jpath.read_text(encoding="utf-8"))
+    fix = f"delete {cache_dir} (s3d's preprocessing cache) and run again: the cases are preprocessed again"
+    try:
+        props = json.loads(jpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{jpath}: damaged cache file ({type(e).__name__}: {e}); {fix}") from None
     mode = "r" if mmap else None
-    data = np.load(cache_dir / f"{case}_data.npy", mmap_mode=mode)
-    seg = np.load(cache_dir / f"{case}_seg.npy", mmap_mode=mode)
-    locs = np.load(cache_dir / f"{case}_locs.npy")
+    arrays = []
+    for name in _ARRAYS:
+        path = cache_dir / f"{case}_{name}.npy"
+        problem = _npy_problem(path)
+        if problem:
+            raise ValueError(f"{path}: damaged cache file ({problem}); {fix}")
+        try:
+            arrays.append(np.load(path, mmap_mode=mode if name != "locs" else None))
+        except (OSError, ValueError) as e:  # e.g. "mmap length is greater than file size"
+            raise ValueError(f"{path}: damaged cache file ({e}); {fix}") from None
+    data, seg, locs = arrays
     return data, seg, props, locs

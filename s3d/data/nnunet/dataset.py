@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from s3d._optional import optional_import
+from s3d._paths import check_file_ending
 from s3d.data.io import read_header, read_nifti
+from s3d.data.labels import label_problems
 from s3d.data.preprocess import shape_for_spacing
 
 #: Affines of image channels and label may differ by this much (mm) and still count as equal.
@@ -44,7 +46,8 @@ class NnUNetDataset:
     Attributes:
         root: the dataset folder (holding ``dataset.json``).
         channel_names: channel names in channel order (``"0000"``, ``"0001"``, ... file suffixes).
-        labels: label name -> integer value (``background`` = 0 included).
+        labels: label name -> integer value (``background`` = 0 included); checked with nnU-Net's rules
+            (:func:`s3d.data.labels.check_labels`: consecutive from 0, ``ignore`` the highest).
         num_training: ``numTraining`` from dataset.json.
         file_ending: e.g. ``".nii.gz"``.
         cases: case identifiers found in ``labelsTr`` (sorted).
@@ -68,8 +71,13 @@ class NnUNetDataset:
 
     @property
     def num_classes(self) -> int:
-        """Output channels a network needs: the largest label value + 1."""
-        return max(self.labels.values()) + 1
+        """Output channels a network needs: one per label value, ``ignore`` left out (nnU-Net's rule)."""
+        return max(v for k, v in self.labels.items() if k != "ignore") + 1
+
+    @property
+    def ignore_label(self) -> int | None:
+        """The ``ignore`` label's value (voxels without annotation), or ``None``."""
+        return self.labels.get("ignore")
 
     def image_paths(self, case: str) -> list[Path]:
         """Paths of the channel files of ``case``: ``imagesTr/{case}_{XXXX}{file_ending}``."""
@@ -85,8 +93,9 @@ def read_dataset_json(root: str | os.PathLike[str]) -> NnUNetDataset:
     """Read ``root/dataset.json`` and list the cases in ``labelsTr``.
 
     Raises:
-        DatasetError: the file is missing, not JSON, or lacks/garbles ``channel_names``, ``labels``,
-            ``numTraining`` or ``file_ending`` (every such problem is listed).
+        DatasetError: the folder or file is missing, not JSON, or lacks/garbles ``channel_names``,
+            ``labels`` (nnU-Net's rules, :mod:`s3d.data.labels`), ``numTraining`` or ``file_ending``
+            (every such problem is listed).
 
     Example:
         >>> ds = read_dataset_json("Dataset001_Brain")
@@ -95,12 +104,23 @@ def read_dataset_json(root: str | os.PathLike[str]) -> NnUNetDataset:
     """
     root = Path(root)
     path = root / "dataset.json"
+    if root.exists() and not root.is_dir():
+        raise DatasetError(root, [f"{root}: a file, not a dataset folder; pass the folder that holds dataset.json, "
+                                  "imagesTr and labelsTr"])
+    if not root.exists():
+        raise DatasetError(root, [f"{root}: no such dataset folder"])
     if not path.is_file():
-        raise DatasetError(root, [f"{path}: missing (an nnU-Net v2 raw dataset needs dataset.json)"])
+        what = "a folder, not a file" if path.is_dir() else "missing"
+        raise DatasetError(root, [f"{path}: {what} (an nnU-Net v2 raw dataset needs dataset.json)"])
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(root, [f"{path}: not valid JSON ({e})"]) from None
+    except OSError as e:
+        raise DatasetError(root, [f"{path}: cannot read ({e.strerror or e})"]) from None
+    if not isinstance(meta, dict):
+        raise DatasetError(root, [f"{path}: expected a JSON object with channel_names, labels, numTraining and "
+                                  f"file_ending; found a {type(meta).__name__}"])
     required = ("channel_names", "labels", "numTraining", "file_ending")
     problems = [f"{path}: missing key {k!r}" for k in required if k not in meta]
     channels: tuple[str, ...] = ()
@@ -110,27 +130,25 @@ def read_dataset_json(root: str | os.PathLike[str]) -> NnUNetDataset:
             if [int(k) for k in order] != list(range(len(order))):
                 problems.append(f"{path}: channel_names keys must be 0..N-1, got {order}")
             channels = tuple(str(meta["channel_names"][k]) for k in order)
+            if not channels:
+                problems.append(f"{path}: channel_names is empty; list the input channels, e.g. {{\"0\": \"T1\"}}")
         except ValueError:
             problems.append(f"{path}: channel_names keys must be integers, got {list(meta['channel_names'])}")
     elif "channel_names" in meta:
         problems.append(f"{path}: channel_names must be a dict {{'0': name, ...}}")
     labels: dict[str, int] = {}
-    if isinstance(meta.get("labels"), dict):
-        for name, value in meta["labels"].items():
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                labels[str(name)] = value
-            else:
-                problems.append(f"{path}: label {name!r} must be a non-negative int, got {value!r} "
-                                "(region-based labels are not supported)")
-        if labels and 0 not in labels.values():
-            problems.append(f"{path}: labels must include background = 0")
-    elif "labels" in meta:
-        problems.append(f"{path}: labels must be a dict {{name: value}}")
-    file_ending = str(meta.get("file_ending", ".nii.gz"))
-    if file_ending not in (".nii.gz", ".nii"):
-        problems.append(f"{path}: file_ending {file_ending!r} is not supported (use .nii.gz or .nii)")
+    if "labels" in meta:
+        found = label_problems(meta["labels"], regions=False)
+        problems.extend(f"{path}: {p} (nnU-Net's label rules)" for p in found)
+        if not found:
+            labels = {str(k): int(v) for k, v in meta["labels"].items()}
+    file_ending = meta.get("file_ending", ".nii.gz")
+    try:
+        file_ending = check_file_ending(file_ending, path)
+    except ValueError as e:
+        problems.append(str(e))
     num_training = meta.get("numTraining", 0)
-    if not isinstance(num_training, int):
+    if not isinstance(num_training, int) or isinstance(num_training, bool):
         problems.append(f"{path}: numTraining must be an int, got {num_training!r}")
         num_training = 0
     if problems:
@@ -185,7 +203,15 @@ def validate_dataset(
     if not ds.cases:
         problems.append(f"{root / 'labelsTr'}: no label files ending in {ds.file_ending}")
     known = set(ds.cases)
+    other = ".nii" if ds.file_ending == ".nii.gz" else ".nii.gz"
+    for sub in ("imagesTr", "labelsTr"):
+        for p in sorted((root / sub).iterdir()):
+            if not p.name.startswith(".") and p.name.endswith(other) and not p.name.endswith(ds.file_ending):
+                problems.append(f"{p}: ends in {other}, but dataset.json's file_ending is {ds.file_ending}; "
+                                f"convert it (or set file_ending) so that every file has one ending")
     for p in sorted((root / "imagesTr").glob(f"*{ds.file_ending}")):
+        if p.name.startswith("."):  # hidden: .DS_Store, ._name (macOS), editors' backups
+            continue
         stem = p.name[: -len(ds.file_ending)]
         case, _, idx = stem.rpartition("_")
         if not (len(idx) == 4 and idx.isdigit()):

@@ -21,8 +21,10 @@ import numpy as np
 
 from s3d._dataclasses import from_dict_strict, to_jsonable_dict
 from s3d._fs import write_json_atomic
+from s3d._paths import check_file_ending
 from s3d._triple import to_3tuple
 from s3d.data.io import read_nifti
+from s3d.data.labels import label_problems
 from s3d.data.nnunet.dataset import AFFINE_ATOL_MM, NnUNetDataset
 from s3d.data.preprocess import (
     anisotropic_axis,
@@ -68,9 +70,14 @@ class PreprocessingSpec:
 
     def __post_init__(self) -> None:
         self.target_spacing_mm = to_3tuple(self.target_spacing_mm, "target_spacing_mm (mm)", float)
+        if not isinstance(self.channel_names, list | tuple):
+            raise ValueError(f"channel_names: expected a list of channel names, got {self.channel_names!r}")
         self.channel_names = tuple(str(c) for c in self.channel_names)
         if not self.channel_names:
             raise ValueError("channel_names: need at least one input channel")
+        problems = label_problems(self.labels, regions=True)
+        if problems:
+            raise ValueError(f"labels: {'; '.join(problems)} (nnU-Net's label rules)")
         labels: dict[str, int | tuple[int, ...]] = {}
         for k, v in self.labels.items():
             values = tuple(int(x) for x in v) if isinstance(v, list | tuple) else (int(v),)
@@ -80,10 +87,17 @@ class PreprocessingSpec:
             self.regions_class_order = tuple(int(c) for c in self.regions_class_order)  # type: ignore[assignment]
             if not self.has_regions:
                 raise ValueError("regions_class_order is set, but no label is a region (a list of values)")
+            values = {v for k, vs in self.labels.items() if k != "ignore"
+                      for v in (vs if isinstance(vs, tuple) else (vs,))}
+            unknown = [c for c in self.regions_class_order if c not in values or c == 0]
+            if unknown:
+                raise ValueError(f"regions_class_order: {unknown} are not foreground label values "
+                                 f"{sorted(values - {0})}")
         if self.has_regions and (self.regions_class_order is None
                                  or len(self.regions_class_order) != len(self.regions)):
             raise ValueError(f"labels has {len(self.regions)} region(s) {self.regions}: regions_class_order "
                              f"needs one label value per region, got {self.regions_class_order}")
+        self.file_ending = check_file_ending(self.file_ending)
         if self.normalization != "zscore":
             raise ValueError(f"normalization: only 'zscore' is supported, got {self.normalization!r}")
         if not isinstance(self.use_mask_for_norm, bool):
@@ -107,10 +121,10 @@ class PreprocessingSpec:
 
     @property
     def num_classes(self) -> int:
-        """Network output channels: the largest label value + 1, or the number of regions."""
+        """Network output channels: the largest label value + 1 (``ignore`` left out), or the number of regions."""
         if self.has_regions:
             return len(self.regions)
-        return max(self.labels.values()) + 1  # type: ignore[type-var]
+        return max(v for k, v in self.labels.items() if k != "ignore") + 1  # type: ignore[type-var]
 
     @classmethod
     def from_dataset(cls, ds: NnUNetDataset, **overrides: Any) -> PreprocessingSpec:
@@ -160,8 +174,8 @@ class PreprocessingSpec:
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such file (a model directory needs preprocessing.json)"
                                     ) from None
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: not a valid PreprocessingSpec ({e})") from e
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a valid PreprocessingSpec ({e})") from None
 
     def cache_key(self) -> str:
         """Short hash of the fields that change preprocessed arrays (not ``patch_size``)."""

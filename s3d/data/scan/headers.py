@@ -66,6 +66,7 @@ RULES: dict[str, str] = {
     "duplicate": "case id already taken by an earlier file",
     "nonfinite": "NaN or inf voxels",
     "constant": "constant image (cannot z-score)",
+    "labelmap": "a label map (segmentation, mask), not an image: integer voxels, 2 to 32 distinct values",
     "error": "any other preprocessing error",
 }
 
@@ -128,7 +129,8 @@ def list_source(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
     (the path the case id is made of), ``dataset``, ``listing_index`` and the CSV's optional
     ``modality`` / ``subject`` columns.
 
-    Path rules: a directory is searched recursively (sorted, hidden files skipped); ``rel`` is the
+    Path rules: a directory is searched recursively (sorted, symbolic links to folders followed, hidden
+    files and folders such as ``.s3d_cache/`` or ``.git/`` skipped); ``rel`` is the
     path under it. In a ``.txt`` list (one path per line, ``#`` comments) or a ``.csv`` (``path``
     column), a relative path is resolved against **the list file's folder** (not the working
     directory), ``~`` is expanded, and ``rel`` is the path under the list's folder (else the
@@ -145,7 +147,7 @@ def list_source(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     src = Path(source)
     if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(_walk_files(src))
         rows: list[dict[str, Any]] = []
         for p in files:
             rel = p.relative_to(src)
@@ -159,7 +161,34 @@ def list_source(source: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _walk_files(root: Path) -> list[Path]:
+    """Every non-hidden file under ``root``, following symbolic links to folders (a folder reached twice,
+    e.g. through a link loop, is read once); hidden files and folders (``.git/``, ``.s3d_cache/``) skipped."""
+    seen: set[str] = set()
+    out: list[Path] = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out.extend(Path(folder) / n for n in names if not n.startswith(".") and (Path(folder) / n).is_file())
+    return out
+
+
 def _list_file_rows(src: Path) -> list[dict[str, Any]]:
+    if src.name.lower().endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"{src}: a NIfTI file; the data source is a folder of NIfTI files, a .txt list of paths "
+                         f"(one per line) or a .csv with a 'path' column; pass the folder ({src.parent})")
+    try:
+        return _read_list_file(src)
+    except UnicodeDecodeError:
+        raise ValueError(f"{src}: not a text file; the data source is a folder of NIfTI files, a .txt list of "
+                         "paths (one per line) or a .csv with a 'path' column") from None
+
+
+def _read_list_file(src: Path) -> list[dict[str, Any]]:
     if src.suffix.lower() == ".csv":
         with open(src, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)

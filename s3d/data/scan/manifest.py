@@ -178,8 +178,25 @@ def read_manifest(prepared_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def training_cases(manifest: dict[str, Any], prepared_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The preprocessed cases of a manifest: dicts with ``case_id``, ``subject``, ``file`` (absolute)."""
+    """The preprocessed cases of a manifest: dicts with ``case_id``, ``subject``, ``file`` (under ``prepared_dir``).
+
+    Raises:
+        ValueError: an entry without its keys, or a ``file`` that is not a relative path inside
+            ``prepared_dir`` (a manifest never points s3d elsewhere); the message names the manifest.
+    """
+    from s3d._paths import safe_relative
+
     base = Path(prepared_dir)
-    return [{"case_id": e["case_id"], "subject": e["subject"], "file": str(base / e["file"]),
-             "shape": e.get("preprocessed_shape")}
-            for e in manifest["entries"] if e["status"] == "ok" and e.get("file")]
+    source = base / MANIFEST_NAME
+    out = []
+    for i, e in enumerate(manifest["entries"]):
+        try:
+            if e["status"] != "ok" or not e.get("file"):
+                continue
+            out.append({"case_id": e["case_id"], "subject": e["subject"],
+                        "file": str(safe_relative(e["file"], f"entry {i}: file", source, base)),
+                        "shape": e.get("preprocessed_shape")})
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{source}: entry {i} is malformed ({type(err).__name__}: {err}); prepare the "
+                             "directory again") from None
+    return out

@@ -1,7 +1,7 @@
 """Preprocess the accepted images of a scan once, into a resumable prepared directory with a manifest.
 
 :func:`prepare` preprocesses every image :func:`~s3d.data.scan.scan` accepted, in worker processes:
-crop to nonzero, z-score (NaN/inf or constant images are rejected with the reason), resample to 1 mm
+crop to nonzero, z-score (NaN/inf or constant images and label maps are rejected with the reason), resample to 1 mm
 isotropic (third-order; nnU-Net's separate-axis rule for anisotropic images), and stores the result
 with :func:`s3d.data.store.save_volume` (``.b2nd`` by default, or ``.npy``). Finished cases
 (``cases/<id>.b2nd`` + ``cases/<id>.json``) are skipped on a re-run; every file is written atomically;
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from s3d._fs import write_json_atomic
+from s3d._fs import sweep_temporaries, write_json_atomic
 from s3d._optional import optional_import
 from s3d.data.io import read_nifti
 from s3d.data.preprocess import anisotropic_axis, crop_to_nonzero, resample_image, shape_for_spacing, zscore
@@ -77,6 +75,31 @@ def preprocess_image(
     return out, props
 
 
+#: An image whose voxels are integers with at most this many distinct values is a label map (rule ``labelmap``):
+#: nnU-Net ``labelsTr`` files, masks, atlases. MRI and CT hold hundreds to thousands of distinct values.
+LABEL_MAP_MAX_VALUES = 32
+
+
+def label_map_values(data: np.ndarray, max_values: int = LABEL_MAP_MAX_VALUES) -> np.ndarray | None:
+    """The distinct values of ``data`` if it looks like a label map (integer values, 2 to ``max_values``
+    of them), else ``None``. Reads a sample first, so a real image costs one strided pass.
+
+    Example:
+        >>> label_map_values(np.array([0, 1, 1, 2], np.float32))
+        array([0., 1., 2.], dtype=float32)
+    """
+    flat = np.asarray(data).ravel()
+    if flat.size == 0:
+        return None
+    sample = flat[:: max(1, flat.size // 65536)]
+    if not np.array_equal(sample, np.rint(sample)) or len(np.unique(sample)) > max_values:
+        return None
+    if not np.array_equal(flat, np.rint(flat)):
+        return None
+    values = np.unique(flat)
+    return values if 2 <= len(values) <= max_values else None  # one value: the "constant" rule says more
+
+
 def _case_paths(out_dir: Path, cid: str, store: str) -> tuple[Path, Path]:
     return out_dir / CASES_DIR / f"{cid}{store_suffix(store)}", out_dir / CASES_DIR / f"{cid}.json"
 
@@ -102,6 +125,12 @@ def _process_one(args: tuple[dict[str, Any], str, float, str, str]) -> dict[str,
             data = data.reshape(*data.shape[:3], -1)[..., entry["volume_index"]]
         elif data.ndim > 3:
             data = data.reshape(data.shape[:3])
+        labels = label_map_values(data)
+        if labels is not None:
+            shown = ", ".join(f"{v:g}" for v in labels[:8]) + (", ..." if len(labels) > 8 else "")
+            return {**entry, "status": "rejected", "rule": "labelmap",
+                    "reason": f"{len(labels)} distinct integer value(s) ({shown}): a label map (segmentation), not "
+                              f"an image; pre-training reads images (a labelsTr folder is not one)"}
         out, props = preprocess_image(data[None], hdr.spacing_mm, target_spacing_mm)
     except ValueError as e:
         status, rule = _preprocess_rule(str(e))
@@ -128,47 +157,19 @@ def _finished(out_dir: Path, entry: dict[str, Any], store: str) -> dict[str, Any
     return {**entry, "file": f"{CASES_DIR}/{data_path.name}", "preprocessed_shape": props["preprocessed_shape"]}
 
 
-# ---- worker processes end with their parent ------------------------------------------------------------
-def _exit_with_parent(parent_pid: int) -> None:
-    """Pool initializer: end this worker when the preparing process dies (even by SIGKILL).
-
-    On Linux the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``), which works even
-    while the worker is inside C code holding the GIL; elsewhere a thread polls ``os.getppid()``.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            import signal
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before the line above ran
-        os._exit(1)
-
-    def watch() -> None:
-        import time
-
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="s3d-parent-watch", daemon=True).start()
-
-
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[dict[str, Any]]:
     from s3d.runtime.progress import progress as progress_bar
 
     bar = progress_bar(total=len(jobs), desc="preprocess", unit="img", enabled=progress)
     results: list[dict[str, Any]] = []
     if workers > 0 and len(jobs) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        import contextlib
 
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                                 initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-            for res in pool.map(_process_one, jobs, chunksize=1):
+        from s3d._workers import map_in_processes
+
+        # closing: a Ctrl-C that lands here, outside the generator, still ends (and waits for) the workers
+        with contextlib.closing(map_in_processes(_process_one, jobs, workers)) as done:
+            for res in done:
                 results.append(res)
                 bar.update()
     else:
@@ -220,16 +221,24 @@ def prepare(
         >>> m["counts"]["ok"]
         40
     """
+    from s3d._paths import UsageError
+
     filters = filters or ScanFilters()
     store_suffix(store)
+    if not (np.isfinite(target_spacing_mm) and target_spacing_mm > 0):
+        raise UsageError(f"target_spacing_mm (--spacing-mm): must be a finite size > 0 mm, got {target_spacing_mm}")
+    if int(workers) < 0:
+        raise UsageError(f"workers (--prep-workers): must be >= 0, got {workers}")
     optional_import("nibabel", "reading NIfTI")  # before anything is written; not once per image
     if store == "b2nd":
         _blosc2()
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype: expected one of {STORE_DTYPES}, got {dtype!r}")
     out = Path(out_dir)
+    rows = list_source(source)  # a bad source is refused before anything is written
     (out / CASES_DIR).mkdir(parents=True, exist_ok=True)
-    rows = list_source(source)
+    if shard is None:  # shards may prepare into this folder at the same time: their temporaries are theirs
+        sweep_temporaries(out / CASES_DIR)  # of a preparation that was killed
     listed = len(rows)
     if shard is not None:
         index, count = shard
@@ -252,7 +261,13 @@ def prepare(
         else:
             todo.append(i)
     jobs = [(entries[i], str(out), float(target_spacing_mm), dtype, store) for i in todo]
-    for i, res in zip(todo, _run_jobs(jobs, workers, progress), strict=True):
+    try:
+        finished = _run_jobs(jobs, workers, progress)
+    except BaseException:
+        if shard is None:
+            sweep_temporaries(out / CASES_DIR)  # a worker ended mid-write (the workers have all ended here)
+        raise
+    for i, res in zip(todo, finished, strict=True):
         entries[i] = res
     counts = {s: sum(e["status"] == s for e in entries) for s in ("ok", "rejected", "failed")}
     counts.update(processed=sum(entries[i]["status"] == "ok" for i in todo), skipped=skipped)

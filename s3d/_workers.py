@@ -1,0 +1,92 @@
+"""Worker processes that stay quiet: a map over jobs in a process pool that Ctrl-C ends cleanly.
+
+Ctrl-C in a terminal sends SIGINT to every process of the foreground group, workers included. Here
+the workers ignore it (their parent decides), and the parent, on ``KeyboardInterrupt`` or any other
+exception, terminates them at once (SIGTERM, which a worker turns into ``SystemExit`` so that its
+temporary files are removed): no traceback from a worker or from a pool thread, no job left running
+after the command has ended.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+
+def _worker_start(parent_pid: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends the workers
+    signal.signal(signal.SIGTERM, _exit_cleanly)  # ... with SIGTERM: finally blocks remove temporary files
+    _exit_with_parent(parent_pid)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this worker when its parent dies (even by SIGKILL).
+
+    On Linux the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``), which works even
+    while the worker is inside C code holding the GIL; elsewhere a thread polls ``os.getppid()``.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above ran
+        os._exit(1)
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="s3d-parent-watch", daemon=True).start()
+
+
+def map_in_processes(fn: Callable[[Any], Any], jobs: Iterable[Any], workers: int, *, ordered: bool = True,
+                     initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[Any]:
+    """``fn(job)`` for every job in ``workers`` spawned processes, yielded as each finishes.
+
+    ``fn`` and the jobs must be picklable; ``fn`` should report failures in its result rather than
+    raise (an exception in a worker ends the map, re-raised here). The workers ignore SIGINT and end
+    with the parent; when the caller stops early (Ctrl-C, an exception, ``close()`` of the generator)
+    they are terminated.
+
+    Args:
+        fn: a module-level function.
+        jobs: its arguments, one per call.
+        workers: processes (>= 1).
+        ordered: yield in job order (``False``: as they finish).
+        initializer, initargs: run once in each worker after the signal set-up.
+
+    Example:
+        >>> list(map_in_processes(abs, [-1, -2], workers=2))
+        [1, 2]
+    """
+    import multiprocessing as mp
+
+    jobs = list(jobs)
+    pool = mp.get_context("spawn").Pool(min(workers, max(1, len(jobs))), initializer=_worker_start,
+                                        initargs=(os.getpid(), initializer, initargs))
+    try:
+        results = pool.imap(fn, jobs, chunksize=1) if ordered else pool.imap_unordered(fn, jobs, chunksize=1)
+        yield from results
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
