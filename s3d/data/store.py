@@ -61,7 +61,9 @@ def _store_of(path: Path) -> str:
     raise ValueError(f"{path}: volumes are stored as {' or '.join(STORE_SUFFIXES.values())}")
 
 
-def _blosc2() -> Any:
+def require_blosc2() -> Any:
+    """The blosc2 module, imported when the ``.b2nd`` store is used (``import s3d`` works without it); a
+    missing package is one line naming it and ``--store npy``."""
     from s3d._optional import optional_import
 
     return optional_import("blosc2", "the .b2nd store", hint=" (or prepare with --store npy)")
@@ -105,7 +107,7 @@ def save_volume(path: str | os.PathLike[str], volume: np.ndarray, dtype: str = "
             with open(tmp, "wb") as f:
                 np.save(f, data)
         else:
-            blosc2 = _blosc2()
+            blosc2 = require_blosc2()
             chunks, blocks = b2nd_layout(data.shape)
             cparams = {"codec": blosc2.Codec.LZ4, "clevel": B2ND_CLEVEL, "filters": [blosc2.Filter.SHUFFLE],
                        "nthreads": 1}
@@ -130,7 +132,7 @@ def open_volume(path: str | os.PathLike[str]) -> Any:
         if store == "npy":
             vol = np.load(str(path), mmap_mode="r")
         else:
-            blosc2 = _blosc2()
+            blosc2 = require_blosc2()
             kwargs = {"mmap_mode": "r"} if os.name != "nt" else {}
             vol = blosc2.open(str(path), mode="r", dparams={"nthreads": 1}, **kwargs)
             if not hasattr(vol, "shape") or not hasattr(vol, "dtype"):

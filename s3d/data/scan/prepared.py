@@ -35,7 +35,7 @@ from s3d.data.scan.manifest import (
     shard_manifests,
     shard_of,
 )
-from s3d.data.store import DEFAULT_STORE, STORE_DTYPES, _blosc2, save_volume, store_suffix
+from s3d.data.store import DEFAULT_STORE, STORE_DTYPES, require_blosc2, save_volume, store_suffix
 
 #: Version of what a prepared volume holds (resampling, normalisation); a re-run prepares volumes of
 #: another version again. 2: nnU-Net's resampling rules (range clipping, label argmax, anisotropy).
@@ -231,7 +231,7 @@ def prepare(
         raise UsageError(f"workers (--prep-workers): must be >= 0, got {workers}")
     optional_import("nibabel", "reading NIfTI")  # before anything is written; not once per image
     if store == "b2nd":
-        _blosc2()
+        require_blosc2()
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype: expected one of {STORE_DTYPES}, got {dtype!r}")
     out = Path(out_dir)
