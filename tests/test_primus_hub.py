@@ -197,9 +197,13 @@ def test_read_primus_names_the_preset_from_nnssls_plan() -> None:
     assert preset_name(read.config) == "PrimusM" and preset_name(small_config()) is None
 
 
-def test_conversions_both_ways_keep_every_tensor(hub: HubServer, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_conversions_both_ways_keep_every_tensor(hub: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hf_constants
+
     from s3d.cli import main
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # the CLI uses the default cache
 
     ckpt = nnssl_mae_checkpoint()
     publish(hub, ckpt)
