@@ -77,11 +77,12 @@ def nnssl_mae_checkpoint(seed: int = 5) -> dict:
             "init_args": {"fold": 0}, "trainer_name": "BaseEvaMAETrainer", "nnssl_adaptation_plan": nnssl_plan(cfg)}
 
 
-def publish(hub: HubServer, ckpt: dict, repo: str = REPO) -> bytes:
+def publish(hub: HubServer, ckpt: dict, repo: str = REPO, plan: dict | None = None) -> bytes:
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     hub.add_file(repo, "checkpoint_final.pth", buf.getvalue(), commit=COMMIT)
-    hub.add_file(repo, "adaptation_plan.json", json.dumps(ckpt["nnssl_adaptation_plan"]).encode(), commit=COMMIT)
+    plan = plan or ckpt["nnssl_adaptation_plan"]
+    hub.add_file(repo, "adaptation_plan.json", json.dumps(plan).encode(), commit=COMMIT)
     hub.add_file(repo, "config.json", b'{"trainer": "BaseEvaMAETrainer", "architecture": "PrimusM"}', commit=COMMIT)
     return buf.getvalue()
 
@@ -150,17 +151,31 @@ def test_contrastive_layout_maps_the_encoder_prefix_and_interpolates_to_the_reco
     weights["encoder.mask_token"] = torch.randn(1, 1, cfg.embed_dim)
     weights.update({"projector.0.weight": torch.randn(64, cfg.embed_dim), "projector.0.bias": torch.zeros(64)})
     plan = nnssl_plan(cfg, "encoder.down_projection", "encoder.eva", recommended=(8, 12, 8))
-    publish(hub, {"network_weights": weights, "nnssl_adaptation_plan": plan}, repo="test-org/primus-simclr")
+    # no plan inside the checkpoint: the repo's adaptation_plan.json is fetched and used
+    publish(hub, {"network_weights": weights}, repo="test-org/primus-simclr", plan=plan)
     model, report = load_pretrained("test-org/primus-simclr", num_classes=2, cache_dir=tmp_path / "c",
                                     output_loading_info=True)
     assert model.config.input_shape == (8, 12, 8) and report.recommended_input_shape == (8, 12, 8)
     assert report.pos_embed_grid == ((2, 2, 4), (2, 3, 4)) and report.random_decoder
     assert report.dropped_keys == ["encoder.mask_token", "projector.0.bias", "projector.0.weight"]
     assert any("encoder.eva.*" in n and "mapped onto" in n for n in report.notes)
+    assert hub.gets("adaptation_plan.json") == 1
     assert torch.equal(model.state_dict()["eva.norm.weight"], seg["eva.norm.weight"])
     # "checkpoint": its own pre-training patch, no interpolation
     own = load_pretrained("test-org/primus-simclr", cache_dir=tmp_path / "c", input_shape="checkpoint")
     assert own.config.input_shape == (8, 8, 8) and torch.equal(own.state_dict()["eva.pos_embed"], seg["eva.pos_embed"])
+
+
+def test_nnunet_training_checkpoint_reads_its_patch_from_init_args(tmp_path: Path) -> None:
+    """nnU-Net's own Primus checkpoints (nnUNet_Primus_M_Trainer) carry no nnssl plan: the patch (which sizes the
+    position embedding, here a non-cube) comes from the plans in ``init_args``; the zero mask token is no loss."""
+    model = s3d.build_primus(small_config(num_classes=4))
+    plans = {"configurations": {"3d_fullres": {"patch_size": [8, 12, 8], "spacing": [1.0, 1.0, 1.0]}}}
+    torch.save({"network_weights": model.state_dict(), "trainer_name": "nnUNet_Primus_M_Trainer", "current_epoch": 1000,
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0}}, tmp_path / "ckpt.pth")
+    loaded, report = load_pretrained(tmp_path / "ckpt.pth", output_loading_info=True)
+    assert loaded.config == model.config and report.dropped_keys == [] and report.adapted_keys == []
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
 def test_pos_embed_interpolation_equals_scipys_linear_zoom() -> None:

@@ -20,7 +20,7 @@ from s3d._version import __version__
 from s3d.hub.adapt import LoadReport, StemMode, adapt_state_dict
 from s3d.hub.download import HubFileError, commit_from_cache_path, hub_download, sha256_file
 from s3d.hub.nnssl import CheckpointError, canonicalize, infer_config, network_weights, read_checkpoint
-from s3d.hub.primus import fit_input_shape, is_primus, read_primus
+from s3d.hub.primus import fit_input_shape, is_primus, plan_from_nnunet_checkpoint, read_primus
 from s3d.hub.s3d_format import (
     CARD_NAME,
     CONFIG_NAME,
@@ -204,7 +204,7 @@ def _read_state(src: Source) -> tuple[dict[str, torch.Tensor], ModelConfig, Load
     else:
         ckpt = read_checkpoint(src.weights)
         raw = network_weights(ckpt, str(src.weights))
-        plan = _adaptation_plan(src, ckpt)
+        plan = _adaptation_plan(src, ckpt) or plan_from_nnunet_checkpoint(ckpt)
         if is_primus(raw, plan):
             return _read_primus(src, raw, plan, report)
         state, info = canonicalize(raw, sparse_trainer="spark_weights" in ckpt)

@@ -58,6 +58,29 @@ def pretrain_patch_size(plan: Mapping[str, Any] | None) -> tuple[int, ...] | Non
     return None
 
 
+def plan_from_nnunet_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A minimal plan for an nnU-Net training checkpoint (no nnssl plan): the patch its ``init_args`` record.
+
+    nnU-Net's ``checkpoint_final.pth`` keeps the plans it trained with under ``init_args``; the configuration's
+    ``patch_size`` sizes a Primus's position embedding. ``None`` when the checkpoint records none.
+
+    Example:
+        >>> plan_from_nnunet_checkpoint({"init_args": {"configuration": "3d_fullres", "plans":
+        ...     {"configurations": {"3d_fullres": {"patch_size": [192, 160, 64]}}}}})["pretrain_plan"]
+        {'configurations': {'3d_fullres': {'patch_size': [192, 160, 64]}}}
+    """
+    init = ckpt.get("init_args")
+    if not isinstance(init, Mapping):
+        return None
+    plans, name = init.get("plans"), init.get("configuration")
+    conf = ((plans or {}).get("configurations") or {}).get(name) if isinstance(plans, Mapping) else None
+    if not isinstance(conf, Mapping) or not conf.get("patch_size"):
+        return None
+    patch = [int(s) for s in conf["patch_size"]]
+    return {"pretrain_plan": {"configurations": {name: {"patch_size": patch}}},
+            "recommended_downstream_patchsize": patch}
+
+
 @dataclass
 class PrimusRead:
     """A Primus checkpoint mapped onto s3d's keys (what :func:`read_primus` returns).
