@@ -20,6 +20,7 @@ EXAMPLES = {
     "load_pretrained.py": [],
     "monai_interop.py": ["--steps", "2", "--size", "32"],
     "pretrain_minimal.py": [],
+    "primus.py": ["--size", "32"],
 }
 
 
