@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from s3d._dataclasses import from_dict_strict, to_jsonable_dict
-
-Triple = tuple[int, int, int]
+from s3d._triple import Triple, to_3tuple
 
 #: DNA's (and nnssl's) keyword names -> PrimusConfig field names.
 ALIASES = {
@@ -31,19 +30,6 @@ ALIASES = {
 
 #: DNA's MLP ratio, ``4 * 2 / 3`` (a SwiGLU with the parameter count of a 4x GELU MLP).
 MLP_RATIO = 4 * 2 / 3
-
-
-def _triple(value: Any, name: str) -> Triple:
-    """``n`` or ``(d, h, w)`` -> a 3-tuple of positive ints, naming ``name`` on error."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value, value)
-    try:
-        out = tuple(int(v) for v in value)
-    except TypeError:
-        raise ValueError(f"{name}: expected an int or 3 ints, got {value!r}") from None
-    if len(out) != 3 or any(v < 1 for v in out):
-        raise ValueError(f"{name}: expected an int or 3 positive ints, got {value!r}")
-    return out[0], out[1], out[2]
 
 
 def canonical_names(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -107,8 +93,8 @@ class PrimusConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        self.patch_embed_size = _triple(self.patch_embed_size, "patch_embed_size")
-        self.input_shape = _triple(self.input_shape, "input_shape")
+        self.patch_embed_size = to_3tuple(self.patch_embed_size, "patch_embed_size")
+        self.input_shape = to_3tuple(self.input_shape, "input_shape")
         for fname in ("embed_dim", "eva_depth", "eva_numheads", "in_channels", "num_classes"):
             value = getattr(self, fname)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
