@@ -310,6 +310,47 @@ def load_pretrained(
         >>> report.stem, report.new_head
         ('replicated', True)
     """
+    return _load(name_or_repo_or_path, in_channels=in_channels, num_classes=num_classes, revision=revision,
+                 strict=strict, device=device, cache_dir=cache_dir, stem=stem, decoder=decoder,
+                 input_shape=input_shape, output_loading_info=output_loading_info)
+
+
+def load_pretrained_for_finetuning(
+    name_or_repo_or_path: str | os.PathLike[str],
+    *,
+    input_shape: tuple[int, int, int] | None = None,
+    **kwargs: Any,
+) -> tuple[Model, LoadReport]:
+    """:func:`load_pretrained` for fine-tuning either family: ``input_shape`` (the training patch, voxels) sets a
+    Primus's patch and is ignored for a ResEnc U-Net (which takes any multiple of its stride).
+
+    Returns:
+        ``(model, report)``.
+
+    Example:
+        >>> model, report = load_pretrained_for_finetuning("primus-m-mae", num_classes=3, input_shape=(96,) * 3)
+    """
+    out = _load(name_or_repo_or_path, input_shape=input_shape, primus_only_shape=True, output_loading_info=True,
+                **kwargs)
+    assert isinstance(out, tuple)
+    return out
+
+
+def _load(
+    name_or_repo_or_path: str | os.PathLike[str],
+    *,
+    in_channels: int | None = None,
+    num_classes: int | None = None,
+    revision: str | None = None,
+    strict: bool = True,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+    stem: StemMode = "replicate",
+    decoder: bool = True,
+    input_shape: int | tuple[int, int, int] | str | None = None,
+    output_loading_info: bool = False,
+    primus_only_shape: bool = False,
+) -> Model | tuple[Model, LoadReport]:
     src = resolve(name_or_repo_or_path, revision, None if cache_dir is None else str(cache_dir))
     state, cfg, report = _read_state(src)
     keys = src.keys_for(cfg)
@@ -323,7 +364,7 @@ def load_pretrained(
                 cfg, report.pos_embed_grid = fit_input_shape(state, cfg, cfg.replace(input_shape=target).input_shape)
             except ValueError as err:
                 raise ValueError(f"input_shape: {err}") from None
-    elif input_shape not in (None, "checkpoint"):
+    elif input_shape not in (None, "checkpoint") and not primus_only_shape:
         raise ValueError(f"input_shape applies to Primus only; {src.weights} holds a ResEnc U-Net, which takes any "
                          "size divisible by its total stride")
     overrides: dict[str, Any] = {}
