@@ -247,12 +247,12 @@ def test_export_matches_dnas_key_tables(tmp_path: Path) -> None:
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from safetensors.torch import load_file
 
-    from s3d.hub.convert import _export
+    from s3d.hub.convert import checkpoint_for
 
     table = json.loads((DATA / "primus_m_160_keys.json").read_text())["num_classes=1"]
     with torch.device("meta"):
         big = s3d.build_primus("primus_m", num_classes=1)
-    exported, plan = _export(big.state_dict(), big.config, "nnunet")
+    exported, plan = checkpoint_for(big.state_dict(), big.config, "nnunet")
     assert [[k, list(v.shape)] for k, v in exported["network_weights"].items()] == table
     assert plan["architecture_plans"]["arch_class_name"] == "PrimusM"
     # the small reference network: s3d save -> convert --to nnunet -> exactly the reference's tensors

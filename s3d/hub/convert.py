@@ -31,8 +31,13 @@ def _torch_save_atomic(obj: object, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _export(state: dict[str, torch.Tensor], config: ModelConfig, to: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(checkpoint dict, adaptation plan) of ``to`` = "nnssl" or "nnunet" for either family."""
+def checkpoint_for(state: dict[str, torch.Tensor], config: ModelConfig, to: str
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(checkpoint dict, adaptation plan) of ``to`` = "nnssl" or "nnunet" for a state dict of either family.
+
+    Example:
+        >>> ckpt, plan = checkpoint_for(model.state_dict(), model.config, "nnssl")
+    """
     if isinstance(config, PrimusConfig):
         plan = primus_adaptation_plan(config)
         weights = {"network_weights": primus_network_weights(state)}
@@ -90,7 +95,7 @@ def convert(
     if to == "s3d":
         directory = save_pretrained(model, out, provenance=f"Converted with s3d from {source}.")
         return [directory / n for n in ("model.safetensors", "config.json", "README.md")], report
-    ckpt, plan = _export(model.state_dict(), model.config, to)
+    ckpt, plan = checkpoint_for(model.state_dict(), model.config, to)
     if to == "nnssl":
         path = out if out.suffix in (".pth", ".pt") else out / NNSSL_NAME
         _torch_save_atomic(ckpt, path)

@@ -20,9 +20,9 @@ def backbone_model(method: PretrainMethod) -> nn.Module:
         >>> backbone_model(build_method("mae", build_backbone("tiny"), block_size=16)).config.name
         'tiny'
     """
-    from s3d.nn import build_resenc_unet
+    from s3d.nn.family import build_from_config, config_of
 
-    model = build_resenc_unet(method.backbone.config)
+    model = build_from_config(config_of(method.backbone))
     model.load_state_dict(method.export_backbone())
     return model
 
@@ -43,7 +43,9 @@ def export_backbone(method: PretrainMethod, recipe: PretrainRecipe, out: Path, d
         ``{"backbone": out/backbone, "nnssl": out/nnssl/checkpoint_final.pth}``.
     """
     from s3d.hub import nnssl_checkpoint, save_pretrained
+    from s3d.hub.convert import checkpoint_for
     from s3d.hub.nnssl import adaptation_plan
+    from s3d.nn.primus import PrimusConfig
 
     backbone = backbone_model(method)
     provenance = (f"Pre-trained with s3d recipe {recipe.name!r} ({recipe.method}) for {recipe.steps} steps at "
@@ -51,9 +53,13 @@ def export_backbone(method: PretrainMethod, recipe: PretrainRecipe, out: Path, d
     hub_dir = save_pretrained(backbone, out / "backbone", recipe=recipe.to_dict(), provenance=provenance)
     nn_dir = out / "nnssl"
     nn_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = nnssl_checkpoint(backbone.state_dict(), backbone.config, trainer_name="s3d.pretrain")
+    if isinstance(backbone.config, PrimusConfig):  # the plan's patch is the backbone's input_shape
+        ckpt, plan = checkpoint_for(backbone.state_dict(), backbone.config, "nnssl")
+        ckpt.update({"trainer_name": "s3d.pretrain", "nnssl_adaptation_plan": plan})
+    else:
+        ckpt = nnssl_checkpoint(backbone.state_dict(), backbone.config, trainer_name="s3d.pretrain")
+        ckpt["nnssl_adaptation_plan"] = adaptation_plan(backbone.config, recipe.patch_size)
     ckpt["current_epoch"] = recipe.steps // 250  # nnssl counts epochs of 250 steps
-    ckpt["nnssl_adaptation_plan"] = adaptation_plan(backbone.config, recipe.patch_size)
     with atomic_path(nn_dir / "checkpoint_final.pth") as tmp:
         torch.save(ckpt, tmp)
     write_json_atomic(nn_dir / "adaptation_plan.json", ckpt["nnssl_adaptation_plan"])
