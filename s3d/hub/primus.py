@@ -170,7 +170,8 @@ def primus_adaptation_plan(config: PrimusConfig) -> dict[str, Any]:
     what sizes the position embedding; spacing unknown to s3d, ``null``).
 
     Example:
-        >>> primus_adaptation_plan(build_primus("primus_m").config)["architecture_plans"]["arch_class_name"]
+        >>> arch = primus_adaptation_plan(build_primus("primus_m").config)["architecture_plans"]
+        >>> arch["arch_class_name"]
         'PrimusM'
     """
     name = preset_name(config)

@@ -42,7 +42,7 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, *, betas: tuple[float
         ValueError: no parameter requires a gradient.
 
     Example:
-        >>> adamw(torch.nn.Linear(2, 2).parameters(), 1e-4).param_groups[0]["betas"]
+        >>> adamw(torch.nn.Linear(2, 2).parameters(), 1e-4).defaults["betas"]
         (0.9, 0.98)
     """
     trainable = [p for p in params if p.requires_grad]

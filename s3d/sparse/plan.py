@@ -55,7 +55,7 @@ class MaskPlan:
         >>> from s3d.nn.config import get_config
         >>> grid = torch.tensor([1, 0, 0, 1], dtype=torch.bool).view(1, 1, 1, 2, 2)
         >>> plan = MaskPlan.build(grid, (32, 64, 64), get_config("tiny").stage_strides())
-        >>> plan.cell, [tuple(k.shape[2:]) for k in plan.keeps][:3], plan.layout.n_blocks
+        >>> plan.cell, [tuple(k.shape[2:]) for k in plan.keeps[:3]], plan.layout.n_blocks
         ((32, 32, 32), [(32, 64, 64), (32, 64, 64), (16, 32, 32)], 2)
     """
 
