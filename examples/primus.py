@@ -1,4 +1,4 @@
-"""Primus in s3d: build, run, save, reload at another patch, export for nnU-Net.
+"""Primus in s3d: build, run, token-sparse MAE, save, reload at another patch, export for nnU-Net.
 
     python examples/primus.py                               # primus_tiny, CPU, a few seconds
     python examples/primus.py --preset primus_m --size 160  # the OpenMind Primus-M (152 M parameters)
@@ -45,6 +45,18 @@ def main() -> None:
         visible = net.eva(tokens[:, keep], keep_index=keep[None])
         full = net.restore(visible, keep[None])  # zeros (the mask token) at the masked tokens
     print(f"visible tokens only: {tuple(visible.shape)}; restored to the grid: {tuple(full.shape)}")
+
+    # token-sparse MAE pre-training (what `s3d pretrain --arch primus_m` trains) and the fine-tuning optimiser
+    from s3d.finetune import get_schedule
+    from s3d.finetune.phases import make_optimizer
+    from s3d.sparse import PrimusMAEWrapper
+
+    mae = PrimusMAEWrapper(s3d.build_primus(args.preset, in_channels=1, num_classes=1, input_shape=patch))
+    out = mae(x, generator=torch.Generator().manual_seed(2))
+    print(f"MAE: loss {float(out.loss):.3f} on the {int((~out.mask).sum())} masked of {cfg.num_tokens} tokens")
+    opt = make_optimizer(get_schedule("primus"), list(net.parameters()), lr=1e-4)
+    print(f"fine-tuning preset 'primus': {type(opt).__name__}, betas {opt.defaults['betas']}, "
+          f"weight decay {opt.defaults['weight_decay']}")
 
     with tempfile.TemporaryDirectory() as tmp:
         saved = s3d.save_pretrained(net, Path(tmp) / "primus")
