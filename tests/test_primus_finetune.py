@@ -8,6 +8,7 @@ nnU-Net's layout and its key/shape table compared with the one DNA's Primus wrot
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -87,6 +88,12 @@ def test_primus_recipe_trains_the_decoder_first_with_adamw(published: dict, tmp_
     assert {id(p) for p in tr.optimizer.param_groups[0]["params"]} == {id(p) for p in tr.model.parameters()}
     q = "eva.blocks.0.attn.q_proj.weight"
     assert not torch.equal(tr.model.state_dict()[q], start[q])
+    tr.save_checkpoint()  # a resumed run rebuilds the Primus from the checkpoint and continues with AdamW
+    again = Trainer(dataclasses.replace(cfg, resume=True))
+    assert isinstance(again.model, Primus) and again.step == 2
+    assert all(torch.equal(again.model.state_dict()[k], v) for k, v in tr.model.state_dict().items())
+    assert isinstance(again.optimizer, torch.optim.AdamW)
+    assert again.optimizer.state_dict()["state"].keys() == tr.optimizer.state_dict()["state"].keys()
     scratch = get_schedule("primus_scratch")
     assert (scratch.transfer, scratch.peak_lr, scratch.optimizer) == ("none", 3e-4, "adamw")
     assert scratch.default_weight_decay == 5e-2 and get_schedule("best").default_weight_decay == 3e-5

@@ -109,6 +109,10 @@ class Trainer:
         raw = read_dataset_json(cfg.dataset)
         self.model: Model = run_model(cfg, self.schedule.transfer, raw, self.device, state, model,
                                            announce=self.main)
+        primus = fixed_patch(self.model.config) is not None
+        if self.main and state is None and primus and self.schedule.optimizer == "sgd":
+            print(f"note: schedule {cfg.schedule!r} trains this Primus with SGD; its own recipe is --schedule primus "
+                  "(AdamW, lr 1e-4; primus_scratch from scratch)")
         self.data = self._load_data()
         self.train_cases, self.val_cases, self.labels = self.data.train_cases, self.data.val_cases, self.data.labels
         self.patch_size = self._patch_size()
