@@ -97,6 +97,9 @@ def test_primus_recipe_trains_the_decoder_first_with_adamw(published: dict, tmp_
     scratch = get_schedule("primus_scratch")
     assert (scratch.transfer, scratch.peak_lr, scratch.optimizer) == ("none", 3e-4, "adamw")
     assert scratch.default_weight_decay == 5e-2 and get_schedule("best").default_weight_decay == 3e-5
+    # weight_decay=None resolves to the optimiser's default, so checkpoints that saved SGD's 3e-5 still resume
+    assert FinetuneConfig("ds", "out").resume_fields()["weight_decay"] == 3e-5
+    assert FinetuneConfig("ds", "out", schedule="primus", steps=100).resume_fields()["weight_decay"] == 5e-2
 
 
 def test_primus_from_the_hub_finetunes_predicts_and_exports(published: dict, tmp_path: Path,

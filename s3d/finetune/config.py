@@ -151,8 +151,11 @@ class FinetuneConfig:
         return from_dict_strict(cls, d)
 
     def resume_fields(self) -> dict[str, Any]:
-        """The :attr:`RESUME_KEYS` values (JSON form), which a resumed run must share with its checkpoint."""
+        """The :attr:`RESUME_KEYS` values (JSON form), which a resumed run must share with its checkpoint
+        (``weight_decay`` resolved to the schedule's default, as runs before it could be ``None`` saved it)."""
         d = self.to_dict()
+        if d["weight_decay"] is None:
+            d["weight_decay"] = get_schedule(self.schedule).default_weight_decay
         return {k: d[k] for k in self.RESUME_KEYS}
 
 
