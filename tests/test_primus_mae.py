@@ -123,7 +123,7 @@ def test_patch_problem_and_method_registry() -> None:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    shapes = [(36, 38, 40), (30, 40, 40), (40, 40, 40)]
+    shapes = [(44, 40, 42), (36, 38, 40), (30, 48, 40), (40, 40, 40), (34, 36, 38)]
     raw = write_t1_archive(tmp_path_factory.mktemp("raw"), shapes)
     out = tmp_path_factory.mktemp("prep")
     prepare(raw, out, ScanFilters(min_file_bytes=0, min_fov_mm=20.0), workers=0, progress=False)
@@ -137,7 +137,7 @@ def test_s3d_pretrain_arch_primus_runs_the_loop_checkpoints_and_exports(prepared
     run = tmp_path / "run"
     args = ["pretrain", "--data", str(prepared), "--out", str(run), "--arch", "primus_tiny", "--steps", "3",
             "--batch-size", "2", "--patch-size", "16", "--workers", "0", "--device", "cpu", "--checkpoint-every",
-            "2", "--val-every", "0", "--snapshot-every", "0", "--no-progress", "--val-fraction", "0.34"]
+            "2", "--val-every", "0", "--snapshot-every", "0", "--no-progress", "--val-fraction", "0.2"]
     with pytest.warns(UserWarning, match="ResEnc-only method_kwargs"):
         assert main(args) == 0
     ckpt = load_checkpoint(run, job="pretrain")
@@ -148,3 +148,22 @@ def test_s3d_pretrain_arch_primus_runs_the_loop_checkpoints_and_exports(prepared
     assert all(torch.equal(backbone.state_dict()[k], v) for k, v in trained.items())
     plan = json.loads((run / "nnssl" / "adaptation_plan.json").read_text())
     assert plan["key_to_encoder"] == "eva" and plan["recommended_downstream_patchsize"] == [16, 16, 16]
+
+
+def test_torchrun_two_processes_pretrain_a_primus(prepared: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "s3d",
+           "pretrain", "--data", str(prepared), "--out", str(run), "--arch", "primus_tiny", "--steps", "2",
+           "--batch-size", "2", "--patch-size", "16", "--method-kwargs", '{"mask_ratio": 0.75}', "--workers", "0",
+           "--device", "cpu", "--checkpoint-every", "2", "--val-every", "0", "--snapshot-every", "0",
+           "--no-progress", "--val-fraction", "0.2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load_checkpoint(run, job="pretrain")
+    assert ckpt["step"] == 2 and ckpt["data"]["world_size"] == 2 and ckpt["data"]["local_batch"] == 1
+    assert (run / "backbone" / "model.safetensors").is_file()
