@@ -1,4 +1,4 @@
-"""s3d: sparse MAE pre-training (S3D) and fine-tuning of ResEnc U-Nets for 3D medical images.
+"""s3d: sparse MAE pre-training (S3D) and fine-tuning of ResEnc U-Nets (and Primus ViTs) for 3D medical images.
 
 The public API is what this module exports; everything else is private. The jobs are namespaces
 with a ``run``: ``s3d.pretrain.run(...)``, ``s3d.finetune.run(...)``; prediction is ``s3d.predict``.
@@ -28,8 +28,11 @@ _EXPORTS: dict[str, str] = {
     "save_pretrained": "s3d.hub",
     "predict": "s3d.infer",
     "sliding_window_predict": "s3d.infer",
+    "Primus": "s3d.nn",
+    "PrimusConfig": "s3d.nn",
     "ResEncUNet": "s3d.nn",
     "ResEncUNetConfig": "s3d.nn",
+    "build_primus": "s3d.nn",
     "build_resenc_unet": "s3d.nn",
     "MAEOutput": "s3d.sparse",
     "SparseMAEWrapper": "s3d.sparse",
@@ -38,11 +41,14 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "LoadReport",
     "MAEOutput",
+    "Primus",
+    "PrimusConfig",
     "ResEncUNet",
     "ResEncUNetConfig",
     "SparseMAEWrapper",
     "__version__",
     "augment",
+    "build_primus",
     "build_resenc_unet",
     "finetune",
     "list_models",
@@ -75,5 +81,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from s3d import augment, finetune, metrics, pretext, pretrain
     from s3d.hub import LoadReport, list_models, load_pretrained, push_to_hub, save_pretrained
     from s3d.infer import predict, sliding_window_predict
-    from s3d.nn import ResEncUNet, ResEncUNetConfig, build_resenc_unet
+    from s3d.nn import Primus, PrimusConfig, ResEncUNet, ResEncUNetConfig, build_primus, build_resenc_unet
     from s3d.sparse import MAEOutput, SparseMAEWrapper

@@ -14,7 +14,8 @@ from torch import nn
 import s3d
 from s3d.hub import AdaptationKeys, StrictLoadError, adapt_state_dict, list_models, load_pretrained, save_pretrained
 from s3d.hub import registry as registry_module
-from s3d.hub.adapt import RESENC_UNET_KEYS
+from s3d.hub.adapt import PRIMUS_KEYS, RESENC_UNET_KEYS, keys_for
+from s3d.nn.family import build_from_config
 
 STEM = "encoder.stem.convs.0.conv.weight"
 
@@ -27,7 +28,7 @@ def first_and_last_conv(model: nn.Module, x: torch.Tensor) -> tuple[nn.Conv3d, n
     """The conv applied to the network input and the conv whose output is the network output (forward hooks)."""
     seen: list[tuple[nn.Conv3d, torch.Tensor, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda m, a, o: seen.append((m, a[0], o)))
-             for m in model.modules() if isinstance(m, nn.Conv3d)]
+             for m in model.modules() if isinstance(m, nn.Conv3d | nn.ConvTranspose3d)]
     with torch.no_grad():
         out = model(x)
     for h in hooks:
@@ -44,7 +45,7 @@ def key_of(model: nn.Module, tensor: torch.Tensor) -> str:
 
 # ---- the registry's keys against real models ---------------------------------------------------------
 def test_every_registry_entry_has_keys_that_exist_in_a_built_model_of_its_architecture() -> None:
-    entries = list_models()
+    entries = [e for e in list_models() if e.family == "ResEncUNet"]
     assert entries
     built: dict[str, tuple[nn.Module, nn.Conv3d, nn.Conv3d]] = {}
     for entry in entries:
@@ -75,8 +76,35 @@ def test_every_registry_entry_has_keys_that_exist_in_a_built_model_of_its_archit
         assert entry.head_key == key_of(model, final_head.weight), entry.name
 
 
+def test_every_primus_registry_entry_has_keys_that_exist_in_a_built_primus() -> None:
+    """The same checks for Primus: the stem is the conv that sees the input, the heads are every tensor that depends
+    on the classes (Primus's decoder widths follow from them), the encoder is everything else."""
+    entries = [e for e in list_models() if e.family == "Primus"]
+    assert len(entries) >= 5
+    for entry in entries:
+        with torch.device("meta"):  # the real PrimusM at 160^3, without allocating its 152 M parameters
+            model = build_from_config(entry.config, in_channels=3, num_classes=5).eval()
+            other = build_from_config(entry.config, in_channels=3, num_classes=6)
+            x = torch.empty(1, 3, *model.config.input_shape)
+            first_conv, final_head = first_and_last_conv(model, x)
+        state, keys = model.state_dict(), entry.keys
+        assert keys.stem_key == key_of(model, first_conv.weight), entry.name
+        assert state[keys.stem_key].dim() == 5 and state[keys.stem_key].shape[1] == 3, entry.name
+        encoder = {k for k in state if k.startswith(keys.encoder_prefix)}
+        heads = {k for k in state if k.startswith(keys.head_prefix)}
+        assert encoder | heads == set(state) and not encoder & heads, entry.name
+        assert keys.stem_key in encoder and "eva.pos_embed" in encoder and "mask_token" in encoder, entry.name
+        assert entry.head_key == key_of(model, final_head.weight) and entry.head_key in heads, entry.name
+        # every tensor whose shape depends on the classes is a head, and the last head tensor is the final bias
+        depends = {k for k, v in state.items() if other.state_dict()[k].shape != v.shape}
+        assert depends and depends <= heads, entry.name
+        assert list(state[[k for k in state if k.startswith(keys.head_prefix)][-1]].shape) == [5], entry.name
+
+
 def test_registry_keys_are_the_one_default_definition() -> None:
-    assert all(e.keys == AdaptationKeys() == RESENC_UNET_KEYS for e in list_models())
+    assert all(e.keys == keys_for(e.config) for e in list_models())
+    assert {e.keys for e in list_models()} == {AdaptationKeys(), PRIMUS_KEYS}
+    assert all(e.keys == RESENC_UNET_KEYS for e in list_models() if e.family == "ResEncUNet")
     assert all(e.stem_key == e.keys.stem_key and e.encoder_prefix == e.keys.encoder_prefix for e in list_models())
     assert {f.name for f in dataclasses.fields(registry_module.ModelEntry)}.isdisjoint(
         {"stem_key", "encoder_prefix", "head_key"}

@@ -21,6 +21,7 @@ EXAMPLES = {
     "monai_interop.py": ["--steps", "2", "--size", "32"],
     "pretrain_minimal.py": [],
     "probe_weights.py": ["{tmp}", "--quick"],
+    "primus.py": ["--size", "32"],
 }
 
 

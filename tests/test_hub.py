@@ -314,37 +314,59 @@ def test_encoder_only_checkpoint_loads_with_fresh_decoder(tmp_path: Path) -> Non
 
 # ---- registry ------------------------------------------------------------------------------------
 def test_registry_entries_match_a_built_model() -> None:
+    from s3d.nn.family import build_from_config
+
     entries = list_models()
     assert entries, "registry is empty"
     built: dict[str, dict] = {}
     for entry in entries:
         arch = json.dumps(entry.architecture, sort_keys=True)
         if arch not in built:
-            cfg = (
-                get_config(entry.architecture)
-                if isinstance(entry.architecture, str)
-                else (ResEncUNetConfig.from_dict(entry.architecture))
-            )
-            built[arch] = {k: tuple(v.shape) for k, v in s3d.build_resenc_unet(cfg).state_dict().items()}
+            with torch.device("meta"):  # shapes only
+                built[arch] = {k: tuple(v.shape) for k, v in build_from_config(entry.config).state_dict().items()}
         shapes = built[arch]
         assert entry.stem_key in shapes and len(shapes[entry.stem_key]) == 5, entry.name
         assert any(k.startswith(entry.encoder_prefix) for k in shapes), entry.name
         assert entry.head_key in shapes, entry.name
-        # the head key is the final (full-resolution) head: its input channels = first stage's features
-        assert shapes[entry.head_key][1] == shapes[entry.stem_key][0], entry.name
+        if entry.family == "ResEncUNet":
+            # the head key is the final (full-resolution) head: its input channels = first stage's features
+            assert shapes[entry.head_key][1] == shapes[entry.stem_key][0], entry.name
+        else:  # Primus's final head is a transposed conv (in, num_classes, ...)
+            assert shapes[entry.head_key][1] == entry.config.num_classes, entry.name
         assert entry.format in ("s3d", "nnssl") and entry.license and entry.provenance and entry.citation
+        assert entry.method and entry.data and entry.record, entry.name
         assert entry.pinned == (len(entry.revision) == 40)
     names = [e.name for e in entries] + [a for e in entries for a in e.aliases]
     assert len(names) == len(set(names)), "duplicate names/aliases"
 
 
-def test_s3d_b_alias_is_the_openmind_mae_entry() -> None:
+def test_s3d_b_alias_is_the_openmind_s3d_entry_and_mae_keeps_its_name() -> None:
+    """docs/zoo.md: the paper's method is S3D (Spark3D, the sparse MAE), so s3d-b names ResEncL-OpenMind-S3D."""
     entry = get_entry("s3d-b")
-    assert entry is not None and entry.repo_id == "MIC-DKFZ/ResEncL-OpenMind-MAE"
-    assert get_entry("S3D-B") is entry and get_entry("AnonRes/ResEncL-OpenMind-MAE") is entry
-    assert entry.sha256 is not None and len(entry.sha256) == 64 and entry.format == "nnssl"
+    assert entry is not None and entry.repo_id == "MIC-DKFZ/ResEncL-OpenMind-S3D"
+    assert entry.name == "resenc_l.openmind_s3d"
+    assert get_entry("S3D-B") is entry and get_entry("AnonRes/ResEncL-OpenMind-S3D") is entry
+    assert entry.method.startswith("S3D") and entry.format == "nnssl" and entry.sha256 is None and not entry.pinned
     assert "OpenMind" in entry.provenance and "NOT the paper's private" in entry.provenance
     assert entry.to_dict()["pinned"] == entry.pinned
+    mae = get_entry("openmind-mae")
+    assert mae is not None and mae.name == "resenc_l.openmind_mae" and mae.repo_id == "MIC-DKFZ/ResEncL-OpenMind-MAE"
+    assert mae.sha256 is not None and len(mae.sha256) == 64 and "s3d-b" not in mae.aliases
+    assert "s3d-b" in (Path(__file__).parents[1] / "docs" / "zoo.md").read_text()
+
+
+def test_the_registry_lists_every_public_checkpoint() -> None:
+    public = [e for e in list_models() if e.package_data is None]
+    assert len(public) >= 12
+    repos = {e.repo_id for e in public}
+    for method in ("MAE", "S3D", "MG", "VF", "VoCo", "SimCLR", "SwinUNETR"):
+        assert f"MIC-DKFZ/ResEncL-OpenMind-{method}" in repos, method
+    for method in ("MAE", "SimMIM", "MG", "VF", "SimCLR"):
+        assert f"MIC-DKFZ/PrimusM-OpenMind-{method}" in repos, method
+    ct = next(e for e in public if e.repo_id == "MIC-DKFZ/ResEncL-MissingPiece-S3D")
+    assert "ct" in ct.name and "CT" in ct.data and ct.method.startswith("S3D")
+    assert all(e.family == "Primus" for e in public if "PrimusM" in e.repo_id)
+    assert get_entry("primus-mae").sha256 == "b866ac5f61d7e90d3a6cbb00a759ffc9d73beb5e63baa6b3cd654671ebc9a552"
 
 
 def test_unknown_name_lists_the_registry() -> None:
@@ -367,7 +389,13 @@ def test_cli_models_lists_every_entry(capsys: pytest.CaptureFixture[str]) -> Non
     for entry in list_models():
         assert entry.name in out and entry.repo_id in out
     assert "s3d-b" in out and "(unpinned)" in out
-    demo = next(line for line in out.splitlines() if line.startswith("s3d-demo "))
+    # grouped by family, then method: every Primus entry comes after the family line, under its method
+    lines = out.splitlines()
+    assert lines.index("Primus") > lines.index("ResEnc U-Net")
+    primus_rows = [i for i, line in enumerate(lines) if line.strip().startswith("primus_m.")]
+    assert primus_rows and min(primus_rows) > lines.index("Primus")
+    assert lines[lines.index("Primus") + 1].strip() == "MAE"
+    demo = next(line.strip() for line in out.splitlines() if line.strip().startswith("s3d-demo "))
     assert f"shipped, sha256 {get_entry('s3d-demo').sha256[:12]}" in demo and "unpinned" not in demo
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default="tissue", choices=["tissue", "lesion"],
                    help="labelled task: CSF/GM/WM tissue segmentation or MS-like lesions (default: tissue)")
     p.add_argument("--pretrained", default=None, metavar="WEIGHTS",
-                   help="weights of the pre-trained arm (default: s3d-demo, shipped). s3d-b: the OpenMind ResEnc-L "
-                        "MAE weights (downloaded; 64^3 patches at 2 mm; the plan prints how long it will take)")
+                   help="weights of the pre-trained arm (default: s3d-demo, shipped). s3d-b: the OpenMind ResEnc-L S3D "
+                        "weights (downloaded; 64^3 patches at 2 mm; the plan prints how long it will take)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default: 0 1 2)")
     p.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="labelled training-set sizes (default: 2 10)")

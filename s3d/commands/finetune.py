@@ -1,4 +1,4 @@
-"""``s3d finetune``: fine-tune a (pretrained) ResEnc U-Net on an nnU-Net v2 raw dataset."""
+"""``s3d finetune``: fine-tune a (pretrained) ResEnc U-Net or Primus on an nnU-Net v2 raw dataset."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune on an nnU-Net dataset with the paper's schedules",
         description="Validate and preprocess an nnU-Net v2 raw dataset (cached), transfer pretrained weights "
-                    "and train with a schedule preset of the paper's Table 2. Writes split.json, "
+                    "and train with a schedule preset of the paper's Table 2 (a Primus: --schedule primus, "
+                    "primus_decoder_warmup or primus_scratch, AdamW). Writes split.json, "
                     "metrics.jsonl, checkpoint_latest.pt and, at the end, OUT/model (for s3d predict -m). "
                     "Multi-GPU: torchrun --nproc_per_node N -m s3d finetune ... (--batch-size is the global "
                     "batch).")
     p.add_argument("dataset", nargs="?", help="nnU-Net v2 raw dataset folder (holding dataset.json)")
     p.add_argument("-o", "--out", help="run folder (required)")
     p.add_argument("-p", "--pretrained", default=None,
-                   help="registry name, Hub repo, model dir or checkpoint (default: train from scratch)")
+                   help="registry name, Hub repo, model dir or checkpoint of either family (default: train from "
+                        "scratch)")
     p.add_argument("--schedule", default="best", help="schedule preset (default: best); --list-schedules")
     p.add_argument("--list-schedules", action="store_true", help="print the schedule presets and exit")
     p.add_argument("--steps", type=int, default=None, help="total steps incl. warm-ups (default 250000)")
@@ -35,9 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="multi-channel stem: replicate the pretrained one (default) or random")
     p.add_argument("--train-stem-in-warmup", action="store_true",
                    help="also train the stem during the decoder warm-up (default: frozen)")
-    p.add_argument("--config", default="resenc_l", help="architecture preset when training from scratch")
+    p.add_argument("--config", default="resenc_l",
+                   help="architecture preset when training from scratch: resenc_l, ... or primus_m, ... (a Primus "
+                        "takes --patch-size as its input_shape)")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                   help="training patch in voxels (default: automatic for ResEnc; a Primus's input_shape, which "
+                        "this sets, interpolating a pretrained position embedding)")
     p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("SD", "SH", "SW"),
                    help="target spacing in mm (default 1 1 1)")
     p.add_argument("--mask-for-norm", choices=["off", "on", "auto"], default="off",

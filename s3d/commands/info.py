@@ -10,7 +10,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Print versions, devices and threads. With --forward, build a "
                                           "network and run one forward pass on a random volume.")
     p.add_argument("--forward", action="store_true", help="run one forward pass and print shape, time, memory")
-    p.add_argument("--config", default="resenc_l", help="network preset for --forward (default: resenc_l)")
+    p.add_argument("--config", default="resenc_l",
+                   help="network preset for --forward: resenc_l, small, tiny, or a Primus preset primus_s, primus_b, "
+                        "primus_m, primus_l, primus_tiny (built for the --size patch) (default: resenc_l)")
     p.add_argument("--size", type=int, nargs="+", default=[64], metavar="N",
                    help="input size in voxels, one value (cube) or three (default: 64)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
@@ -46,9 +48,17 @@ def run(args: argparse.Namespace) -> int:
     size = tuple(args.size) * 3 if len(args.size) == 1 else tuple(args.size)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    net = s3d.build_resenc_unet(args.config, in_channels=1, num_classes=2).to(device).eval()
-    n_params = sum(p.numel() for p in net.parameters())
     x = torch.randn(1, 1, *size, device=device)
+    try:
+        if args.config.startswith("primus"):
+            net = s3d.build_primus(args.config, in_channels=1, num_classes=2, input_shape=size)
+        else:
+            net = s3d.build_resenc_unet(args.config, in_channels=1, num_classes=2)
+    except ValueError as e:
+        print(f"--config/--size: {e} (Primus presets: {', '.join(sorted(s3d.nn.PRIMUS_CONFIGS))})")
+        return 2
+    net = net.to(device).eval()
+    n_params = sum(p.numel() for p in net.parameters())
     try:
         net.check_input(x)
     except ValueError as e:

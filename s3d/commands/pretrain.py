@@ -112,8 +112,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pre-training method: mae (sparse MAE, S3D), mg (Models Genesis), vf (VolumeFusion), "
                         "voco (VoCo); picks that method's default recipe (mae -> s3d-b)")
     t.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
-    t.add_argument("--config", dest="architecture", default=None,
-                   help="backbone preset overriding the recipe's (resenc_l, small, tiny)")
+    t.add_argument("--config", "--arch", dest="architecture", default=None,
+                   help="backbone preset overriding the recipe's (resenc_l, small, tiny; or a Primus: primus_m, "
+                        "primus_tiny, ... with method mae, token-sparse, input_shape = --patch-size)")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None, help="global batch (all processes)")
     t.add_argument("--patch-size", type=int, nargs="+", default=None, metavar="N", help="1 or 3 ints")

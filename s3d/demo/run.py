@@ -84,8 +84,12 @@ def weights_info(weights: str) -> tuple[Any, str]:
         'tiny'
     """
     from s3d.hub import get_entry, load_state
+    from s3d.nn.config import ResEncUNetConfig
 
     _, cfg, report = load_state(weights)
+    if not isinstance(cfg, ResEncUNetConfig):
+        raise ValueError(f"--pretrained {weights}: s3d demo fine-tunes a ResEnc U-Net; these weights are a "
+                         f"{type(cfg).__name__.removesuffix('Config')}. Pick ResEnc weights (s3d models)")
     entry = get_entry(weights)
     if entry is not None and entry.package_data is not None:
         what = f"{entry.name} (shipped with s3d, {entry.method}; {entry.data}; model card: s3d models --json)"

@@ -31,10 +31,12 @@ class FinetuneConfig:
         strategy: ``"all"`` / ``"encoder"``; ``None`` = the schedule's transfer.
         stem: ``"replicate"`` or ``"random"`` for multi-channel data.
         train_stem_in_decoder_warmup: also train the stem during warm-up 1 (Table 6 "unfrozen").
-        config: architecture preset when training from scratch.
+        config: architecture preset when training from scratch: a ResEnc preset (``resenc_l``, ...) or a
+            Primus one (``primus_m``, ...; its ``input_shape`` is ``patch_size`` when given).
         batch_size: patches per step.
         patch_size: (D, H, W) voxels; ``None`` = median case shape rounded up to the network
-            stride, capped at 160.
+            stride, capped at 160 (ResEnc), or the network's ``input_shape`` (Primus: a pretrained Primus is
+            loaded with ``input_shape=patch_size``, its position embedding interpolated).
         target_spacing_mm: resampling target (mm).
         use_mask_for_norm: z-score each channel over its nonzero mask, voxels outside it 0 (nnU-Net's
             ``use_mask_for_norm``, for skull-stripped images); ``False`` (default, as in the nnssl
@@ -52,7 +54,9 @@ class FinetuneConfig:
             ``"off"`` (see :mod:`s3d.runtime.device`).
         channels_last: channels_last_3d memory format (GPU only; measure it, InstanceNorm may be slower).
         grad_clip: max gradient norm (nnU-Net: 12).
-        momentum, weight_decay, poly_exponent: SGD and PolyLR settings (0.99, 3e-5, 0.9).
+        momentum, poly_exponent: SGD momentum and the PolyLR exponent (0.99, 0.9).
+        weight_decay: the optimiser's weight decay; ``None`` = the schedule's optimiser default (SGD 3e-5,
+            AdamW 5e-2, :attr:`~s3d.finetune.Schedule.default_weight_decay`).
         num_val_cases: validate on at most this many held-out cases (``None`` = all).
         final_validation: after the last step, validate once more on the same cases with the
             prediction ``s3d predict`` makes (Gaussian-weighted sliding windows overlapping by half a
@@ -106,7 +110,7 @@ class FinetuneConfig:
     channels_last: bool = False
     grad_clip: float = 12.0
     momentum: float = 0.99
-    weight_decay: float = 3e-5
+    weight_decay: float | None = None
     poly_exponent: float = 0.9
     num_val_cases: int | None = None
     final_validation: bool = True
@@ -174,8 +178,11 @@ class FinetuneConfig:
         return from_dict_strict(cls, d)
 
     def resume_fields(self) -> dict[str, Any]:
-        """The :attr:`RESUME_KEYS` values (JSON form), which a resumed run must share with its checkpoint."""
+        """The :attr:`RESUME_KEYS` values (JSON form), which a resumed run must share with its checkpoint
+        (``weight_decay`` resolved to the schedule's default, as runs before it could be ``None`` saved it)."""
         d = self.to_dict()
+        if d["weight_decay"] is None:
+            d["weight_decay"] = get_schedule(self.schedule).default_weight_decay
         return {k: d[k] for k in self.RESUME_KEYS}
 
 

@@ -18,18 +18,19 @@ import gc
 import torch
 from torch import nn
 
-from s3d.finetune.schedules import Phase
-from s3d.finetune.transfer import decoder_parameters
-from s3d.nn.resenc_unet import ResEncUNet
+from s3d.finetune.schedules import ADAMW_BETAS, Phase, Schedule
+from s3d.nn.family import encoder_decoder_parameters, stem_parameters
 from s3d.runtime.distributed import DistInfo
+from s3d.runtime.optim import adamw, sgd
 
 
-def trainable_parameters(model: ResEncUNet, phase: Phase, train_stem_in_decoder_warmup: bool = False
+def trainable_parameters(model: nn.Module, phase: Phase, train_stem_in_decoder_warmup: bool = False
                          ) -> list[nn.Parameter]:
     """The parameters that train in ``phase``; sets ``requires_grad`` (and drops the grads) of the others.
 
     ``trains="all"``: every parameter; ``"decoder"``: the decoder only (plus the stem in warm-up 1 with
-    ``train_stem_in_decoder_warmup``, Table 6's "unfrozen"). With deep supervision the
+    ``train_stem_in_decoder_warmup``, Table 6's "unfrozen"). For Primus the decoder is ``up_projection`` and
+    the encoder ``down_projection`` (the stem) + ``eva`` (position embedding included). With deep supervision the
     lowest-resolution head is never trainable: its loss weight is 0 (nnU-Net's weights), so it gets no
     gradient (and under DDP a parameter without a gradient would stall the reduction).
 
@@ -40,9 +41,9 @@ def trainable_parameters(model: ResEncUNet, phase: Phase, train_stem_in_decoder_
     if phase.trains == "all":
         params = list(model.parameters())
     else:
-        params = decoder_parameters(model)
+        params = encoder_decoder_parameters(model)[1]
         if phase.name == "warmup_decoder" and train_stem_in_decoder_warmup:
-            params += list(model.encoder.stem.parameters())
+            params += stem_parameters(model)
     if model.deep_supervision and len(model.decoder.seg_layers) > 1:
         unused = {id(p) for p in model.decoder.seg_layers[0].parameters()}
         params = [p for p in params if id(p) not in unused]
@@ -52,6 +53,21 @@ def trainable_parameters(model: ResEncUNet, phase: Phase, train_stem_in_decoder_
         if id(p) not in ids:
             p.grad = None
     return params
+
+
+def make_optimizer(schedule: Schedule, params: list[nn.Parameter], lr: float, *, momentum: float = 0.99,
+                   weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """The schedule's optimiser over ``params``: nnU-Net's SGD (Nesterov, ``momentum``) or AdamW (the Primus
+    recipe: betas (0.9, 0.98)); ``weight_decay=None`` takes the schedule's default (SGD 3e-5, AdamW 5e-2).
+
+    Example:
+        >>> make_optimizer(get_schedule("primus"), list(model.parameters()), 1e-4).defaults["weight_decay"]
+        0.05
+    """
+    decay = schedule.default_weight_decay if weight_decay is None else float(weight_decay)
+    if schedule.optimizer == "adamw":
+        return adamw(params, lr, betas=ADAMW_BETAS, weight_decay=decay)
+    return sgd(params, lr, momentum=momentum, weight_decay=decay)
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
@@ -69,4 +85,4 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
     return DistributedDataParallel(model, device_ids=ids)
 
 
-__all__ = ["trainable_parameters", "wrap_ddp"]
+__all__ = ["make_optimizer", "trainable_parameters", "wrap_ddp"]

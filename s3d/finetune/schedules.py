@@ -20,6 +20,7 @@ from typing import Literal
 from s3d.runtime.lr import LRPhase, lr_at, phase_at
 
 Trains = Literal["all", "decoder"]
+Optimizer = Literal["sgd", "adamw"]
 
 #: The paper's fine-tuning length: 250 steps per epoch x 1000 epochs.
 PAPER_STEPS = 250_000
@@ -27,6 +28,12 @@ PAPER_STEPS = 250_000
 PAPER_WARMUP_STEPS = 12_500
 #: Table 8 total lengths (warm-ups fixed at 12.5k + 12.5k steps, the rest is the training stage).
 TABLE8_STEPS = (25_000, 37_500, 50_000, 75_000, 150_000, 275_000)
+#: The published Primus fine-tuning recipe's AdamW betas and weight decay (Wald et al. 2025; nnU-Net's Primus
+#: trainers).
+ADAMW_BETAS = (0.9, 0.98)
+ADAMW_WEIGHT_DECAY = 5e-2
+#: nnU-Net's SGD weight decay.
+SGD_WEIGHT_DECAY = 3e-5
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class Schedule:
         table2_row: the row of Table 2 it reproduces (``"row 13: ..."``), or ``"not in Table 2: ..."``
             for the few extra variants.
         table2_dsc: the row's average DSC over D1-D5 (``None`` for the extra variants).
+        optimizer: ``"sgd"`` (nnU-Net's: Nesterov momentum 0.99, weight decay 3e-5) or ``"adamw"``
+            (the Primus recipe: betas (0.9, 0.98), weight decay 5e-2).
     """
 
     name: str
@@ -72,6 +81,12 @@ class Schedule:
     description: str = ""
     table2_row: str = ""
     table2_dsc: float | None = None
+    optimizer: Optimizer = "sgd"
+
+    @property
+    def default_weight_decay(self) -> float:
+        """The optimiser's weight decay when the run sets none (SGD 3e-5, AdamW 5e-2)."""
+        return ADAMW_WEIGHT_DECAY if self.optimizer == "adamw" else SGD_WEIGHT_DECAY
 
     @property
     def n_warmups(self) -> int:
@@ -154,7 +169,7 @@ class Schedule:
 
 
 def _row(name: str, transfer: str, dec: bool, full: bool, frozen: bool, lr: float, desc: str,
-         row: int | None = None, dsc: float | None = None, note: str = "") -> Schedule:
+         row: int | None = None, dsc: float | None = None, note: str = "", optimizer: str = "sgd") -> Schedule:
     if row is None:
         label = f"not in Table 2: {note}"
     else:
@@ -162,7 +177,7 @@ def _row(name: str, transfer: str, dec: bool, full: bool, frozen: bool, lr: floa
                  "warm-up 1 " + ("decoder" if dec else "-"), "warm-up 2 " + ("all" if full else "-"),
                  "train " + ("decoder" if frozen else "all"), f"lr {lr:.0e}".replace("e-0", "e-")]
         label = f"row {row}: {' | '.join(cells)} ({dsc:.2f} DSC{note})"
-    return Schedule(name, transfer, dec, full, frozen, lr, desc, label, dsc)  # type: ignore[arg-type]
+    return Schedule(name, transfer, dec, full, frozen, lr, desc, label, dsc, optimizer)  # type: ignore[arg-type]
 
 
 #: The 14 rows of the paper's Table 2 in the table's order (average DSC over D1-D5), then the extra
@@ -211,6 +226,18 @@ SCHEDULES: dict[str, Schedule] = {s.name: s for s in [
     _row("frozen_encoder_lr1e-3", "all", False, False, True, 1e-3,
          "transfer all, the encoder frozen for the whole run, PolyLR from 1e-3",
          note="row 2 (frozen_encoder) with lr 1e-3"),
+    # the Primus recipe (AdamW): not rows of the table (which fine-tunes a ResEnc-L with SGD)
+    _row("primus", "all", False, True, False, 1e-4,
+         "Primus: transfer all, warm-up of all weights, then all weights with PolyLR from 1e-4; AdamW "
+         "betas (0.9, 0.98), weight decay 5e-2", note="the published Primus recipe (AdamW, lr 1e-4)",
+         optimizer="adamw"),
+    _row("primus_decoder_warmup", "all", True, True, False, 1e-4,
+         "Primus: transfer all, warm-up 1 decoder only (up_projection; patch embedding and EVA frozen), "
+         "warm-up 2 all weights, then all weights with PolyLR from 1e-4; AdamW",
+         note="the Primus recipe with the paper's decoder warm-up (row 13's phases)", optimizer="adamw"),
+    _row("primus_scratch", "none", False, True, False, 3e-4,
+         "Primus from scratch: warm-up of all weights, then PolyLR from 3e-4; AdamW betas (0.9, 0.98), "
+         "weight decay 5e-2", note="the published Primus recipe from scratch (AdamW, lr 3e-4)", optimizer="adamw"),
 ]}
 
 
@@ -230,9 +257,12 @@ def get_schedule(name: str | Schedule) -> Schedule:
 
 
 __all__ = [
+    "ADAMW_BETAS",
+    "ADAMW_WEIGHT_DECAY",
     "PAPER_STEPS",
     "PAPER_WARMUP_STEPS",
     "SCHEDULES",
+    "SGD_WEIGHT_DECAY",
     "TABLE8_STEPS",
     "Phase",
     "Schedule",

@@ -34,19 +34,20 @@ from s3d.finetune.config import FinetuneConfig, auto_patch_size
 from s3d.finetune.data import load_finetune_data
 from s3d.finetune.loader import BatchStream, PatchPrefetcher
 from s3d.finetune.losses import DiceCELoss
-from s3d.finetune.phases import trainable_parameters, wrap_ddp
+from s3d.finetune.phases import make_optimizer, trainable_parameters, wrap_ddp
 from s3d.finetune.run_folder import check_run_inputs, open_run_folder, write_run_config
 from s3d.finetune.schedules import Phase, get_schedule
 from s3d.finetune.transfer import run_model
 from s3d.finetune.validation import sliding_window_validation, tiled_validation
-from s3d.nn.resenc_unet import ResEncUNet, build_resenc_unet
+from s3d.nn.config import ResEncUNetConfig
+from s3d.nn.family import Model, build_from_config, fixed_patch, min_case_shape, model_type, patch_problem
 from s3d.runtime.checkpoint import checkpoint_path, save_checkpoint
 from s3d.runtime.device import autocast, resolve_amp, resolve_device
 from s3d.runtime.distributed import DistInfo, barrier, init_distributed
 from s3d.runtime.guard import check_weights, nonfinite_error
 from s3d.runtime.lr import lr_at, phase_at, set_lr
 from s3d.runtime.metrics import MetricsLog
-from s3d.runtime.optim import backward_and_step, grad_scaler, rng_state, set_rng_state, sgd
+from s3d.runtime.optim import backward_and_step, grad_scaler, rng_state, set_rng_state
 from s3d.runtime.progress import progress
 from s3d.runtime.result import JobResult
 
@@ -92,7 +93,7 @@ class Trainer:
         >>> Trainer(FinetuneConfig("Dataset001", "runs/a", schedule="best", steps=1000)).fit()
     """
 
-    def __init__(self, cfg: FinetuneConfig, model: ResEncUNet | None = None,
+    def __init__(self, cfg: FinetuneConfig, model: Model | None = None,
                  on_step: Callable[[Trainer, StepRecord], None] | None = None, dist: DistInfo | None = None) -> None:
         from s3d._optional import optional_import
         from s3d.data.nnunet import read_dataset_json
@@ -116,8 +117,12 @@ class Trainer:
         check_run_inputs(cfg, raw := read_dataset_json(cfg.dataset))  # before anything is written
         state = open_run_folder(cfg, JOB, EXPORT, self.main)  # an earlier run is refused, replaced or resumed
         self._last_saved: int | None = None if state is None else int(state["step"])
-        self.model: ResEncUNet = run_model(cfg, self.schedule.transfer, raw, self.device, state, model,
+        self.model: Model = run_model(cfg, self.schedule.transfer, raw, self.device, state, model,
                                            announce=self.main)
+        primus = fixed_patch(self.model.config) is not None
+        if self.main and state is None and primus and self.schedule.optimizer == "sgd":
+            print(f"note: schedule {cfg.schedule!r} trains this Primus with SGD; its own recipe is --schedule primus "
+                  "(AdamW, lr 1e-4; primus_scratch from scratch)")
         self.data = self._load_data()  # the whole dataset is checked before the run folder is written
         if self.main:
             write_run_config(cfg, self.info.world_size)
@@ -147,18 +152,19 @@ class Trainer:
     # -- construction ------------------------------------------------------------------------------
     def _load_data(self) -> Any:
         """Validate and preprocess on rank 0 first (it writes the cache and split.json), then the others."""
-        stride = self.model.config.total_stride
+        stride = min_case_shape(self.model.config)
         data = load_finetune_data(self.cfg, self.out, stride, write=True) if self.main else None
         barrier(self.info)
         return data if data is not None else load_finetune_data(self.cfg, self.out, stride, write=False)
 
     def _patch_size(self) -> tuple[int, int, int]:
-        from s3d.nn.resenc_unet import check_spatial_size
-
-        ps = self.cfg.patch_size or self.data.spec.patch_size
+        """The training patch: ``cfg.patch_size``, a Primus's ``input_shape``, or ResEnc's automatic size."""
+        config = self.model.config
+        ps = self.cfg.patch_size or fixed_patch(config) or self.data.spec.patch_size
         if ps is None:
-            ps = auto_patch_size([c.seg.shape for c in self.train_cases], self.model.config.total_stride)
-        problem = check_spatial_size(tuple(ps), self.model.config.total_stride)
+            assert isinstance(config, ResEncUNetConfig)
+            ps = auto_patch_size([c.seg.shape for c in self.train_cases], config.total_stride)
+        problem = patch_problem(config, ps)
         if problem:
             raise ValueError(f"patch_size {tuple(ps)}: {problem}")
         return triple(int(p) for p in ps)
@@ -186,8 +192,9 @@ class Trainer:
         current = {id(p) for g in opt.param_groups for p in g["params"]} if opt is not None else set()
         same = old is not None and current == {id(p) for p in params}
         if self.optimizer is None or not same or optimizer_state is not None:
-            self.optimizer = sgd(params, lr_at(self.phases, new.start, self.cfg.poly_exponent),
-                                 momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+            lr = lr_at(self.phases, new.start, self.cfg.poly_exponent)
+            self.optimizer = make_optimizer(self.schedule, params, lr, momentum=self.cfg.momentum,
+                                            weight_decay=self.cfg.weight_decay)
             if optimizer_state is not None:
                 self.optimizer.load_state_dict(optimizer_state)
             self.net = self.model  # free the old wrapper (and its gradient hooks) first
@@ -211,6 +218,7 @@ class Trainer:
             "optimizer_phase": self.phase_index,
             "model": self.model.state_dict(),
             "model_config": self.model.config.to_json(),
+            "model_type": model_type(self.model.config),
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(),
             "scaler": self.scaler.state_dict(),
@@ -369,7 +377,9 @@ class Trainer:
         from s3d.hub import save_pretrained
 
         self._check_weights()
-        plain = build_resenc_unet(dataclasses.replace(self.model.config, deep_supervision=False))
+        config = self.model.config
+        plain = build_from_config(dataclasses.replace(config, deep_supervision=False)
+                                  if isinstance(config, ResEncUNetConfig) else config)
         plain.load_state_dict(self.model.state_dict())
         run = {k: v for k, v in self.cfg.to_dict().items() if k not in ("dataset", "out_dir", "resume", "overwrite")}
         recipe = {"finetune": run, "steps_done": self.step, "schedule": dataclasses.asdict(self.schedule)}

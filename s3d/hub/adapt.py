@@ -3,7 +3,8 @@
 Pure functions on state dicts; :func:`s3d.hub.load_pretrained` calls :func:`adapt_state_dict` and
 loads the result strictly, so every tensor the network gets is either from the checkpoint or listed
 in the :class:`LoadReport` as adapted. Which tensors are the stem, the encoder and the heads is one
-:class:`AdaptationKeys` (the ResEnc U-Net's by default; a registry entry carries its own).
+:class:`AdaptationKeys` per model family (:data:`RESENC_UNET_KEYS`, :data:`PRIMUS_KEYS`; a registry
+entry carries its own).
 """
 
 from __future__ import annotations
@@ -21,15 +22,19 @@ StemMode = Literal["replicate", "random"]
 class AdaptationKeys:
     """Where the tensors that :func:`adapt_state_dict` adapts live in a state dict.
 
-    The defaults are the ResEnc U-Net's (every :class:`~s3d.nn.ResEncUNet`, any depth); a registry
-    entry (:class:`~s3d.hub.ModelEntry`) carries the keys of its architecture.
+    The defaults are the ResEnc U-Net's (every :class:`~s3d.nn.ResEncUNet`, any depth);
+    :data:`PRIMUS_KEYS` are Primus's; a registry entry (:class:`~s3d.hub.ModelEntry`) carries the keys
+    of its architecture.
 
     Attributes:
         stem_key: weight of the first conv, shape (O, in_channels, kd, kh, kw). It (and the bias of
             the same conv) is adapted when the input channels differ.
-        encoder_prefix: key prefix of the encoder, stem included; ``decoder=False`` loads only these.
-        head_prefix: key prefix of the segmentation heads (weights (num_classes, C, 1, 1, 1), biases
-            (num_classes,)); all are freshly initialised when the classes differ.
+        encoder_prefix: key prefix of the encoder, stem included (a tuple of prefixes for a family whose
+            encoder is several modules); ``decoder=False`` loads only these.
+        head_prefix: key prefix of the tensors that depend on the number of classes: the ResEnc
+            U-Net's segmentation heads, Primus's whole patch decoder. All are freshly initialised when
+            the classes differ; the last of them in the model's state dict is the final head's bias
+            (num_classes,).
 
     Example:
         >>> AdaptationKeys().stem_key
@@ -37,7 +42,7 @@ class AdaptationKeys:
     """
 
     stem_key: str = "encoder.stem.convs.0.conv.weight"
-    encoder_prefix: str = "encoder."
+    encoder_prefix: str | tuple[str, ...] = "encoder."
     head_prefix: str = "decoder.seg_layers."
 
     @property
@@ -70,6 +75,26 @@ class AdaptationKeys:
 #: The ResEnc U-Net's keys (the defaults of :class:`AdaptationKeys`); used where no registry entry says otherwise.
 RESENC_UNET_KEYS = AdaptationKeys()
 
+#: Primus's keys: the patch embedding is the stem; the encoder is the stem, the transformer and the (zero)
+#: mask token; the whole patch decoder depends on the classes (its widths are derived from them).
+PRIMUS_KEYS = AdaptationKeys(
+    stem_key="down_projection.proj.weight",
+    encoder_prefix=("down_projection.", "eva.", "mask_token"),
+    head_prefix="up_projection.",
+)
+
+
+def keys_for(config: object) -> AdaptationKeys:
+    """The adaptation keys of a model family, by its config (:data:`PRIMUS_KEYS` or :data:`RESENC_UNET_KEYS`).
+
+    Example:
+        >>> keys_for(s3d.nn.PrimusConfig()).stem_key
+        'down_projection.proj.weight'
+    """
+    from s3d.nn.primus import PrimusConfig
+
+    return PRIMUS_KEYS if isinstance(config, PrimusConfig) else RESENC_UNET_KEYS
+
 
 class StrictLoadError(KeyError):
     """A strict load found missing, unexpected or reshaped tensors (the message names them)."""
@@ -90,7 +115,8 @@ class LoadReport:
         sha256: the verified sha256 of the weights file, ``None`` if not pinned.
         stem: ``"loaded"`` (channels matched), ``"replicated"`` or ``"random"``.
         stem_channels: (checkpoint in_channels, model in_channels).
-        new_head: the segmentation heads (``decoder.seg_layers.*``) are freshly initialised.
+        new_head: the tensors under the head prefix are freshly initialised (ResEnc:
+            ``decoder.seg_layers.*``; Primus: the whole ``up_projection``).
         head_classes: (checkpoint num_classes, model num_classes).
         random_decoder: the whole decoder is freshly initialised (``decoder=False``).
         adapted_keys: every model key not taken from the checkpoint.
@@ -99,6 +125,13 @@ class LoadReport:
         alias_preferred: ``"all_modules"`` when DNA's ``all_modules`` copies were used (sparse
             trainer checkpoints), else ``"canonical"``.
         stale_alias_keys: keys whose DNA alias copies disagreed.
+        dropped_keys: checkpoint tensors a segmentation network has no place for, set aside by design
+            (Primus pre-training: MAE's decoder EVA ``decoder.*``, the learnt ``mask_token``,
+            projection heads); never an error, unlike ``unexpected_keys``.
+        pos_embed_grid: (checkpoint grid, model grid) in tokens per axis when Primus's absolute
+            position embedding was interpolated to another patch, else ``None``.
+        recommended_input_shape: the fine-tuning patch (voxels) the checkpoint recommends (nnssl's
+            ``recommended_downstream_patchsize``), ``None`` when it names none.
         notes: human-readable remarks.
     """
 
@@ -119,6 +152,9 @@ class LoadReport:
     mismatched_keys: list[str] = field(default_factory=list)
     alias_preferred: str = "canonical"
     stale_alias_keys: list[str] = field(default_factory=list)
+    dropped_keys: list[str] = field(default_factory=list)
+    pos_embed_grid: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    recommended_input_shape: tuple[int, ...] | None = None
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -138,6 +174,15 @@ class LoadReport:
                 lines.append(f"{name}: {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
         if self.alias_preferred != "canonical":
             lines.append(f"used DNA all_modules copies ({len(self.stale_alias_keys)} stale alias tensor(s))")
+        if self.dropped_keys:
+            from s3d.nn.primus.convert import describe_dropped
+
+            lines.append(f"dropped {len(self.dropped_keys)} pre-training tensor(s) a segmentation network does not "
+                         f"use: {describe_dropped(self.dropped_keys)}")
+        if self.pos_embed_grid is not None:
+            old, new = self.pos_embed_grid
+            lines.append(f"position embedding interpolated from a {'x'.join(map(str, old))} to a "
+                         f"{'x'.join(map(str, new))} token grid (trilinear)")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -198,7 +243,7 @@ def adapt_state_dict(
     stem_w, target_stem = pretrained.get(keys.stem_key), target[keys.stem_key]
     if stem_w is not None:
         report.stem_channels = (int(stem_w.shape[1]), int(target_stem.shape[1]))
-    head_key = next(k for k in target if k.startswith(keys.head_prefix))
+    head_key = [k for k in target if k.startswith(keys.head_prefix)][-1]  # the final head's bias (num_classes,)
     head_w, target_head = pretrained.get(head_key), target[head_key]
     if head_w is not None:
         report.head_classes = (int(head_w.shape[0]), int(target_head.shape[0]))

@@ -1,13 +1,14 @@
-"""Save, load and publish ResEnc U-Net weights: ``save_pretrained``, ``load_pretrained``, ``push_to_hub``.
+"""Save, load and publish weights of either family: ``save_pretrained``, ``load_pretrained``, ``push_to_hub``.
 
 Our format (:mod:`s3d.hub.s3d_format`) is a directory with ``model.safetensors`` (one tensor per
-weight, canonical keys), ``config.json`` (the architecture config, the s3d version, the optional
-recipe) and a model card ``README.md``. ``load_pretrained`` also reads nnssl/nnU-Net ``.pth``
-checkpoints, local or on the Hub (:mod:`s3d.hub.sources` finds them).
+weight, canonical keys), ``config.json`` (the family, the architecture config, the s3d version, the
+optional recipe) and a model card ``README.md``. ``load_pretrained`` also reads nnssl/nnU-Net ``.pth``
+checkpoints of a ResEnc U-Net or a Primus, local or on the Hub (:mod:`s3d.hub.sources` finds them).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ import torch
 from s3d._fs import atomic_path, write_json_atomic, write_text_atomic
 from s3d._version import __version__
 from s3d.hub.adapt import LoadReport, StemMode, adapt_state_dict
-from s3d.hub.download import commit_from_cache_path, sha256_file
+from s3d.hub.download import HubFileError, commit_from_cache_path, hub_download, sha256_file
 from s3d.hub.nnssl import CheckpointError, canonicalize, infer_config, network_weights, read_checkpoint
+from s3d.hub.primus import fit_input_shape, is_primus, plan_from_nnunet_checkpoint, read_primus
 from s3d.hub.s3d_format import (
     CARD_NAME,
     CONFIG_NAME,
@@ -31,8 +33,8 @@ from s3d.hub.s3d_format import (
     read_safetensors,
 )
 from s3d.hub.sources import NNSSL_NAME, Source, resolve
-from s3d.nn.config import ResEncUNetConfig
-from s3d.nn.resenc_unet import ResEncUNet, build_resenc_unet
+from s3d.nn.family import Model, ModelConfig, build_from_config, config_of
+from s3d.nn.primus import PrimusConfig
 
 # The file names, FORMAT_VERSION and model_card stay importable from here, where they were defined before.
 __all__ = [
@@ -51,15 +53,6 @@ __all__ = [
 
 
 # ---- saving ----------------------------------------------------------------------------------
-def _config_of(model: torch.nn.Module) -> ResEncUNetConfig:
-    cfg = getattr(model, "config", None)
-    if not isinstance(cfg, ResEncUNetConfig):
-        raise TypeError(
-            f"model: expected a ResEncUNet with a ResEncUNetConfig .config, got {type(model).__name__}"
-        )
-    return cfg
-
-
 def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """CPU, contiguous, non-shared copies of the state dict (safetensors refuses shared storage)."""
     out, seen = {}, set()
@@ -74,7 +67,7 @@ def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(
-    model: ResEncUNet,
+    model: Model,
     save_directory: str | os.PathLike[str],
     *,
     recipe: dict[str, Any] | None = None,
@@ -88,7 +81,7 @@ def save_pretrained(
     (``architecture`` = ``model.config.to_dict()``), the s3d version and the optional recipe.
 
     Args:
-        model: a :class:`~s3d.nn.ResEncUNet`.
+        model: a :class:`~s3d.nn.ResEncUNet` or :class:`~s3d.nn.Primus`.
         save_directory: created if missing; existing files of the same names are replaced.
         recipe: JSON-able description of how the weights were trained (stored in config.json).
         license: licence id for the model card metadata (e.g. ``"cc-by-4.0"``).
@@ -104,7 +97,7 @@ def save_pretrained(
     """
     from safetensors.torch import save_file
 
-    cfg = _config_of(model)
+    cfg = config_of(model)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     state = _plain_state(model)
@@ -120,7 +113,7 @@ def save_pretrained(
 
 
 def push_to_hub(
-    model: ResEncUNet,
+    model: Model,
     repo_id: str,
     *,
     recipe: dict[str, Any] | None = None,
@@ -129,7 +122,7 @@ def push_to_hub(
     private: bool | None = None,
     token: str | None = None,
     revision: str | None = None,
-    commit_message: str = "Upload ResEnc U-Net weights with s3d",
+    commit_message: str = "Upload weights with s3d",
     endpoint: str | None = None,
 ) -> str:
     """Save the model with :func:`save_pretrained` to a temporary folder and upload it to a Hub repo.
@@ -159,7 +152,40 @@ def push_to_hub(
 
 
 # ---- loading -----------------------------------------------------------------------------------
-def _read_state(src: Source) -> tuple[dict[str, torch.Tensor], ResEncUNetConfig, LoadReport]:
+def _adaptation_plan(src: Source, ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The nnssl adaptation plan: in the checkpoint, else ``adaptation_plan.json`` next to it or in its Hub repo."""
+    plan = ckpt.get("nnssl_adaptation_plan")
+    if isinstance(plan, dict):
+        return plan
+    path: Path | None = src.weights.parent / "adaptation_plan.json"
+    if not path.is_file() and src.repo_id is not None:
+        try:
+            path = hub_download(src.repo_id, "adaptation_plan.json", revision=src.revision, cache_dir=src.cache_dir)
+        except HubFileError:
+            path = None
+    if path is None or not path.is_file():
+        return None
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read the adaptation plan ({err})") from None
+    return plan if isinstance(plan, dict) else None
+
+
+def _read_primus(src: Source, raw: dict[str, torch.Tensor], plan: dict[str, Any] | None,
+                 report: LoadReport) -> tuple[dict[str, torch.Tensor], PrimusConfig, LoadReport]:
+    fallback = src.entry.config if src.entry is not None else None
+    try:
+        read = read_primus(raw, plan, fallback if isinstance(fallback, PrimusConfig) else None)
+    except ValueError as err:
+        raise CheckpointError(f"{src.weights}: {err}") from None
+    report.dropped_keys = read.dropped
+    report.recommended_input_shape = read.recommended_input_shape
+    report.notes.extend(read.notes)
+    return read.state, read.config, report
+
+
+def _read_state(src: Source) -> tuple[dict[str, torch.Tensor], ModelConfig, LoadReport]:
     report = LoadReport(
         source=str(src.weights), format=src.format, repo_id=src.repo_id, revision=src.revision, sha256=src.sha256
     )
@@ -177,9 +203,14 @@ def _read_state(src: Source) -> tuple[dict[str, torch.Tensor], ResEncUNetConfig,
             _check_finite(state, src.weights)
             return state, src.config, report
         report.notes.append(f"no {CONFIG_NAME} next to the weights: architecture inferred from tensor shapes")
+        if is_primus(state):
+            return _read_primus(src, state, None, report)
     else:
         ckpt = read_checkpoint(src.weights)
         raw = network_weights(ckpt, str(src.weights))
+        plan = _adaptation_plan(src, ckpt) or plan_from_nnunet_checkpoint(ckpt)
+        if is_primus(raw, plan):
+            return _read_primus(src, raw, plan, report)
         state, info = canonicalize(raw, sparse_trainer="spark_weights" in ckpt)
         report.alias_preferred, report.stale_alias_keys = info.preferred, info.stale_keys
         if info.reason:
@@ -190,7 +221,7 @@ def _read_state(src: Source) -> tuple[dict[str, torch.Tensor], ResEncUNetConfig,
     except CheckpointError as err:
         if src.entry is None:
             raise CheckpointError(
-                f"{src.weights}: {err}; expected a ResEnc U-Net state dict with s3d/DNA key names"
+                f"{src.weights}: {err}; expected a ResEnc U-Net or Primus state dict with s3d/DNA key names"
                 + ("" if src.format == "nnssl" else f" (or a {CONFIG_NAME} next to the weights)")
             ) from None
         cfg = src.entry.config
@@ -207,8 +238,11 @@ def _check_finite(state: dict[str, torch.Tensor], weights: Any) -> None:
 
 def load_state(
     source: str | os.PathLike[str], *, revision: str | None = None, cache_dir: str | None = None
-) -> tuple[dict[str, torch.Tensor], ResEncUNetConfig, LoadReport]:
+) -> tuple[dict[str, torch.Tensor], ModelConfig, LoadReport]:
     """Read a checkpoint into a canonical state dict and its architecture config (no model built).
+
+    Primus checkpoints come back with s3d's keys, the pre-training-only tensors set aside
+    (``report.dropped_keys``) and ``config.input_shape`` = the pre-training patch.
 
     Returns:
         ``(state, config, report)`` where ``report`` already names the source and alias handling.
@@ -230,13 +264,19 @@ def load_pretrained(
     cache_dir: str | os.PathLike[str] | None = None,
     stem: StemMode = "replicate",
     decoder: bool = True,
+    input_shape: int | tuple[int, int, int] | str | None = None,
     output_loading_info: bool = False,
-) -> ResEncUNet | tuple[ResEncUNet, LoadReport]:
-    """Build a ResEnc U-Net from pretrained weights, adapted to the input channels and classes asked for.
+) -> Model | tuple[Model, LoadReport]:
+    """Build a ResEnc U-Net or a Primus from pretrained weights, adapted to the channels and classes asked for.
 
-    The stem, encoder and head keys that are adapted come from the registry entry
-    (:attr:`~s3d.hub.ModelEntry.keys`); directories, files and unregistered Hub repos use the
-    ResEnc U-Net's (:data:`~s3d.hub.adapt.RESENC_UNET_KEYS`).
+    The family comes from the checkpoint (``config.json``'s ``model_type``, an nnssl plan's
+    architecture, or the tensor names). The stem, encoder and head keys that are adapted come from the
+    registry entry (:attr:`~s3d.hub.ModelEntry.keys`); directories, files and unregistered Hub repos
+    use their family's (:data:`~s3d.hub.adapt.RESENC_UNET_KEYS`, :data:`~s3d.hub.adapt.PRIMUS_KEYS`).
+
+    Primus pre-training checkpoints (nnssl) hold tensors a segmentation network has no place for
+    (MAE's decoder EVA and learnt mask token, contrastive projection heads): they are dropped and
+    listed in ``report.dropped_keys``. Primus's position embedding is interpolated to ``input_shape``.
 
     Args:
         name_or_repo_or_path: a registry name or alias (``"s3d-b"``, see :func:`s3d.list_models`),
@@ -246,7 +286,8 @@ def load_pretrained(
             keeps the checkpoint's. When it differs from the checkpoint, the stem is adapted
             (``stem``) and the report says so.
         num_classes: output classes; ``None`` keeps the checkpoint's. When it differs, every
-            segmentation head (``decoder.seg_layers.*``) is freshly initialised.
+            segmentation head (ResEnc: ``decoder.seg_layers.*``; Primus: the whole patch decoder
+            ``up_projection``, whose widths follow from the classes) is freshly initialised.
         revision: Hub branch, tag or commit (overrides the registry's pin).
         strict: missing, unexpected or reshaped tensors (other than the adapted ones) are an error
             naming the keys; ``False`` keeps fresh weights for them and lists them in the report.
@@ -256,6 +297,12 @@ def load_pretrained(
             divided by ``in_channels`` for each channel (a replicated input gives the original
             first-layer output); ``"random"``: a fresh He-initialised stem conv.
         decoder: ``False`` loads the encoder only and leaves the whole decoder freshly initialised.
+        input_shape: Primus only: the training patch of the returned model (voxels, an int or
+            (D, H, W), divisible by its token size). ``None``: the checkpoint's recommended fine-tuning
+            patch (nnssl plans: ``recommended_downstream_patchsize``, what nnU-Net fine-tunes with), else
+            its own; ``"checkpoint"``: its own pre-training patch. When the token grid differs from the
+            checkpoint's, the absolute position embedding is interpolated trilinearly (as nnU-Net's
+            pretrained Primus trainer does) and ``report.pos_embed_grid`` says so.
         output_loading_info: also return the :class:`~s3d.hub.LoadReport`.
 
     Returns:
@@ -275,21 +322,74 @@ def load_pretrained(
         >>> report.stem, report.new_head
         ('replicated', True)
     """
+    return _load(name_or_repo_or_path, in_channels=in_channels, num_classes=num_classes, revision=revision,
+                 strict=strict, device=device, cache_dir=cache_dir, stem=stem, decoder=decoder,
+                 input_shape=input_shape, output_loading_info=output_loading_info)
+
+
+def load_pretrained_for_finetuning(
+    name_or_repo_or_path: str | os.PathLike[str],
+    *,
+    input_shape: tuple[int, int, int] | None = None,
+    **kwargs: Any,
+) -> tuple[Model, LoadReport]:
+    """:func:`load_pretrained` for fine-tuning either family: ``input_shape`` (the training patch, voxels) sets a
+    Primus's patch and is ignored for a ResEnc U-Net (which takes any multiple of its stride).
+
+    Returns:
+        ``(model, report)``.
+
+    Example:
+        >>> model, report = load_pretrained_for_finetuning("primus-m-mae", num_classes=3, input_shape=(96,) * 3)
+    """
+    out = _load(name_or_repo_or_path, input_shape=input_shape, primus_only_shape=True, output_loading_info=True,
+                **kwargs)
+    assert isinstance(out, tuple)
+    return out
+
+
+def _load(
+    name_or_repo_or_path: str | os.PathLike[str],
+    *,
+    in_channels: int | None = None,
+    num_classes: int | None = None,
+    revision: str | None = None,
+    strict: bool = True,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+    stem: StemMode = "replicate",
+    decoder: bool = True,
+    input_shape: int | tuple[int, int, int] | str | None = None,
+    output_loading_info: bool = False,
+    primus_only_shape: bool = False,
+) -> Model | tuple[Model, LoadReport]:
     src = resolve(name_or_repo_or_path, revision, None if cache_dir is None else str(cache_dir))
     state, cfg, report = _read_state(src)
-    keys = src.keys
+    keys = src.keys_for(cfg)
     if decoder and all(k.startswith(keys.encoder_prefix) for k in state):
         decoder = False
         report.notes.append("checkpoint holds no decoder weights (encoder only): decoder freshly initialised")
+    if isinstance(cfg, PrimusConfig):
+        target = input_shape if input_shape is not None else report.recommended_input_shape
+        if target is not None and target != "checkpoint":
+            try:
+                cfg, report.pos_embed_grid = fit_input_shape(state, cfg, cfg.replace(input_shape=target).input_shape)
+            except ValueError as err:
+                raise ValueError(f"input_shape: {err}") from None
+    elif input_shape not in (None, "checkpoint") and not primus_only_shape:
+        raise ValueError(f"input_shape applies to Primus only; {src.weights} holds a ResEnc U-Net, which takes any "
+                         "size divisible by its total stride")
     overrides: dict[str, Any] = {}
     if in_channels is not None:
         overrides["in_channels"] = int(in_channels)
     if num_classes is not None:
         overrides["num_classes"] = int(num_classes)
-    model = build_resenc_unet(cfg.replace(**overrides))
+    model = build_from_config(cfg, **overrides)
     full, report = adapt_state_dict(
         state, model.state_dict(), stem=stem, decoder=decoder, strict=strict, report=report, keys=keys
     )
+    if report.pos_embed_grid is not None and "eva.pos_embed" in state and "eva.pos_embed" not in report.adapted_keys:
+        report.adapted_keys.append("eva.pos_embed")
     model.load_state_dict(full, strict=True)
     model.to(device).eval()
     return (model, report) if output_loading_info else model

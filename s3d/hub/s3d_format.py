@@ -19,6 +19,8 @@ import torch
 from s3d._version import __version__
 from s3d.hub.nnssl import CheckpointError
 from s3d.nn.config import ResEncUNetConfig
+from s3d.nn.family import MODEL_TYPES, ModelConfig, model_type
+from s3d.nn.primus import PrimusConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -30,16 +32,17 @@ CONFIG_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "library": ((str,), 'the string "s3d"'),
     "format": ((str,), "a string"),
     "format_version": ((int,), "an int"),
-    "model_type": ((str,), "a string"),
+    "model_type": ((str,), f"one of {sorted(MODEL_TYPES)}"),
     "s3d_version": ((str,), "a string"),
-    "architecture": ((dict,), "an object of ResEncUNetConfig fields"),
+    "architecture": ((dict,), "an object of ResEncUNetConfig or PrimusConfig fields"),
     "recipe": ((dict, type(None)), "an object or null"),
 }
 _FIX = f"Fix the file, or write it again with s3d.save_pretrained (format {FORMAT_VERSION})."
 
 
-def config_json(config: ResEncUNetConfig, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``config.json`` of a saved model: the architecture, the s3d version and the optional recipe.
+def config_json(config: ModelConfig, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a saved model: its family (``model_type``), the architecture, the s3d version
+    and the optional recipe.
 
     Example:
         >>> config_json(model.config)["architecture"]["features_per_stage"][:2]
@@ -49,7 +52,7 @@ def config_json(config: ResEncUNetConfig, recipe: dict[str, Any] | None = None) 
         "library": "s3d",
         "format": "s3d",
         "format_version": FORMAT_VERSION,
-        "model_type": "ResEncUNet",
+        "model_type": model_type(config),
         "s3d_version": __version__,
         "architecture": config.to_dict(),
         "recipe": recipe,
@@ -66,7 +69,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _field_problem(value: Any, annotation: str) -> str:
-    """What a ResEncUNetConfig field annotated ``annotation`` needs, or "" when ``value`` fits."""
+    """What a config field annotated ``annotation`` needs, or "" when ``value`` fits."""
     if annotation.endswith("| None"):
         if value is None:
             return ""
@@ -87,8 +90,10 @@ def _field_problem(value: Any, annotation: str) -> str:
     return "" if check(value) else what
 
 
-def parse_config(obj: Any, path: str | os.PathLike[str]) -> ResEncUNetConfig:
+def parse_config(obj: Any, path: str | os.PathLike[str]) -> ModelConfig:
     """Check a loaded ``config.json`` key by key and build its architecture; errors name ``path`` and the key.
+
+    ``model_type`` picks the family (``"ResEncUNet"``, the default for files without it, or ``"Primus"``).
 
     Raises:
         CheckpointError: not an s3d config, an unknown key, a missing ``architecture``, a value of
@@ -118,25 +123,30 @@ def parse_config(obj: Any, path: str | os.PathLike[str]) -> ResEncUNetConfig:
             f"{path}: key 'format_version' is {obj['format_version']}, newer than this s3d reads "
             f"({FORMAT_VERSION}); upgrade s3d."
         )
+    kind = obj.get("model_type", "ResEncUNet")
+    cls = MODEL_TYPES.get(kind)
+    if cls is None:
+        raise CheckpointError(f"{path}: key 'model_type' is {kind!r}; this s3d knows {sorted(MODEL_TYPES)}. "
+                              "Upgrade s3d if a newer version wrote this file.")
     if "architecture" not in obj:
-        raise CheckpointError(f"{path}: missing key 'architecture' (the network's ResEncUNetConfig). {_FIX}")
+        raise CheckpointError(f"{path}: missing key 'architecture' (the network's {cls.__name__}). {_FIX}")
     arch = obj["architecture"]
-    fields = {f.name: str(f.type) for f in dataclasses.fields(ResEncUNetConfig)}
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     for name, value in arch.items():
         if name not in fields:
             raise CheckpointError(
-                f"{path}: unknown key 'architecture.{name}' (ResEncUNetConfig fields: {sorted(fields)}). {_FIX}"
+                f"{path}: unknown key 'architecture.{name}' ({cls.__name__} fields: {sorted(fields)}). {_FIX}"
             )
         what = _field_problem(value, fields[name])
         if what:
             raise CheckpointError(f"{path}: key 'architecture.{name}' must be {what}, got {value!r}. {_FIX}")
     try:
-        return ResEncUNetConfig.from_dict(arch)
+        return cls.from_dict(arch)
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: key 'architecture' is not a valid ResEncUNetConfig ({err}). {_FIX}") from None
+        raise CheckpointError(f"{path}: key 'architecture' is not a valid {cls.__name__} ({err}). {_FIX}") from None
 
 
-def read_config(path: str | os.PathLike[str]) -> ResEncUNetConfig:
+def read_config(path: str | os.PathLike[str]) -> ModelConfig:
     """Read an s3d ``config.json`` strictly (see :func:`parse_config`).
 
     Example:
@@ -151,7 +161,7 @@ def read_config(path: str | os.PathLike[str]) -> ResEncUNetConfig:
     return parse_config(obj, path)
 
 
-def check_weights_fit_config(state: dict[str, torch.Tensor], config: ResEncUNetConfig,
+def check_weights_fit_config(state: dict[str, torch.Tensor], config: ModelConfig,
                              config_path: str | os.PathLike[str], weights_path: str | os.PathLike[str]) -> None:
     """Refuse weights that are not the network ``config.json`` describes (a folder checked as a whole).
 
@@ -168,10 +178,10 @@ def check_weights_fit_config(state: dict[str, torch.Tensor], config: ResEncUNetC
         >>> check_weights_fit_config(read_safetensors("m/model.safetensors"), read_config("m/config.json"),
         ...                          "m/config.json", "m/model.safetensors")
     """
-    from s3d.nn.resenc_unet import build_resenc_unet
+    from s3d.nn.family import build_from_config
 
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_resenc_unet(config).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in build_from_config(config).state_dict().items()}
     extra = [k for k in state if k not in expected]
     missing = [k for k in expected if k not in state]
     encoder_only = all(k.startswith("encoder.") for k in state)  # a backbone saved without its decoder
@@ -188,9 +198,10 @@ def check_weights_fit_config(state: dict[str, torch.Tensor], config: ResEncUNetC
     bad.sort(key=lambda b: not b[0].endswith(".weight"))  # a conv weight says more than its bias
     key, want, got = bad[0]
     what = f"tensor {key!r} is {got} in the weights but {want} in the network config.json describes"
-    if key.startswith("decoder.seg_layers.") and len(got) >= 1 and got[0] != want[0]:
+    resenc = isinstance(config, ResEncUNetConfig)  # the head and stem keys below are the ResEnc U-Net's
+    if resenc and key.startswith("decoder.seg_layers.") and len(got) >= 1 and got[0] != want[0]:
         what = f"config.json says num_classes {config.num_classes}, but the weights' head {key!r} has {got[0]} outputs"
-    elif key == "encoder.stem.convs.0.conv.weight" and len(got) >= 2 and got[1] != want[1]:
+    elif resenc and key == "encoder.stem.convs.0.conv.weight" and len(got) >= 2 and got[1] != want[1]:
         what = f"config.json says in_channels {config.in_channels}, but the weights' stem {key!r} takes {got[1]}"
     more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
     raise CheckpointError(f"{config_path} does not describe {weights_path}: {what}{more}. The two files do not "
@@ -224,28 +235,44 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _architecture_rows(config: ModelConfig) -> list[str]:
+    if isinstance(config, PrimusConfig):
+        return [
+            f"| token width, depth, heads | {config.embed_dim}, {config.eva_depth}, {config.eva_numheads} |",
+            f"| token size (voxels) | {list(config.patch_embed_size)} |",
+            f"| training patch (voxels) | {list(config.input_shape)} |",
+        ]
+    return [
+        f"| features per stage | {list(config.features_per_stage)} |",
+        f"| blocks per stage | {list(config.n_blocks_per_stage)} |",
+        f"| strides | {[list(s) for s in config.strides]} |",
+    ]
+
+
 def model_card(
-    config: ResEncUNetConfig,
+    config: ModelConfig,
     recipe: dict[str, Any] | None = None,
     *,
     license: str | None = None,
     provenance: str | None = None,
     n_params: int | None = None,
 ) -> str:
-    """A model card (Markdown with YAML metadata) for a saved ResEnc U-Net.
+    """A model card (Markdown with YAML metadata) for a saved ResEnc U-Net or Primus.
 
     Example:
         >>> print(model_card(model.config)[:3])
         ---
     """
-    meta = ["---", "library_name: s3d", "tags:", "- medical", "- 3d", "- image-segmentation", "- resenc-unet"]
+    primus = isinstance(config, PrimusConfig)
+    meta = ["---", "library_name: s3d", "tags:", "- medical", "- 3d", "- image-segmentation",
+            "- primus" if primus else "- resenc-unet"]
     if license:
         meta.append(f"license: {license.lower()}")
     meta.append("---")
     lines = [
         *meta,
         "",
-        f"# ResEnc U-Net ({config.name})",
+        f"# {'Primus' if primus else 'ResEnc U-Net'} ({config.name})",
         "",
         provenance or "Weights saved with s3d; add where they come from (data, recipe, steps) here.",
         "",
@@ -253,9 +280,7 @@ def model_card(
         "",
         "| field | value |",
         "|---|---|",
-        f"| features per stage | {list(config.features_per_stage)} |",
-        f"| blocks per stage | {list(config.n_blocks_per_stage)} |",
-        f"| strides | {[list(s) for s in config.strides]} |",
+        *_architecture_rows(config),
         f"| input channels | {config.in_channels} |",
         f"| classes | {config.num_classes} |",
     ]

@@ -13,12 +13,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from s3d.hub.adapt import RESENC_UNET_KEYS, AdaptationKeys
+from s3d.hub.adapt import AdaptationKeys, keys_for
 from s3d.hub.download import ChecksumError, HubFileError, hub_download, sha256_file
 from s3d.hub.nnssl import CheckpointError
 from s3d.hub.registry import ModelEntry, get_entry, list_models
 from s3d.hub.s3d_format import CONFIG_NAME, WEIGHTS_NAME, is_s3d_config, parse_config, read_config
-from s3d.nn.config import ResEncUNetConfig
+from s3d.nn.family import ModelConfig
 
 #: The file name nnssl gives its final checkpoint (also what OpenMind repos publish).
 NNSSL_NAME = "checkpoint_final.pth"
@@ -39,21 +39,23 @@ class Source:
         repo_id, revision: Hub origin (``None`` for local files).
         sha256: the pinned digest the download was verified against.
         config_file: the ``config.json`` that ``config`` was read from.
+        cache_dir: the Hub cache the weights came from (for companion files such as
+            ``adaptation_plan.json``).
     """
 
     weights: Path
     format: str
-    config: ResEncUNetConfig | None = None
+    config: ModelConfig | None = None
     entry: ModelEntry | None = None
     repo_id: str | None = None
     revision: str | None = None
     sha256: str | None = None
     config_file: Path | None = None
+    cache_dir: str | None = None
 
-    @property
-    def keys(self) -> AdaptationKeys:
-        """The registry entry's adaptation keys, else the ResEnc U-Net defaults."""
-        return self.entry.keys if self.entry is not None else RESENC_UNET_KEYS
+    def keys_for(self, config: ModelConfig) -> AdaptationKeys:
+        """The registry entry's adaptation keys, else those of ``config``'s family."""
+        return self.entry.keys if self.entry is not None else keys_for(config)
 
 
 def _s3d_source(weights: Path) -> Source:
@@ -107,7 +109,8 @@ def _hub_source(repo_id: str, revision: str | None, cache_dir: str | None, entry
         if entry.format == "s3d":
             config_file = hub_download(entry.repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
             config = read_config(config_file)
-        return Source(weights, entry.format, config, entry, entry.repo_id, revision, sha256, config_file)
+        return Source(weights, entry.format, config, entry, entry.repo_id, revision, sha256,
+                      config_file=config_file, cache_dir=cache_dir)
     config_path = hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir)
     try:
         obj = json.loads(config_path.read_text(encoding="utf-8"))
@@ -116,9 +119,10 @@ def _hub_source(repo_id: str, revision: str | None, cache_dir: str | None, entry
     if is_s3d_config(obj):
         config = parse_config(obj, f"{config_path} ({repo_id})")
         weights = hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir)
-        return Source(weights, "s3d", config, None, repo_id, revision, config_file=config_path)
+        return Source(weights, "s3d", config, None, repo_id, revision, config_file=config_path,
+                      cache_dir=cache_dir)
     weights = hub_download(repo_id, NNSSL_NAME, revision=revision, cache_dir=cache_dir)
-    return Source(weights, "nnssl", None, None, repo_id, revision)
+    return Source(weights, "nnssl", None, None, repo_id, revision, cache_dir=cache_dir)
 
 
 def _package_source(entry: ModelEntry, revision: str | None) -> Source:

@@ -164,8 +164,8 @@ def check_patch_size(patch_size: Sequence[int] | None, model: Model, source: str
 
     Args:
         patch_size: three sizes in voxels (``None``: an error saying where to set one).
-        model: a network with ``config.total_stride`` (a ResEnc U-Net) is checked against it; any other
-            callable only for positive sizes.
+        model: a ResEnc U-Net takes multiples of its ``config.total_stride``, a Primus exactly its
+            ``config.input_shape``; any other callable is checked only for positive sizes.
         source: what the user calls the size in the message (``"--patch-size"``, ``"patch_size"``).
 
     Example:
@@ -173,7 +173,9 @@ def check_patch_size(patch_size: Sequence[int] | None, model: Model, source: str
         Traceback (most recent call last):
         PatchSizeError: patch_size (48, 32, 32): ... (axis 0: 48 -> 32 or 64)
     """
-    from s3d.nn.resenc_unet import check_spatial_size
+    from s3d.nn.config import ResEncUNetConfig
+    from s3d.nn.family import patch_problem
+    from s3d.nn.primus import PrimusConfig
 
     if patch_size is None:
         raise PatchSizeError(f"{source}: none given and preprocessing.json has patch_size null; "
@@ -181,9 +183,9 @@ def check_patch_size(patch_size: Sequence[int] | None, model: Model, source: str
     sizes = tuple(int(v) for v in patch_size)
     if len(sizes) != 3 or min(sizes) < 1:
         raise PatchSizeError(f"{source} {tuple(patch_size)}: expected three sizes >= 1 (D, H, W voxels)")
-    stride = getattr(getattr(model, "config", None), "total_stride", None)
-    if stride is not None:
-        problem = check_spatial_size(sizes, stride)
+    config = getattr(model, "config", None)
+    if isinstance(config, ResEncUNetConfig | PrimusConfig):
+        problem = patch_problem(config, sizes)
         if problem:
             raise PatchSizeError(f"{source} {sizes}: not a tile size the network takes: {problem}")
     return triple(sizes)

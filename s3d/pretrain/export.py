@@ -20,9 +20,9 @@ def backbone_model(method: PretrainMethod) -> nn.Module:
         >>> backbone_model(build_method("mae", build_backbone("tiny"), block_size=16)).config.name
         'tiny'
     """
-    from s3d.nn import build_resenc_unet
+    from s3d.nn.family import build_from_config, config_of
 
-    model = build_resenc_unet(method.backbone.config)
+    model = build_from_config(config_of(method.backbone))
     model.load_state_dict(method.export_backbone())
     return model
 
@@ -43,7 +43,9 @@ def export_backbone(method: PretrainMethod, recipe: PretrainRecipe, out: Path, d
         ``{"backbone": out/backbone, "nnssl": out/nnssl/checkpoint_final.pth}``.
     """
     from s3d.hub import nnssl_checkpoint, save_pretrained
+    from s3d.hub.convert import checkpoint_for
     from s3d.hub.nnssl import adaptation_plan
+    from s3d.nn.primus import PrimusConfig
 
     backbone = backbone_model(method)
     provenance = (f"Pre-trained with s3d recipe {recipe.name!r} ({recipe.method}) for {recipe.steps} steps at "
@@ -51,9 +53,13 @@ def export_backbone(method: PretrainMethod, recipe: PretrainRecipe, out: Path, d
     hub_dir, nn_dir = out / "backbone", out / "nnssl"
     with atomic_folder(hub_dir) as tmp:  # each folder as a whole: its files always belong together
         save_pretrained(backbone, tmp, recipe=recipe.to_dict(), provenance=provenance)
-    ckpt = nnssl_checkpoint(backbone.state_dict(), backbone.config, trainer_name="s3d.pretrain")
+    if isinstance(backbone.config, PrimusConfig):  # the plan's patch is the backbone's input_shape
+        ckpt, plan = checkpoint_for(backbone.state_dict(), backbone.config, "nnssl")
+        ckpt.update({"trainer_name": "s3d.pretrain", "nnssl_adaptation_plan": plan})
+    else:
+        ckpt = nnssl_checkpoint(backbone.state_dict(), backbone.config, trainer_name="s3d.pretrain")
+        ckpt["nnssl_adaptation_plan"] = adaptation_plan(backbone.config, recipe.patch_size)
     ckpt["current_epoch"] = recipe.steps // 250  # nnssl counts epochs of 250 steps
-    ckpt["nnssl_adaptation_plan"] = adaptation_plan(backbone.config, recipe.patch_size)
     with atomic_folder(nn_dir) as tmp:
         torch.save(ckpt, tmp / "checkpoint_final.pth")
         write_json_atomic(tmp / "adaptation_plan.json", ckpt["nnssl_adaptation_plan"])

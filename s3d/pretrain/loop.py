@@ -127,7 +127,7 @@ class Trainer:
         self.n_train, self.n_val = len(train), len(val)
 
         torch.manual_seed(cfg.seed)
-        self.method = build_method(self.recipe.method, build_backbone(self.recipe.architecture),
+        self.method = build_method(self.recipe.method, build_backbone(self.recipe.architecture, self.recipe.patch_size),
                                    **self.recipe.method_kwargs)
         problem = self.method.patch_problem(self.recipe.patch_size)
         if problem is not None:

@@ -34,6 +34,23 @@ def sgd(params: Iterable[torch.nn.Parameter], lr: float, *, momentum: float = 0.
     return torch.optim.SGD(trainable, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, *, betas: tuple[float, float] = (0.9, 0.98),
+          weight_decay: float = 5e-2) -> torch.optim.AdamW:
+    """The Primus recipe's optimiser: AdamW (decoupled weight decay) on the trainable ``params``.
+
+    Raises:
+        ValueError: no parameter requires a gradient.
+
+    Example:
+        >>> adamw(torch.nn.Linear(2, 2).parameters(), 1e-4).defaults["betas"]
+        (0.9, 0.98)
+    """
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError("the optimiser got no parameter that requires a gradient")
+    return torch.optim.AdamW(trainable, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
 def grad_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler:
     """A GradScaler, enabled only for fp16 autocast (bf16 and fp32 need no loss scaling)."""
     return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

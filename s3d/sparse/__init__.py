@@ -11,9 +11,12 @@ from s3d.sparse.engines import ENGINES, EncoderEngine
 from s3d.sparse.layout import BlockLayout
 from s3d.sparse.mask import block_grid_size, check_mask_ratio, realised_mask_ratio, sample_block_mask
 from s3d.sparse.plan import MaskPlan
+from s3d.sparse.primus_mae import PrimusMAEWrapper, sample_token_keep
 from s3d.sparse.wrapper import MAEOutput, SparseMAEWrapper, keep_at_input, masked_mse_loss
 
 __all__ = [
+    "PrimusMAEWrapper",
+    "sample_token_keep",
     "DEFAULT_MIN_BLOCK_EDGE",
     "BlockLayout",
     "block_encoder_forward",
