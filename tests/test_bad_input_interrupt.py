@@ -28,16 +28,16 @@ if not Path("/proc/self/stat").exists():
 from test_nnunet_data import make_sphere_dataset  # noqa: E402
 
 
-def _interrupt(args: list, when: Callable[[], bool] | float, timeout: float = 300) -> Result:
-    """Start ``python -m s3d ARGS`` in a new process group; SIGINT the group once ``when()`` (or after ``when``
-    seconds); return what it printed. The command must still be running when the signal is sent."""
+def _interrupt(args: list, when: Callable[[int], bool] | float, timeout: float = 300) -> Result:
+    """Start ``python -m s3d ARGS`` in a new process group; SIGINT the group once ``when(pgid)`` (or after
+    ``when`` seconds); return what it printed. The command must still be running when the signal is sent."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "s3d", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + timeout
         if callable(when):
-            while not when():
+            while not when(proc.pid):
                 assert proc.poll() is None, f"finished before the moment came:\n{proc.communicate()[1][-3000:]}"
                 assert time.monotonic() < deadline, "the moment never came"
                 time.sleep(0.05)
@@ -90,7 +90,7 @@ def test_ctrl_c_while_preparing(tmp_path: Path) -> None:
     args = ["pretrain", "--data", raw, "--out", tmp_path / "prep", "--prepare-only", "--min-file-kb", "0",
             "--min-fov-mm", "20", "--no-progress", "--prep-workers", "2"]
     cases = tmp_path / "prep" / "cases"
-    for i, when in enumerate((0.2, 1.5, lambda: cases.is_dir() and any(cases.glob("*.json")))):
+    for i, when in enumerate((0.2, 1.5, lambda _: cases.is_dir() and any(cases.glob("*.json")))):
         res = _interrupt(args, when)
         _assert_quiet(res, "pretrain")
         assert not (tmp_path / "prep" / "manifest.json").exists(), f"moment {i}: the preparation was not stopped"
@@ -107,7 +107,7 @@ def test_ctrl_c_while_training(tmp_path: Path) -> None:
     res = _interrupt(["finetune", root, "-o", out, "--config", "tiny", "--patch-size", "32", "32", "32",
                       "--schedule", "scratch", "--steps", "100000", "--val-every", "100000", "--device", "cpu",
                       "--no-progress", "--loader-threads", "2"],
-                     lambda: metrics.is_file() and metrics.stat().st_size > 0)
+                     lambda _: metrics.is_file() and metrics.stat().st_size > 0)
     _assert_quiet(res, "finetune")
     assert not (out / "model").exists() and not list(out.glob(".*"))
 
@@ -127,6 +127,7 @@ def test_ctrl_c_while_evaluating(tmp_path: Path) -> None:
                  str(ref / f"case_{i:03d}.nii.gz"))
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2}}))
     res = _interrupt(["evaluate", "--pred", ref, "--ref", ref, "--labels", tmp_path / "dataset.json", "--out",
-                      tmp_path / "out", "--workers", "2"], 4.0)
+                      tmp_path / "out", "--workers", "2"],
+                     lambda pgid: sum("spawn_main" in cmd for cmd in _running_in_group(pgid)) >= 2)  # 2 workers up
     _assert_quiet(res, "evaluate")
     assert not (tmp_path / "out" / "summary.json").exists()

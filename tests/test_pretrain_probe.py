@@ -91,15 +91,18 @@ def test_bad_probe_settings_are_one_line_before_training(data, tmp_path, capsys)
             "--batch-size", "2", "--patch-size", "32", "--method-kwargs", '{"block_size": 16}', "--workers", "0",
             "--device", "cpu", "--no-progress", "--checkpoint-every", "2"]
     # the dataset check lists its problems as fine-tuning's does: a header line and one line per problem
-    for extra, says, lines in ((["--probe", str(tmp_path / "none")], "dataset.json: missing", 2),
+    for extra, says, lines in ((["--probe", str(tmp_path / "none")], "no such dataset folder", 2),
                                (["--probe", str(ds), "--probe-every", "3"], "a multiple of checkpoint_every (2)", 1),
                                (["--probe", str(ds), "--probe-options", '{"stepz": 2}'],
-                                "probe options ['stepz']: unknown", 1),
-                               (["--probe", str(ds), "--probe-options", "{steps: 2}"],
-                                "--probe-options: not valid JSON", 1)):
+                                "probe options ['stepz']: unknown", 1)):
         assert main(base + extra) == 1, extra
         err = capsys.readouterr().err
         assert says in err and err.startswith("s3d pretrain: error:") and err.count("\n") == lines, err
+    # an option value that is not JSON is a usage error (exit 2), as --method-kwargs's
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--probe", str(ds), "--probe-options", "{steps: 2}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --probe-options: not JSON" in err, err
     assert not (tmp_path / "r").exists()
 
 

@@ -88,7 +88,7 @@ def test_probe_arguments_are_checked_before_anything_runs(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"probe options \['stepz'\]: unknown"):
         check_probe_options(ds, {"stepz": 3})
     check_probe_options(ds, {"steps": 3, "n_train": 2, "val_fraction": 0.3})
-    with pytest.raises(ValueError, match="dataset.json"):
+    with pytest.raises(ValueError, match="nowhere: no such dataset folder"):
         check_probe_options(tmp_path / "nowhere", {})
     assert not (tmp_path / "o").exists()
 
@@ -110,7 +110,7 @@ def test_cli_probe_prints_both_arms_and_refuses_bad_input(tmp_path, capsys, monk
     assert f"probe of {tmp_path / 'w'}: validation Dice {w['dice']:.3f}" in printed
     # bad input: one line each, exit 1, nothing written
     for bad, says in ((["--weights", "nope-not-a-model"], "nope-not-a-model"),
-                      (["--data", str(tmp_path / "missing")], "dataset.json"),
+                      (["--data", str(tmp_path / "missing")], "missing: no such dataset folder"),
                       (["--n-train", "9"], "n_train=9 (--n-train)"),
                       (["-o", str(ds)], "not written by s3d probe")):
         args = list(argv)

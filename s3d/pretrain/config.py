@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,7 +156,10 @@ class PretrainConfig:
         resolve_amp(self.amp, resolve_device(self.device))
         recipe = self.resolved_recipe()
         with torch.device("meta"):  # the shapes and arguments, no memory
-            method = build_method(recipe.method, build_backbone(recipe.architecture), **recipe.method_kwargs)
+            with warnings.catch_warnings():  # what the method warns about, the run warns again when it builds it
+                warnings.simplefilter("ignore")
+                method = build_method(recipe.method, build_backbone(recipe.architecture, recipe.patch_size),
+                                      **recipe.method_kwargs)
         problem = method.patch_problem(recipe.patch_size)
         if problem is not None:
             raise PatchProblemError(problem)
