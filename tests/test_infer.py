@@ -193,7 +193,6 @@ def test_bad_arguments_raise(net) -> None:
         sliding_window_predict(net, torch.randn(2, 32, 32, 32), 32, amp="int8")
 
 
-@pytest.mark.numerical
 def test_mirror_equals_explicit_average_over_flips(net, net64) -> None:
     x = torch.randn(1, 2, 32, 32, 32, generator=torch.Generator().manual_seed(4))
     out = sliding_window_predict(net, x, 32, mirror=True)
@@ -245,7 +244,6 @@ def test_probabilities_and_accumulate_device_and_deep_supervision(net) -> None:
     torch.testing.assert_close(sliding_window_predict(ds, image, 32), logits)
 
 
-@pytest.mark.numerical
 def test_plain_function_model_and_bf16_autocast(net, net64) -> None:
     image = torch.randn(2, 32, 32, 40, generator=torch.Generator().manual_seed(7))
     ref = sliding_window_predict(net, image, 32)

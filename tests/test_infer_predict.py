@@ -204,7 +204,6 @@ def test_constant_channel_becomes_zero_with_a_note(tmp_path: Path, model_dir: Pa
         preprocess_case(paths, spec)
 
 
-@pytest.mark.numerical
 def test_mirror_is_on_by_default_as_in_nnunet(tmp_path: Path, model_dir: Path) -> None:
     rng = np.random.default_rng(4)
     paths = [tmp_path / f"m_{c:04d}.nii.gz" for c in range(2)]
