@@ -15,6 +15,7 @@ import os
 import pkgutil
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from s3d._version import __version__
 
@@ -92,6 +93,11 @@ class _Interrupts:
 
     A library that turns the ``KeyboardInterrupt`` raised inside its own import into another error and
     catches that (torch's optional CUDA bindings do) would otherwise lose the Ctrl-C; ``seen`` keeps it.
+
+    It is never raised inside code that ``exec()`` or ``eval()`` runs from source text (``dataclasses``
+    and ``namedtuple`` do that while modules import): CPython then marks the interrupt as unhandled even
+    though :func:`main` catches it, and ends the process by SIGINT after it has cleaned up, instead of
+    with exit 130. There it is raised a moment later (every 10 ms), once that code has returned.
     """
 
     def __init__(self) -> None:
@@ -102,8 +108,21 @@ class _Interrupts:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._handler)
 
-    def _handler(self, signum: int, frame: object) -> None:
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.seen = True
+        if _inside_exec_of_source(frame):
+            import _thread
+            import signal
+            import threading
+
+            if hasattr(signal, "pthread_kill"):  # a real signal: it also ends a blocking wait
+                again = lambda: signal.pthread_kill(threading.main_thread().ident, signum)  # noqa: E731
+            else:
+                again = lambda: _thread.interrupt_main(signum)  # noqa: E731
+            later = threading.Timer(0.01, again)
+            later.daemon = True
+            later.start()
+            return
         raise KeyboardInterrupt
 
     def import_quietly(self, module: str) -> None:
@@ -120,6 +139,16 @@ class _Interrupts:
             pass  # the command that needs it says so
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _inside_exec_of_source(frame: FrameType | None) -> bool:
+    """Whether ``frame`` or a caller below :func:`main` runs code that ``exec()``/``eval()`` compiled from
+    a string (its file name is ``<string>``)."""
+    while frame is not None and frame.f_code is not main.__code__:
+        if frame.f_code.co_filename == "<string>":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _interrupted(command: str | None, as_program: bool) -> int:

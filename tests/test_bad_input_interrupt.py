@@ -131,3 +131,39 @@ def test_ctrl_c_while_evaluating(tmp_path: Path) -> None:
                      lambda pgid: sum("spawn_main" in cmd for cmd in _running_in_group(pgid)) >= 2)  # 2 workers up
     _assert_quiet(res, "evaluate")
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+_EXEC_THEN_WAIT = """
+import sys
+import s3d.commands.info as info
+
+def run(args):
+    # what dataclasses and namedtuple do while a module imports: run code compiled from source text;
+    # the Ctrl-C arrives inside it
+    exec("import os, signal, time\\nos.kill(os.getpid(), signal.SIGINT)\\n"
+         "t0 = time.monotonic()\\nwhile time.monotonic() < t0 + 1.0: pass")
+    import time
+    time.sleep(60)
+    return 0
+
+info.run = run
+from s3d.cli import main
+sys.argv = ["s3d", "info"]
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_inside_code_run_from_source_text_still_exits_130(tmp_path: Path) -> None:
+    """A ``KeyboardInterrupt`` that leaves ``exec()`` of a string makes CPython end a ``python -m``
+    program by SIGINT (exit -2 to the parent) even when it is caught; CI met it when Ctrl-C came while
+    ``torch._dynamo`` imported. Here the signal comes inside such code every time; the command must still
+    exit 130, at once (not after the 60 s wait that follows)."""
+    (tmp_path / "exec_then_wait.py").write_text(_EXEC_THEN_WAIT)
+    t0 = time.monotonic()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, "-m", "exec_then_wait"], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert res.returncode == 130, f"exit {res.returncode}\n{res.stderr[-3000:]}"
+    assert [ln for ln in res.stderr.splitlines() if ln.strip()] == ["s3d info: interrupted"], res.stderr[-3000:]
+    assert time.monotonic() - t0 < 50, "the interrupt waited for the sleep to end"
