@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five tiny synthetic T1 volumes, prepared for pre-training (tests/synthetic_scans.py); one per module."""
+    from synthetic_scans import prepare_t1_archive
+
+    return prepare_t1_archive(tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("prep"))
 
 
 @pytest.fixture()

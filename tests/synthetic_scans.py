@@ -19,3 +19,17 @@ def write_t1_archive(root: Path, shapes: Sequence[tuple[int, int, int]], seed: i
         p.parent.mkdir(parents=True)
         nib.save(nib.Nifti1Image(d, np.eye(4)), str(p))
     return root
+
+
+#: the five small volumes most pre-training tests prepare (voxels, 1 mm)
+SMALL_SHAPES = ((44, 40, 42), (36, 38, 40), (30, 48, 40), (40, 40, 40), (34, 36, 38))
+
+
+def prepare_t1_archive(raw: Path, out: Path, shapes: Sequence[tuple[int, int, int]] = SMALL_SHAPES) -> Path:
+    """Write :func:`write_t1_archive` into ``raw`` and prepare it into ``out`` (no file-size filter, 20 mm
+    minimum field of view, in this process); return ``out``."""
+    from s3d.data.scan import ScanFilters, prepare
+
+    write_t1_archive(raw, shapes)
+    prepare(raw, out, ScanFilters(min_file_bytes=0, min_fov_mm=20.0), workers=0, progress=False)
+    return out

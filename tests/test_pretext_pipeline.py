@@ -13,7 +13,6 @@ import torch
 pytest.importorskip("scipy")
 
 from test_nnunet_data import make_sphere_dataset  # noqa: E402
-from test_pretrain import prepared  # noqa: E402,F401  (module fixture: 5 tiny prepared images)
 
 import s3d.pretext  # noqa: E402,F401  (registers the recipes "mg", "vf", "voco")
 from s3d.cli import main  # noqa: E402
@@ -51,7 +50,7 @@ def sphere_ds(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("method", ["mg", "vf", "voco"])
-def test_pretrain_cli_then_finetune(method: str, prepared: Path, sphere_ds: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_pretrain_cli_then_finetune(method: str, prepared: Path, sphere_ds: Path, tmp_path: Path) -> None:
     run = tmp_path / "pre"
     argv = ["pretrain", "--data", str(prepared), "--out", str(run), "--recipe", method, "--config", "tiny",
             "--steps", "3", "--batch-size", "2", "--patch-size", *PATCH[method], "--workers", "0",
@@ -85,7 +84,7 @@ def test_pretrain_cli_then_finetune(method: str, prepared: Path, sphere_ds: Path
 
 
 @pytest.mark.parametrize("method", ["mg", "vf"])
-def test_kill_and_resume_is_bitwise(method: str, prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_kill_and_resume_is_bitwise(method: str, prepared: Path, tmp_path: Path) -> None:
     """The methods draw only from the trainer's per-step seeded streams: a resumed run is bitwise equal."""
     from s3d.pretrain import PretrainConfig, read_metrics
     from s3d.pretrain import run as pretrain

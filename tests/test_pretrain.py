@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic_scans import write_t1_archive
 from tolerance import assert_yardstick
 
 from s3d.data.pretrain_dataset import (
@@ -19,7 +18,6 @@ from s3d.data.pretrain_dataset import (
     shard_cases,
     split_subjects,
 )
-from s3d.data.scan import ScanFilters, prepare
 from s3d.pretrain import PretrainConfig, build_method, read_metrics
 from s3d.pretrain import run as pretrain
 from s3d.runtime.checkpoint import load_checkpoint
@@ -27,14 +25,6 @@ from s3d.runtime.checkpoint import load_checkpoint
 TINY = {"recipe": "s3d-b", "architecture": "tiny", "batch_size": 2, "patch_size": (32, 32, 32),
         "method_kwargs": {"block_size": 16}, "workers": 0, "progress": False, "val_fraction": 0.2}
 
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    shapes = [(44, 40, 42), (36, 38, 40), (30, 48, 40), (40, 40, 40), (34, 36, 38)]
-    raw = write_t1_archive(tmp_path_factory.mktemp("raw"), shapes)
-    out = tmp_path_factory.mktemp("prep")
-    prepare(raw, out, ScanFilters(min_file_bytes=0, min_fov_mm=20.0), workers=0, progress=False)
-    return out
 
 
 def _cfg(prepared: Path, out: Path, **kw) -> PretrainConfig:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from test_pretrain import TINY, prepared  # noqa: F401  (module fixture: 5 tiny prepared images)
+from test_pretrain import TINY
 from torch import nn
 
 import s3d.pretrain as pretrain_mod

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from synthetic_scans import write_t1_archive
 
 import s3d
-from s3d.data.scan import ScanFilters, prepare
 from s3d.nn.primus import PrimusConfig
 from s3d.pretrain import build_backbone, build_method
 from s3d.runtime.checkpoint import load_checkpoint
@@ -120,14 +118,6 @@ def test_patch_problem_and_method_registry() -> None:
     sizes = {sample_token_keep(4, 64, (0.6, 0.9), torch.Generator().manual_seed(s)).shape[1] for s in range(20)}
     assert min(sizes) >= 64 - math.floor(64 * 0.9 + 0.5) and max(sizes) <= 64 - round(64 * 0.6) and len(sizes) > 1
 
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    shapes = [(44, 40, 42), (36, 38, 40), (30, 48, 40), (40, 40, 40), (34, 36, 38)]
-    raw = write_t1_archive(tmp_path_factory.mktemp("raw"), shapes)
-    out = tmp_path_factory.mktemp("prep")
-    prepare(raw, out, ScanFilters(min_file_bytes=0, min_fov_mm=20.0), workers=0, progress=False)
-    return out
 
 
 def test_s3d_pretrain_arch_primus_runs_the_loop_checkpoints_and_exports(prepared: Path, tmp_path: Path) -> None:
