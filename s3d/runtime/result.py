@@ -57,19 +57,19 @@ class JobResult:
         return out
 
     def __getitem__(self, key: str) -> Any:
-        warnings.warn(f"result[{key!r}]: s3d.pretrain.run returns a JobResult now; use its attributes "
+        warnings.warn(f"result[{key!r}]: training jobs return a JobResult now; use its attributes "
                       "(.step, .finished, .run_dir, .metrics['loss'], .paths['backbone'], .paths['nnssl'])",
                       DeprecationWarning, stacklevel=2)
         return self._legacy()[key]
 
     def __contains__(self, key: object) -> bool:
-        warnings.warn("`key in result`: s3d.pretrain.run returns a JobResult now; use result.paths / result.metrics",
+        warnings.warn("`key in result`: training jobs return a JobResult now; use result.paths / result.metrics",
                       DeprecationWarning, stacklevel=2)
         return key in self._legacy()
 
     # ---- the model that s3d.finetune.run returned before (deprecated) ----
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        warnings.warn("result(x): s3d.finetune.run returns a JobResult now; call result.model(x)",
+        warnings.warn("result(x): training jobs return a JobResult now; call result.model(x)",
                       DeprecationWarning, stacklevel=2)
         return self.__dict__["model"](*args, **kwargs)
 
@@ -77,6 +77,6 @@ class JobResult:
         model = self.__dict__.get("model")
         if name.startswith("_") or model is None or not hasattr(model, name):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        warnings.warn(f"result.{name}: s3d.finetune.run returns a JobResult now; use result.model.{name}",
+        warnings.warn(f"result.{name}: training jobs return a JobResult now; use result.model.{name}",
                       DeprecationWarning, stacklevel=2)
         return getattr(model, name)
