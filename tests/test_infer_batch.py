@@ -189,3 +189,21 @@ def test_pair_write_is_both_or_neither(tmp_path: Path, monkeypatch: pytest.Monke
     assert not label.exists() and not npz.exists()  # neither (the old pair is gone too, never half of it)
     assert _hidden(tmp_path) == []
     assert sweep_partial(tmp_path) == []
+
+
+
+@pytest.mark.gpu
+def test_device_and_an_inferer_with_another_device_are_refused_before_any_work(tmp_path: Path,
+                                                                                model_dir: Path) -> None:
+    """The inferer's own device used to win silently over ``device=``; a ``device`` that is not the
+    inferer's is an error now, before any file is written. (Two devices that both exist: a GPU machine.)"""
+    from s3d.infer import SlidingWindowInferer
+
+    _inputs(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    inferer = SlidingWindowInferer((32, 32, 32), device="cuda", mirror=False)
+    with pytest.raises(TypeError, match=r"device='cpu' but inferer.device='cuda'"):
+        predict_folder(tmp_path / "in", out, model_dir, inferer=inferer, device="cpu", progress=False)
+    assert not out.exists()
+    written = predict_folder(tmp_path / "in", out, model_dir, inferer=inferer, device="auto", progress=False)
+    assert [p.name for p in written] == ["case0.nii.gz"]

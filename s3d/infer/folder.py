@@ -88,7 +88,8 @@ def predict_folder(
         inferer: how every case is predicted (:class:`~s3d.infer.SlidingWindowInferer`; its ``output`` is
             ignored); ``None``: one of ``patch_size`` and ``options``, on ``device``.
         device: where the model is loaded (and runs): ``"auto"`` (CUDA if available), ``"cpu"``,
-            ``"cuda"``, ``"cuda:1"``...
+            ``"cuda"``, ``"cuda:1"``...; an ``inferer`` with a device of its own uses that one (another
+            ``device`` given with it is an error).
         patch_size: tile size (voxels) when no ``inferer`` is given; default ``preprocessing.json``'s
             ``patch_size``.
         save_probabilities: also write ``{case}.npz`` (without it, an old ``{case}.npz`` is removed when
@@ -133,6 +134,10 @@ def predict_folder(
     output_folder(output_dir, "output folder")
     check_apart(output_dir, "output folder", [(input_dir, "input folder"), (model_dir, "model folder")])
     dev = resolve_device(device if inferer is None or inferer.device is None else inferer.device)
+    if inferer is not None and inferer.device is not None and device not in (None, "auto") \
+            and resolve_device(device) != dev:
+        raise TypeError(f"predict_folder: device={str(device)!r} but inferer.device={str(inferer.device)!r}; "
+                        "give one of them")
     model, spec = load_model_dir(model_dir, device=dev)
     if inferer is None:
         source = "patch_size" if patch_size is not None else f"{model_dir / 'preprocessing.json'}: patch_size"
