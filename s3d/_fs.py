@@ -9,7 +9,7 @@ import os
 import re
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,10 +195,12 @@ def _umask() -> int:
 _TEMPORARY_RE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\..+)$")
 
 
-def sweep_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+def sweep_temporaries(folder: str | os.PathLike[str], names: Collection[str] | None = None) -> list[Path]:
     """Remove the temporaries :func:`atomic_path` left in ``folder`` when its process was killed; returns them.
 
-    Only hidden files named as :func:`atomic_path` names them (``.{name}.XXXXXXXX{suffixes of name}``).
+    Only hidden files named as :func:`atomic_path` names them (``.{name}.XXXXXXXX{suffixes of name}``);
+    with ``names``, only the temporaries of those final file names (another process may be writing the
+    others).
 
     Example:
         >>> sweep_temporaries("prep/cases")
@@ -209,7 +211,8 @@ def sweep_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     if folder.is_dir():
         for p in folder.iterdir():
             m = _TEMPORARY_RE.match(p.name)
-            if m and (m["name"].endswith(m["suffix"]) or m["suffix"] == ".tmp") and p.is_file():
+            if m and (m["name"].endswith(m["suffix"]) or m["suffix"] == ".tmp") and p.is_file() \
+                    and (names is None or m["name"] in names):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                 removed.append(p)

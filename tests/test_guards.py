@@ -198,6 +198,10 @@ def test_sweep_temporaries_removes_only_atomic_leftovers(tmp_path) -> None:
     removed = sorted(p.name for p in sweep_temporaries(tmp_path))
     assert removed == [".a.b2nd.k2j4x9_a.b2nd", ".m.nii.gz.abcdefgh.nii.gz"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", ".x.json.short.json", "a.b2nd"]
+    for name in (".a.b2nd.k2j4x9_a.b2nd", ".b.b2nd.k2j4x9_a.b2nd"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in sweep_temporaries(tmp_path, names={"b.b2nd", "c.b2nd"})] == [".b.b2nd.k2j4x9_a.b2nd"]
+    assert (tmp_path / ".a.b2nd.k2j4x9_a.b2nd").exists()  # another process's file
 
 
 # ---- label maps are not images -----------------------------------------------------------------------

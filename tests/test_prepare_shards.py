@@ -198,3 +198,21 @@ def test_workers_end_when_the_preparing_process_is_killed(tmp_path: Path) -> Non
     m = prepare(raw, tmp_path / "prep", ScanFilters(min_file_bytes=0), progress=False)
     assert m["counts"]["ok"] == 12 and m["counts"]["processed"] + m["counts"]["skipped"] == 12
     assert json.loads((tmp_path / "prep" / MANIFEST_NAME).read_text())["counts"] == m["counts"]
+
+
+def test_a_shard_sweeps_the_temporaries_of_its_own_files_only(raw: Path, tmp_path: Path) -> None:
+    """Temporaries of a shard that was killed are removed when that shard runs again; those of the other
+    shards' files (which may be writing them at this moment) are kept."""
+    out = tmp_path / "prep"
+    parts = [prepare(raw, out, FILTERS, progress=False, shard=(i, 3)) for i in range(2)]
+    mine, theirs = ({e["case_id"] for e in p["entries"] if e["status"] == "ok"} for p in parts)
+    assert mine and theirs and not mine & theirs
+    cases = out / "cases"
+    planted = {cid: [f".{cid}{suffix}.k2j4x9_a{suffix}" for suffix in (".b2nd", ".json")]
+               for cid in (min(mine), min(theirs))}  # named as s3d._fs.atomic_path names them
+    for names in planted.values():
+        for name in names:
+            (cases / name).write_bytes(b"partial")
+    prepare(raw, out, FILTERS, progress=False, shard=(0, 3))
+    left = sorted(p.name for p in cases.glob(".*"))
+    assert left == sorted(planted[min(theirs)]), left

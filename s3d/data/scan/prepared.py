@@ -237,8 +237,6 @@ def prepare(
     out = Path(out_dir)
     rows = list_source(source)  # a bad source is refused before anything is written
     (out / CASES_DIR).mkdir(parents=True, exist_ok=True)
-    if shard is None:  # shards may prepare into this folder at the same time: their temporaries are theirs
-        sweep_temporaries(out / CASES_DIR)  # of a preparation that was killed
     listed = len(rows)
     if shard is not None:
         index, count = shard
@@ -260,12 +258,16 @@ def prepare(
             entries[i], skipped = done, skipped + 1
         else:
             todo.append(i)
+    # the temporaries of a preparation that was killed; shards may prepare into this folder at the same
+    # time, so a shard sweeps those of its own files only
+    own = None if shard is None else {p.name for e in entries if e["status"] == "ok"
+                                      for p in _case_paths(out, e["case_id"], store)}
+    sweep_temporaries(out / CASES_DIR, own)
     jobs = [(entries[i], str(out), float(target_spacing_mm), dtype, store) for i in todo]
     try:
         finished = _run_jobs(jobs, workers, progress)
     except BaseException:
-        if shard is None:
-            sweep_temporaries(out / CASES_DIR)  # a worker ended mid-write (the workers have all ended here)
+        sweep_temporaries(out / CASES_DIR, own)  # a worker ended mid-write (the workers have all ended here)
         raise
     for i, res in zip(todo, finished, strict=True):
         entries[i] = res
