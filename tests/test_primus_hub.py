@@ -290,6 +290,13 @@ def test_primus_load_errors_name_the_problem(tmp_path: Path) -> None:
     resenc = save_pretrained(s3d.build_resenc_unet("tiny"), tmp_path / "resenc")
     with pytest.raises(ValueError, match="input_shape applies to Primus only"):
         load_pretrained(resenc, input_shape=32)
+    # fine-tuning passes its patch whatever the family: ignored for a ResEnc U-Net, only inside that call
+    from s3d.hub.pretrained import load_pretrained_for_finetuning
+
+    model, _ = load_pretrained_for_finetuning(resenc, input_shape=(32, 32, 32), num_classes=3)
+    assert isinstance(model, s3d.ResEncUNet) and model.config.num_classes == 3
+    with pytest.raises(ValueError, match="input_shape applies to Primus only"):
+        load_pretrained(resenc, input_shape=32)
 
 
 def test_decoder_false_keeps_the_primus_decoder_fresh(tmp_path: Path) -> None:

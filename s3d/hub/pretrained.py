@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,10 @@ def load_state(
     return _read_state(resolve(source, revision, cache_dir))
 
 
+#: set by :func:`load_pretrained_for_finetuning`: ``input_shape`` is then ignored for a ResEnc U-Net
+_FOR_FINETUNING: ContextVar[bool] = ContextVar("s3d_load_for_finetuning", default=False)
+
+
 def load_pretrained(
     name_or_repo_or_path: str | os.PathLike[str],
     *,
@@ -322,9 +327,36 @@ def load_pretrained(
         >>> report.stem, report.new_head
         ('replicated', True)
     """
-    return _load(name_or_repo_or_path, in_channels=in_channels, num_classes=num_classes, revision=revision,
-                 strict=strict, device=device, cache_dir=cache_dir, stem=stem, decoder=decoder,
-                 input_shape=input_shape, output_loading_info=output_loading_info)
+    src = resolve(name_or_repo_or_path, revision, None if cache_dir is None else str(cache_dir))
+    state, cfg, report = _read_state(src)
+    keys = src.keys_for(cfg)
+    if decoder and all(k.startswith(keys.encoder_prefix) for k in state):
+        decoder = False
+        report.notes.append("checkpoint holds no decoder weights (encoder only): decoder freshly initialised")
+    if isinstance(cfg, PrimusConfig):
+        target = input_shape if input_shape is not None else report.recommended_input_shape
+        if target is not None and target != "checkpoint":
+            try:
+                cfg, report.pos_embed_grid = fit_input_shape(state, cfg, cfg.replace(input_shape=target).input_shape)
+            except ValueError as err:
+                raise ValueError(f"input_shape: {err}") from None
+    elif input_shape not in (None, "checkpoint") and not _FOR_FINETUNING.get():
+        raise ValueError(f"input_shape applies to Primus only; {src.weights} holds a ResEnc U-Net, which takes any "
+                         "size divisible by its total stride")
+    overrides: dict[str, Any] = {}
+    if in_channels is not None:
+        overrides["in_channels"] = int(in_channels)
+    if num_classes is not None:
+        overrides["num_classes"] = int(num_classes)
+    model = build_from_config(cfg, **overrides)
+    full, report = adapt_state_dict(
+        state, model.state_dict(), stem=stem, decoder=decoder, strict=strict, report=report, keys=keys
+    )
+    if report.pos_embed_grid is not None and "eva.pos_embed" in state and "eva.pos_embed" not in report.adapted_keys:
+        report.adapted_keys.append("eva.pos_embed")
+    model.load_state_dict(full, strict=True)
+    model.to(device).eval()
+    return (model, report) if output_loading_info else model
 
 
 def load_pretrained_for_finetuning(
@@ -342,57 +374,14 @@ def load_pretrained_for_finetuning(
     Example:
         >>> model, report = load_pretrained_for_finetuning("primus-m-mae", num_classes=3, input_shape=(96,) * 3)
     """
-    out = _load(name_or_repo_or_path, input_shape=input_shape, primus_only_shape=True, output_loading_info=True,
-                **kwargs)
+    token = _FOR_FINETUNING.set(True)
+    try:
+        out = load_pretrained(name_or_repo_or_path, input_shape=input_shape, output_loading_info=True, **kwargs)
+    finally:
+        _FOR_FINETUNING.reset(token)
     assert isinstance(out, tuple)
     return out
 
-
-def _load(
-    name_or_repo_or_path: str | os.PathLike[str],
-    *,
-    in_channels: int | None = None,
-    num_classes: int | None = None,
-    revision: str | None = None,
-    strict: bool = True,
-    device: str | torch.device = "cpu",
-    cache_dir: str | os.PathLike[str] | None = None,
-    stem: StemMode = "replicate",
-    decoder: bool = True,
-    input_shape: int | tuple[int, int, int] | str | None = None,
-    output_loading_info: bool = False,
-    primus_only_shape: bool = False,
-) -> Model | tuple[Model, LoadReport]:
-    src = resolve(name_or_repo_or_path, revision, None if cache_dir is None else str(cache_dir))
-    state, cfg, report = _read_state(src)
-    keys = src.keys_for(cfg)
-    if decoder and all(k.startswith(keys.encoder_prefix) for k in state):
-        decoder = False
-        report.notes.append("checkpoint holds no decoder weights (encoder only): decoder freshly initialised")
-    if isinstance(cfg, PrimusConfig):
-        target = input_shape if input_shape is not None else report.recommended_input_shape
-        if target is not None and target != "checkpoint":
-            try:
-                cfg, report.pos_embed_grid = fit_input_shape(state, cfg, cfg.replace(input_shape=target).input_shape)
-            except ValueError as err:
-                raise ValueError(f"input_shape: {err}") from None
-    elif input_shape not in (None, "checkpoint") and not primus_only_shape:
-        raise ValueError(f"input_shape applies to Primus only; {src.weights} holds a ResEnc U-Net, which takes any "
-                         "size divisible by its total stride")
-    overrides: dict[str, Any] = {}
-    if in_channels is not None:
-        overrides["in_channels"] = int(in_channels)
-    if num_classes is not None:
-        overrides["num_classes"] = int(num_classes)
-    model = build_from_config(cfg, **overrides)
-    full, report = adapt_state_dict(
-        state, model.state_dict(), stem=stem, decoder=decoder, strict=strict, report=report, keys=keys
-    )
-    if report.pos_embed_grid is not None and "eva.pos_embed" in state and "eva.pos_embed" not in report.adapted_keys:
-        report.adapted_keys.append("eva.pos_embed")
-    model.load_state_dict(full, strict=True)
-    model.to(device).eval()
-    return (model, report) if output_loading_info else model
 
 
 def verify_file(path: str | os.PathLike[str], sha256: str) -> bool:
