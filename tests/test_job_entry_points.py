@@ -46,8 +46,11 @@ def test_finetune_run_new_and_old_keywords(tmp_path) -> None:
     assert new.metrics["loss"] == [r["loss"] for r in logged if "loss" in r][-1]
     assert new.metrics["val_dice"] == [r["val_dice"] for r in logged if "val_dice" in r][-1]
 
-    with pytest.warns(DeprecationWarning, match=r"run\(dataset=\.\.\.\) is deprecated: use data="):
+    with pytest.warns(DeprecationWarning) as warned:
         old = s3d.finetune.run(dataset=str(ds), out_dir=str(tmp_path / "old"), **TINY)
+    said = sorted(str(w.message) for w in warned if issubclass(w.category, DeprecationWarning))
+    assert said == ["s3d.finetune.run(dataset=...) is deprecated: use data=... (as s3d.pretrain.run)",
+                    "s3d.finetune.run(out_dir=...) is deprecated: use out=... (as s3d.pretrain.run)"], said
     assert isinstance(old, JobResult) and old.paths["model"] == tmp_path / "old" / "model"
     for k, v in new.model.state_dict().items():  # the same seeded job, whatever the keywords
         assert torch.equal(v, old.model.state_dict()[k]), k
