@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -42,3 +43,21 @@ def from_dict_strict(cls: type[T], d: dict[str, Any]) -> T:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
     return cls(**d)
+
+
+def config_from(config: str | T | dict[str, Any], cls: type[T], preset: Callable[[str], T]) -> T:
+    """A fresh ``cls`` from what a ``build_*`` function takes as ``config``: a preset name (``preset(name)``),
+    an instance (copied with its ``replace()``) or a dict (``cls.from_dict``); anything else is a
+    ``TypeError`` naming the argument.
+
+    Example:
+        >>> config_from({"name": "tiny"}, ResEncUNetConfig, get_config).name
+        'tiny'
+    """
+    if isinstance(config, str):
+        return preset(config)
+    if isinstance(config, cls):
+        return config.replace()  # type: ignore[attr-defined]
+    if isinstance(config, dict):
+        return cls.from_dict(config)  # type: ignore[attr-defined]
+    raise TypeError(f"config: expected a preset name, {cls.__name__} or dict, got {type(config).__name__}")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from s3d._dataclasses import config_from
 from s3d.nn.blocks import StackedConvBlocks, StackedResidualBlocks
 from s3d.nn.config import ResEncUNetConfig, get_config
 
@@ -245,14 +246,7 @@ def build_resenc_unet(
         >>> net(torch.zeros(1, 2, 32, 32, 32)).shape
         torch.Size([1, 3, 32, 32, 32])
     """
-    if isinstance(config, str):
-        cfg = get_config(config)
-    elif isinstance(config, ResEncUNetConfig):
-        cfg = config.replace()
-    elif isinstance(config, dict):
-        cfg = ResEncUNetConfig.from_dict(config)
-    else:
-        raise TypeError(f"config: expected a preset name, ResEncUNetConfig or dict, got {type(config).__name__}")
+    cfg = config_from(config, ResEncUNetConfig, get_config)
     for key, value in (("in_channels", in_channels), ("num_classes", num_classes),
                        ("deep_supervision", deep_supervision)):
         if value is not None:

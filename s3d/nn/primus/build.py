@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from s3d._dataclasses import config_from
 from s3d.nn.primus.config import PrimusConfig, get_primus_config
 from s3d.nn.primus.modules import Primus
 
@@ -79,14 +80,7 @@ def build_primus(
         >>> net(torch.zeros(1, 2, 32, 32, 16)).shape
         torch.Size([1, 3, 32, 32, 16])
     """
-    if isinstance(config, str):
-        cfg = get_primus_config(config)
-    elif isinstance(config, PrimusConfig):
-        cfg = config.replace()
-    elif isinstance(config, dict):
-        cfg = PrimusConfig.from_dict(config)
-    else:
-        raise TypeError(f"config: expected a preset name, PrimusConfig or dict, got {type(config).__name__}")
+    cfg = config_from(config, PrimusConfig, get_primus_config)
     for key, value in (("in_channels", in_channels), ("num_classes", num_classes), ("input_shape", input_shape)):
         if value is not None:
             overrides[key] = value
